@@ -179,7 +179,7 @@ def load_model(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mod
     Returns ``(model, description)``; the model is in eval mode.
     """
     from .models import build_model  # noqa: PLC0415
-    from .structure import apply_structure  # noqa: PLC0415
+    from .pruning import apply_structure  # noqa: PLC0415
 
     weights_path, json_path = resolve_model_path(path)
     tensors = read_tensors(weights_path)
@@ -190,6 +190,6 @@ def load_model(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mod
     if model is None:
         model = build_model(name, **args)
     if desc.get("structure"):
-        apply_structure(model, desc["structure"], json_path)
+        apply_structure(model, desc["structure"], json_path, desc.get("input_shape"))
     load_weights_into(model, tensors, weights_path)
     return model.eval(), desc

@@ -13,28 +13,38 @@ import torch.nn.functional as F
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option-A shortcut: ``out[:, index[k]] = x[:, k, ::stride, ::stride]``, other channels zero.
+    """Option-A shortcut: ``out[:, dst[k]] = x[:, src[k], ::stride, ::stride]``, other channels zero.
 
-    ``index`` says which output channel each input channel lands on. Stored as a
-    buffer so that pruning can remap it (Torch-Pruning alone would treat the pad
-    as one-to-one; see ``simprune.graph``).
+    Unpruned, input channel k lands on output channel ``k + (out - in) // 2``
+    (the usual symmetric zero pad). ``src``/``dst`` are buffers so pruning can
+    drop either side (Torch-Pruning alone would treat the pad as one-to-one;
+    see ``simprune.graph``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
-        self.out_channels = out_channels
-        self.stride = stride
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         offset = (out_channels - in_channels) // 2
-        self.register_buffer("index", torch.arange(in_channels) + offset, persistent=True)
+        self.register_buffer("src", torch.arange(in_channels), persistent=True)
+        self.register_buffer("dst", torch.arange(in_channels) + offset, persistent=True)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(zip(self.src.tolist(), self.dst.tolist()))
+
+    def set_mapping(self, pairs: list[tuple[int, int]], in_channels: int) -> None:
+        """Replace the (input channel -> output channel) map; used by the pruner."""
+        self.in_channels = in_channels
+        self.src = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+        self.dst = torch.tensor([p[1] for p in pairs], dtype=torch.long)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         out = x.new_zeros(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
-        return out.index_copy(1, self.index, x)
+        return out.index_copy(1, self.dst, x.index_select(1, self.src))
 
     def extra_repr(self) -> str:
-        return f"in={self.index.numel()}, out={self.out_channels}, stride={self.stride}"
+        return f"in={self.in_channels}, out={self.out_channels}, stride={self.stride}, routed={self.src.numel()}"
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,111 @@
+"""The Python API: ``prune``, ``save`` and ``load``. The CLI calls these.
+
+Data flows one way: (calibration) -> criterion scores -> allocation under the
+target -> structural removal -> count/verify -> files.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .allocation import CostModel, Guards, allocate
+from .counting import count
+from .criteria import CriterionResult, get_criterion
+from .errors import SimpruneError
+from .files import atomic_output_dir, atomic_write_json, load_model, save_model
+from .graph import PARAM_LAYERS, PruningGraph
+from .pruning import get_structure, remove_channels
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[name] = m.out_features
+    return out
+
+
+def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = "l1",
+          target: dict[str, float] | None = None, *, calibration=None, guards: Guards | None = None,
+          ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 1.0,
+          compensate: Callable[[PruningGraph, dict[str, list[int]], CriterionResult], None] | None = None,
+          inplace: bool = False, criterion_options: dict | None = None) -> tuple[nn.Module, dict]:
+    """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
+
+    Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
+    """
+    target = target or {"flops": 0.5}
+    crit = get_criterion(criterion, **(criterion_options or {})) if isinstance(criterion, str) else criterion
+    if getattr(crit, "needs_data", False) and calibration is None:
+        raise SimpruneError(f"criterion {crit.name!r} needs calibration data; pass --calib-data")
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    t0 = time.perf_counter()
+    before = count(model, example_input)
+    widths_before = _widths(model)
+    graph = PruningGraph(model, example_input, ignore=ignore)
+    cost = CostModel(graph.groups, before)
+    t_graph = time.perf_counter()
+    result = crit.score(graph, calibration) if getattr(crit, "needs_data", False) else crit.score(graph)
+    t_score = time.perf_counter()
+    alloc = allocate(graph.groups, result.scores, cost, target, guards or Guards(),
+                     normalization or result.normalization, cost_weight)
+    t_alloc = time.perf_counter()
+    if compensate is not None:
+        compensate(graph, alloc.remove, result)
+    remove_channels(graph, alloc.remove)
+    after = count(model, example_input)
+    widths_after = _widths(model)
+    kind, ratio = next(iter(target.items()))
+    report = {
+        "model": getattr(model, "simprune_name", type(model).__name__),
+        "criterion": crit.name,
+        "target": {kind: ratio},
+        "macs": {"before": before.macs, "after": after.macs},
+        "params": {"before": before.params, "after": after.params},
+        "reduction": {"flops": 1 - after.macs / before.macs, "params": 1 - after.params / before.params},
+        "layers": [{"name": n, "channels_before": c, "channels_after": widths_after.get(n, 0)}
+                   for n, c in widths_before.items()],
+        "groups": [{"root": g.root, "channels_before": g.size + len(alloc.remove.get(g.root, [])),
+                    "channels_after": g.size} for g in graph.groups],
+        "accuracy": None,
+        "seconds": {"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
+                    "removal": time.perf_counter() - t_alloc},
+    }
+    return model, report
+
+
+def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any], report: dict | None = None,
+         overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` (+ ``report.json``) into ``out_dir`` atomically."""
+    structure = get_structure(model)
+    desc = dict(description)
+    if structure:
+        desc["structure"] = structure
+    with atomic_output_dir(Path(out_dir), overwrite=overwrite) as tmp:
+        save_model(tmp, model, desc)
+        if report is not None:
+            atomic_write_json(tmp / "report.json", report)
+        if extra is not None:
+            extra(tmp)
+    return Path(out_dir)
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved (pruned) model from its directory; never unpickles. Pass ``model`` for
+    architectures outside the registry (a freshly built, unpruned instance)."""
+    loaded, desc = load_model(path, model)
+    loaded.simprune_description = desc
+    return loaded
+
+
+def prunable_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, PARAM_LAYERS)]

@@ -15,7 +15,7 @@ from torch import nn
 
 from .allocation import CostModel, Guards, allocate
 from .counting import count
-from .criteria import CriterionResult, get_criterion
+from .criteria import get_criterion
 from .errors import SimpruneError
 from .files import atomic_output_dir, atomic_write_json, load_model, save_model
 from .graph import PARAM_LAYERS, PruningGraph
@@ -35,11 +35,13 @@ def _widths(model: nn.Module) -> dict[str, int]:
 def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = "l1",
           target: dict[str, float] | None = None, *, calibration=None, guards: Guards | None = None,
           ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 1.0,
-          compensate: Callable[[PruningGraph, dict[str, list[int]], CriterionResult], None] | None = None,
+          compensate: bool | None = None,
           inplace: bool = False, criterion_options: dict | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
+    ``compensate`` folds removed twins into the next layer (criteria that find twins; default
+    is the criterion's own).
     """
     target = target or {"flops": 0.5}
     crit = get_criterion(criterion, **(criterion_options or {})) if isinstance(criterion, str) else criterion
@@ -59,8 +61,12 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     alloc = allocate(graph.groups, result.scores, cost, target, guards or Guards(),
                      normalization or result.normalization, cost_weight)
     t_alloc = time.perf_counter()
-    if compensate is not None:
-        compensate(graph, alloc.remove, result)
+    if compensate is None:
+        compensate = getattr(crit, "compensate_by_default", False)
+    if compensate and result.compensator is None:
+        raise SimpruneError(f"criterion {crit.name!r} has no compensation; drop --compensate")
+    if compensate:
+        result.compensator(graph, alloc.remove)
     remove_channels(graph, alloc.remove)
     after = count(model, example_input)
     widths_after = _widths(model)
@@ -77,6 +83,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
         "groups": [{"root": g.root, "channels_before": g.size + len(alloc.remove.get(g.root, [])),
                     "channels_after": g.size} for g in graph.groups],
         "accuracy": None,
+        "compensated": bool(compensate),
         "seconds": {"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                     "removal": time.perf_counter() - t_alloc},
     }

@@ -158,6 +158,109 @@ def _check_compatible(model, desc, ds) -> None:
                             f"{ds.num_classes}")
 
 
+def _load_or_build(args, shape_text: str | None):
+    """Model from --checkpoint (its JSON names the architecture) or a fresh --model; plus the input shape."""
+    from .counting import parse_input_shape  # noqa: PLC0415
+    from .files import load_model  # noqa: PLC0415
+    from .models import build_model  # noqa: PLC0415
+
+    if args.checkpoint:
+        model, desc = load_model(args.checkpoint)
+        if args.model and args.model != desc.get("model"):
+            raise SimpruneError(f"--model {args.model} but {args.checkpoint} holds a {desc.get('model')}; "
+                                "drop --model or pass the matching checkpoint")
+        shape = parse_input_shape(shape_text) if shape_text else tuple(desc.get("input_shape") or ())
+        if len(shape) != 3:
+            raise SimpruneError("the checkpoint records no input shape; pass --input CxHxW")
+        return model, desc, shape
+    if not args.model:
+        raise SimpruneError("give --model NAME (and optionally --checkpoint DIR)")
+    shape = parse_input_shape(shape_text or "3x32x32")
+    in_ch = args.in_channels or shape[0]
+    model = build_model(args.model, num_classes=args.num_classes or 10, in_channels=in_ch)
+    desc = {"model": args.model, "model_args": {"num_classes": args.num_classes or 10, "in_channels": in_ch}}
+    return model.eval(), desc, shape
+
+
+def _target(args) -> dict[str, float]:
+    given = {k: v for k, v in (("flops", args.target_flops), ("params", args.target_params)) if v is not None}
+    if len(given) != 1:
+        raise SimpruneError("give exactly one of --target-flops R or --target-params R (fraction removed, 0 < R < 1)")
+    kind, ratio = next(iter(given.items()))
+    if not 0 < ratio < 1:
+        raise SimpruneError(f"--target-{kind} {ratio} is outside (0, 1); give the fraction to remove, e.g. 0.5")
+    return given
+
+
+def cmd_prune(args) -> int:
+    import torch  # noqa: PLC0415
+
+    from . import api  # noqa: PLC0415
+    from .allocation import Guards  # noqa: PLC0415
+    from .criteria import get_criterion  # noqa: PLC0415
+
+    target = _target(args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
+    options = {"similarity": args.similarity} if args.similarity else {}
+    criterion = get_criterion(args.criterion, **options)
+    model, desc, shape = _load_or_build(args, args.input)
+    example = torch.zeros(1, *shape)
+    calibration = None
+    if getattr(criterion, "needs_data", False):
+        from .calibration import calibration_loader  # noqa: PLC0415
+
+        if not args.calib_data:
+            raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
+        calibration = calibration_loader(args.calib_data, args.calib_images, data_dir=args.data_dir,
+                                         pad_to=args.pad_to if args.pad_to is not None else
+                                         (desc.get("data") or {}).get("pad_to"), seed=args.seed)
+    guards = Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio, round_to=args.round_to)
+    eval_ds = _eval_dataset(args, desc)
+    acc_before = _accuracy(model, eval_ds)
+    pruned, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
+                               ignore=args.ignore or (), normalization=args.normalization,
+                               cost_weight=args.cost_weight, compensate=args.compensate, inplace=True)
+    report["model"] = desc.get("model")
+    report["accuracy"] = None if eval_ds is None else {"before": acc_before, "after": _accuracy(pruned, eval_ds)}
+    report["command"] = _command_line()
+    new_desc = {**{k: v for k, v in desc.items() if k in ("model", "model_args", "data")},
+                "input_shape": list(shape), "command": _command_line(),
+                "pruning": {"criterion": args.criterion, "target": target, "source": str(args.checkpoint or "")}}
+    api.save(out, pruned, new_desc, report, overwrite=args.overwrite)
+    red = report["reduction"]
+    print(f"MACs {report['macs']['before'] / 1e6:.2f} M -> {report['macs']['after'] / 1e6:.2f} M "
+          f"({red['flops']:.1%} removed), params {report['params']['before'] / 1e6:.3f} M -> "
+          f"{report['params']['after'] / 1e6:.3f} M ({red['params']:.1%} removed)")
+    if report["accuracy"]:
+        print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % (no fine-tuning)")
+    print(f"wrote {out}/model.safetensors, model.json, report.json")
+    return 0
+
+
+def _eval_dataset(args, desc):
+    if not getattr(args, "data", None):
+        return None
+    from .data import load_dataset  # noqa: PLC0415
+
+    pad_to = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
+    ds = load_dataset(args.data, "test", args.data_dir, pad_to)
+    if args.eval_images:
+        from torch.utils.data import Subset  # noqa: PLC0415
+
+        ds = Subset(ds, range(min(args.eval_images, len(ds))))
+    return ds
+
+
+def _accuracy(model, ds) -> float | None:
+    if ds is None:
+        return None
+    from .training import evaluate  # noqa: PLC0415
+
+    return evaluate(model, ds)["top1"]
+
+
 # ---- parser -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +306,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("prune", help="prune a model to a FLOPs or parameter target")
+    _model_options(p, required=False)
+    p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture)")
+    p.add_argument("--criterion", default="l1", help="see `simprune criteria`")
+    p.add_argument("--similarity", default=None, help="similarity metric for qsfm / filter-similarity")
+    p.add_argument("--target-flops", type=float, default=None, help="fraction of MACs to remove, e.g. 0.5")
+    p.add_argument("--target-params", type=float, default=None, help="fraction of parameters to remove")
+    p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else 3x32x32)")
+    p.add_argument("--min-channels", type=_positive, default=4, help="never keep fewer channels in a group")
+    p.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this share of a group")
+    p.add_argument("--round-to", type=_positive, default=1, help="keep channel counts multiples of this")
+    p.add_argument("--ignore", action="append", metavar="LAYER_PATTERN", help="glob of layers never pruned")
+    p.add_argument("--normalization", choices=["none", "mean", "max", "rank"], default=None,
+                   help="how scores are made comparable across layers (default: the criterion's)")
+    p.add_argument("--cost-weight", type=float, default=1.0, help="exponent of the per-channel cost in the ranking")
+    p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                   help="fold removed twins into the next layer (default on for qsfm and feature-stats)")
+    p.add_argument("--calib-data", default=None, help="calibration data set for data-driven criteria")
+    p.add_argument("--calib-images", type=_positive, default=640)
+    _data_options(p, required=False)
+    p.add_argument("--eval-images", type=_positive, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("criteria", help="list the pruning criteria")
+    p.set_defaults(fn=cmd_criteria)
     return parser
+
+
+def cmd_criteria(args) -> int:
+    from .criteria import available_criteria  # noqa: PLC0415
+
+    for name, desc in available_criteria().items():
+        print(f"{name:18s} {desc}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,11 +146,15 @@ class PruningGraph:
             raise SimpruneError("the model has no prunable channel group (no conv/linear layer outside the "
                                 "classifier and --ignore); nothing to prune")
 
-    def group(self, root: str) -> ChannelGroup:
+    def group(self, layer: str) -> ChannelGroup:
+        """The group rooted at ``layer``, else the group whose outputs ``layer`` produces."""
         for g in self.groups:
-            if g.root == root:
+            if g.root == layer:
                 return g
-        raise SimpruneError(f"no channel group rooted at {root!r}")
+        for g in self.groups:
+            if any(m.name == layer and m.dim == "out" for m in g.members):
+                return g
+        raise SimpruneError(f"no channel group produced by layer {layer!r}")
 
     def prune_group(self, group: ChannelGroup, remove: list[int]) -> None:
         """Physically remove channels ``remove`` (indices into the group's current numbering)."""

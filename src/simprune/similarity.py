@@ -218,7 +218,7 @@ def twin_selection(S: torch.Tensor, threshold: float, rule: str = "greedy") -> d
     return {int(j): int(i) for j, i in zip(dropped, twins)}
 
 
-def redundancy_order(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def redundancy_order(S: torch.Tensor, keep_priority: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel redundancy score (higher = dropped earlier as the threshold falls) and twin.
 
     A threshold sweep over the pairs (i, j), i visited before j in the QSFM order, taken by
@@ -226,10 +226,14 @@ def redundancy_order(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     that moment; it may be dropped later). Never-dropped channels (one per run) score -inf and
     twin -1. So for every t, {score > t} is exactly twin_selection(S, t, rule="nested"); it equals
     the "greedy" rule's set whenever that set is nested in t, which greedy does not guarantee.
+    With ``keep_priority`` (SFS: the M-std), of a similar pair the lower-priority channel is dropped.
     """
     m = _offdiag(S)
     C = m.shape[0]
-    order = _visit_order(m)
+    if keep_priority is None:
+        order = _visit_order(m)
+    else:
+        order = np.argsort(-keep_priority.detach().double().cpu().numpy(), kind="stable")
     p = m[np.ix_(order, order)]  # p[a, b] = S[order[a], order[b]]
     a_idx, b_idx = np.triu_indices(C, 1)
     w = p[a_idx, b_idx]

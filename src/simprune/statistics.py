@@ -88,9 +88,9 @@ class ChannelStats:
         if "rank" in self.metrics:
             self._add("rank", map_rank(x).sum(dim=0))
         if "gram" in self.metrics:
-            flat = x.to(torch.float64).flatten(2)
-            self._add("gram", torch.einsum("bcp,bdp->cd", flat, flat))
-            self._add("channel_sum", flat.sum(dim=(0, 2)))
+            flat = x.to(torch.float64).transpose(0, 1).reshape(self.channels, -1)
+            self._add("gram", flat @ flat.T)
+            self._add("channel_sum", flat.sum(dim=1))
         self._state["images"] += B
         self._state["pixels"] += B * H * W
 

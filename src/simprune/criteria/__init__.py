@@ -21,6 +21,7 @@ class CriterionResult:
     scores: dict[str, torch.Tensor]
     twins: dict[str, dict[int, int]] = field(default_factory=dict)  # removed channel -> kept twin
     normalization: str = "mean"  # how the allocator makes groups comparable
+    compensator: Callable | None = None  # (graph, remove) -> None: fold removed channels into consumers
 
 
 _CRITERIA: dict[str, tuple[type, str]] = {}

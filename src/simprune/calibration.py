@@ -1,0 +1,112 @@
+"""Calibration: feed images through the model once and accumulate per-group feature statistics.
+
+A group's feature maps are read where they are consumed: the input of each layer
+that reads the group's channels (a conv or linear "probe"), i.e. the root output
+after BN and activation (and after any residual sum). Residual groups have one
+probe per consumer; depthwise-separable groups are probed at the projection
+input. Statistics are sums (``ChannelStats``), accumulated batch by batch under
+no_grad in bounded memory, and all-reduced across processes when distributed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .errors import SimpruneError
+from .graph import ChannelGroup, Member, PruningGraph, is_depthwise
+from .statistics import ChannelStats
+
+
+@dataclass
+class Probe:
+    """One consumer of a group's channels and the statistics of what it reads."""
+
+    member: Member
+    stats: ChannelStats
+
+
+def calibration_subset(ds: Dataset, n_images: int, seed: int = 0) -> Subset:
+    """A seeded random subset of ``n_images`` from ``ds`` (the whole set when it is smaller)."""
+    if len(ds) == 0:
+        raise SimpruneError("the calibration data set is empty")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:n_images].tolist()
+    return Subset(ds, sorted(idx))
+
+
+def calibration_loader(name: str, n_images: int = 640, data_dir: str | None = None, pad_to: int | None = None,
+                       seed: int = 0, batch_size: int = 128, split: str = "train") -> DataLoader:
+    """Calibration batches from a named data set's training split (no augmentation)."""
+    from .data import load_dataset  # noqa: PLC0415
+
+    ds = load_dataset(name, split, data_dir, pad_to, augment=False)
+    return DataLoader(calibration_subset(ds, n_images, seed), batch_size=batch_size, shuffle=False)
+
+
+def probe_members(group: ChannelGroup) -> list[Member]:
+    """Layers whose input carries the group's channels: dense consumers first, depthwise only as a fallback."""
+    dense = [m for m in group.consumers if not is_depthwise(m.module)]
+    return dense or [m for m in group.members if is_depthwise(m.module)]
+
+
+def _maps_for(member: Member, x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The group's channels out of a consumer's input, as (B, C, H, W)."""
+    idx = torch.as_tensor(member.idxs, device=x.device)
+    if x.ndim == 4:
+        return x.index_select(1, idx)
+    if x.ndim == 2:  # a Linear after pooling (1 value per channel) or flatten (k values per channel)
+        sel = x.index_select(1, idx)
+        return sel.reshape(x.shape[0], channels, -1, 1)
+    raise SimpruneError(f"cannot read feature maps of shape {tuple(x.shape)} at {member.name}")
+
+
+def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: set[str],
+                       bf16: bool = True, progress: bool = True, window: int = 7,
+                       reduce=None) -> dict[str, list[Probe]]:
+    """One pass over ``batches`` of (images, labels); returns per-group probes with their statistics.
+
+    ``reduce`` (e.g. an all-reduce) is applied to every statistics tensor at the end.
+    """
+    probes: dict[str, list[Probe]] = {}
+    hooks = []
+
+    def make_hook(probe: Probe, channels: int):
+        def hook(module, inputs):
+            probe.stats.update(_maps_for(probe.member, inputs[0].detach().float(), channels))
+        return hook
+
+    for group in graph.groups:
+        for member in probe_members(group):
+            probe = Probe(member, ChannelStats(group.size, metrics, window=window))
+            probes.setdefault(group.root, []).append(probe)
+            hooks.append(member.module.register_forward_pre_hook(make_hook(probe, group.size)))
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for batch in tqdm(batches, desc="calibration", leave=False, disable=not progress):
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                model(x)
+                seen += x.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise SimpruneError("no calibration images were seen; check --calib-data and --calib-images")
+    if reduce is not None:
+        for plist in probes.values():
+            for p in plist:
+                p.stats = ChannelStats.from_tensors({k: reduce(v) for k, v in p.stats.tensors().items()},
+                                                    channels=p.stats.channels, **p.stats.options)
+    return probes
+
+
+def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
+    """A group's similarity matrix: the mean over its probes (residual channels share one decision)."""
+    return torch.stack([p.stats.similarity(metric) for p in probes]).mean(0)

@@ -1,0 +1,167 @@
+"""Similarity criteria: QSFM (feature maps), filter similarity (weights), DFS+SFS (feature
+statistics) and HRank (feature-map rank). See shared methods.md for the sources.
+
+Each turns statistics into an importance per channel (higher keeps) that the global
+allocator ranks; where channels are removed as twins of kept ones, the result also
+carries a compensator that folds them into the next layers (least squares on the
+calibration maps).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..calibration import Probe, collect_statistics, mean_similarity
+from ..errors import SimpruneError
+from ..graph import PruningGraph
+from ..similarity import FILTER_METRICS, SIMILARITIES, filter_similarity_matrix, redundancy_order
+from ..statistics import fit_compensation
+from . import CriterionResult, register
+from .weights import producer_filters
+
+PSNR_CAP = 100.0
+
+
+def _similarity_ceiling(metric: str) -> float:
+    """The largest value a similarity can take: importance = ceiling - redundancy stays >= 0."""
+    return PSNR_CAP if metric == "psnr" else 1.0
+
+
+def resolve_twin(j: int, twin: dict[int, int], removed: set[int]) -> int | None:
+    """Follow j's twin chain to a channel that survives (None when the chain ends in removed ones)."""
+    seen = set()
+    i = twin.get(j, -1)
+    while i in removed and i not in seen and i >= 0:
+        seen.add(i)
+        i = twin.get(i, -1)
+    return None if i < 0 or i in removed else i
+
+
+def make_compensator(probes: dict[str, list[Probe]], twins: dict[str, dict[int, int]], affine: bool = False):
+    """Fold each removed channel j into its surviving twin i at every consumer: W[:, i] += a W[:, j]."""
+
+    def compensate(graph: PruningGraph, remove: dict[str, list[int]]) -> None:
+        for root, chans in remove.items():
+            removed = set(chans)
+            for probe in probes.get(root, []):
+                layer = probe.member.module
+                w = layer.weight.data
+                for j in chans:
+                    i = resolve_twin(j, twins.get(root, {}), removed)
+                    if i is None:
+                        continue
+                    a, b = fit_compensation(probe.stats, i, j, affine=affine)
+                    if not math.isfinite(a):
+                        continue
+                    ci, cj = probe.member.idxs[i], probe.member.idxs[j]
+                    w[:, ci] += a * w[:, cj]
+                    if affine and b and getattr(layer, "bias", None) is not None:
+                        layer.bias.data += b * w[:, cj].reshape(w.shape[0], -1).sum(1)
+    return compensate
+
+
+class DataCriterion:
+    needs_data = True
+    compensate_by_default = False
+    metrics: set[str] = set()
+
+    def __init__(self, bf16: bool = True, progress: bool = True, reduce=None, window: int = 7):
+        self.bf16, self.progress, self.reduce, self.window = bf16, progress, reduce, window
+
+    def statistics(self, graph: PruningGraph, calibration) -> dict[str, list[Probe]]:
+        return collect_statistics(graph.model, graph, calibration, self.metrics, bf16=self.bf16,
+                                  progress=self.progress, window=self.window, reduce=self.reduce)
+
+
+@register("qsfm", "QSFM: channels whose feature maps duplicate a kept channel's (SSIM/PSNR/cosine) go first")
+class QSFM(DataCriterion):
+    """Redundancy of channel j = the similarity threshold at which j is dropped as a twin (nested rule)."""
+
+    compensate_by_default = True
+
+    def __init__(self, similarity: str = "ssim", affine: bool = False, **kw):
+        super().__init__(**kw)
+        if similarity not in SIMILARITIES:
+            raise SimpruneError(f"unknown similarity {similarity!r} for qsfm; choose {', '.join(SIMILARITIES)}")
+        self.similarity, self.affine = similarity, affine
+        self.metrics = {similarity, "gram"}
+
+    def score(self, graph: PruningGraph, calibration) -> CriterionResult:
+        probes = self.statistics(graph, calibration)
+        scores, twins = {}, {}
+        ceiling = _similarity_ceiling(self.similarity)
+        for root, plist in probes.items():
+            redundancy, twin = redundancy_order(mean_similarity(plist, self.similarity))
+            redundancy = redundancy.clamp(min=-ceiling)  # the never-dropped channel: least redundant
+            scores[root] = (ceiling - redundancy).float()
+            twins[root] = {j: int(i) for j, i in enumerate(twin.tolist()) if i >= 0}
+        return CriterionResult(scores, twins, normalization="none",
+                               compensator=make_compensator(probes, twins, self.affine))
+
+
+@register("feature-stats", "DFS (low M-std maps go) then SFS (of similar maps, the lower M-std goes)")
+class FeatureStats(DataCriterion):
+    """One knob walks both thresholds: channel c goes once lambda > min(M-std_c / median, (1 - r_c) / sfs_scale).
+
+    M-std is normalised by the group median so the DFS threshold is comparable across layers;
+    r_c is the cosine threshold at which SFS drops c. ``sfs_scale`` sets how fast the SFS
+    threshold falls relative to the DFS one (reconstructed choice: 1).
+    """
+
+    compensate_by_default = True
+    metrics = {"mstd", "cosine", "gram"}
+
+    def __init__(self, sfs_scale: float = 1.0, affine: bool = False, **kw):
+        super().__init__(**kw)
+        if sfs_scale <= 0:
+            raise SimpruneError("feature-stats sfs_scale must be > 0")
+        self.sfs_scale, self.affine = sfs_scale, affine
+
+    def score(self, graph: PruningGraph, calibration) -> CriterionResult:
+        probes = self.statistics(graph, calibration)
+        scores, twins = {}, {}
+        for root, plist in probes.items():
+            mstd = torch.stack([p.stats.mstd() for p in plist]).mean(0)
+            dfs = mstd / mstd.median().clamp(min=1e-12)
+            redundancy, twin = redundancy_order(mean_similarity(plist, "cosine"), keep_priority=mstd)
+            sfs = (1 - redundancy.clamp(min=-1.0)) / self.sfs_scale
+            scores[root] = torch.minimum(dfs, sfs).float()
+            twins[root] = {j: int(i) for j, i in enumerate(twin.tolist()) if i >= 0}
+        return CriterionResult(scores, twins, normalization="none",
+                               compensator=make_compensator(probes, twins, self.affine))
+
+
+@register("hrank", "HRank: mean matrix rank of each channel's feature map (low rank goes)")
+class HRank(DataCriterion):
+    metrics = {"rank"}
+
+    def score(self, graph: PruningGraph, calibration) -> CriterionResult:
+        probes = self.statistics(graph, calibration)
+        scores = {root: torch.stack([p.stats.mean_rank() for p in plist]).mean(0).float()
+                  for root, plist in probes.items()}
+        return CriterionResult(scores, normalization="max")
+
+
+@register("filter-similarity", "filters similar to others in their layer go first (weights only)")
+class FilterSimilarity:
+    """Redundancy of filter j = the similarity at which it is dropped as a twin within its layer."""
+
+    needs_data = False
+
+    def __init__(self, similarity: str = "cosine"):
+        if similarity not in FILTER_METRICS:
+            raise SimpruneError(f"unknown similarity {similarity!r} for filter-similarity; "
+                                f"choose {', '.join(FILTER_METRICS)}")
+        self.similarity = similarity
+
+    def score(self, graph: PruningGraph, calibration=None) -> CriterionResult:
+        scores = {}
+        for group in graph.groups:
+            filters = producer_filters(group)
+            if not filters:
+                continue
+            S = torch.stack([filter_similarity_matrix(f, self.similarity) for f in filters]).mean(0)
+            redundancy, _ = redundancy_order(S)
+            scores[group.root] = (1.0 - redundancy.clamp(min=-1.0)).float()
+        return CriterionResult(scores, normalization="none")

@@ -1,0 +1,97 @@
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from simprune.errors import SimpruneError
+from simprune.export import export_onnx
+from simprune.models import build_model
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+def _files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("resnet20", (1, 32, 32)),              # option-A ZeroPadShortcut (index_copy) on a 1-channel input
+    ("mobilenetv2", (3, 32, 32)),
+    ("torchvision:resnet18", (3, 64, 64)),
+])
+def test_dynamo_export_matches_onnxruntime(tmp_path, name, shape):
+    model = build_model(name, num_classes=10, in_channels=shape[0])
+    path = tmp_path / "model.onnx"
+    result = export_onnx(model, torch.randn(2, *shape), path, opset=18)
+
+    assert set(result) >= {"path", "opset", "exporter", "max_abs_diff", "bytes"}
+    assert result["exporter"] == "dynamo" and result["notice"] is None
+    assert result["opset"] == 18 and result["path"] == str(path)
+    assert 0 <= result["max_abs_diff"] <= 1e-4
+    assert result["bytes"] == path.stat().st_size
+    assert _files(tmp_path) == ["model.onnx"]  # self-contained: no external data, no temp file left
+
+    onnx.checker.check_model(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, *shape)  # a third batch size, read back from disk
+    with torch.inference_mode():
+        expected = model.eval()(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_opset_17_is_honoured_with_fallback_notice(tmp_path):
+    """torch's dynamo exporter starts at opset 18, so opset 17 comes from the legacy exporter, with a notice."""
+    model = build_model("resnet20", num_classes=10, in_channels=1).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = export_onnx(model, torch.randn(1, 1, 32, 32), tmp_path / "m.onnx")
+    assert result["opset"] == 17 and result["max_abs_diff"] <= 1e-4
+    if result["exporter"] == "legacy":
+        assert "legacy" in result["notice"]
+        assert any(w.category is RuntimeWarning and "legacy" in str(w.message) for w in caught)
+    else:
+        assert result["notice"] is None
+    assert model.training  # train/eval mode restored
+    shape = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape
+    assert shape.dim[0].dim_param  # batch axis is symbolic
+
+
+class ExportsDifferently(nn.Module):
+    """Eager is a 1x1 conv; the exported graph adds 1 (an export that is not equivalent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + 1 if torch.onnx.is_in_onnx_export() else y
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_mismatch_raises_and_writes_nothing(tmp_path, opset):
+    with pytest.raises(SimpruneError, match="differs from PyTorch"):
+        export_onnx(ExportsDifferently(), torch.randn(2, 1, 4, 4), tmp_path / "bad.onnx", opset=opset)
+    assert _files(tmp_path) == []
+
+
+def test_static_batch(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    result = export_onnx(model, torch.randn(2, 1, 6, 6), tmp_path / "s.onnx", opset=18, dynamic_batch=False)
+    dim0 = onnx.load(result["path"]).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_value == 2 and not dim0.dim_param
+
+
+@pytest.mark.parametrize("missing", ["onnxruntime", "onnx"])
+def test_missing_dependency_is_one_line(tmp_path, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` raise ImportError
+    with pytest.raises(SimpruneError) as info:
+        export_onnx(nn.Conv2d(1, 1, 1), torch.randn(1, 1, 2, 2), tmp_path / "x.onnx")
+    message = str(info.value)
+    assert "\n" not in message and missing in message and "pip install 'simprune[onnx]'" in message
+    assert _files(tmp_path) == []

@@ -1,0 +1,111 @@
+"""Data-driven criteria through the engine: compensation, shared decisions, calibration pipeline."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import simprune
+from simprune.calibration import collect_statistics, probe_members
+from simprune.criteria import available_criteria
+from simprune.graph import PruningGraph
+from simprune.models import build_model
+from simprune.statistics import ChannelStats
+
+
+def _batches(n=48, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, 32, 32, generator=g)
+    return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=16)
+
+
+def _duplicate_channel(model, src=2, dst=5, factor=2.5):
+    """Make layer1.0's inner channel ``dst`` exactly ``factor`` x channel ``src`` after BN + ReLU."""
+    block = model.layer1[0]
+    with torch.no_grad():
+        block.conv1.weight[dst] = factor * block.conv1.weight[src]
+        bn = block.bn1
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1 - bn.eps)  # BN becomes gamma * z + beta
+        bn.weight[dst] = bn.weight[src]
+        bn.bias[dst] = factor * bn.bias[src]
+
+
+@pytest.mark.parametrize("similarity", ["ssim", "cosine", "psnr"])
+def test_twin_removal_with_compensation_is_exact(similarity):
+    torch.manual_seed(0)
+    model = build_model("resnet20", in_channels=1).eval()
+    _duplicate_channel(model)
+    x = next(iter(_batches()))[0]
+    example = torch.zeros(1, 1, 32, 32)
+    opts = {"similarity": similarity, "progress": False, "bf16": False}
+    pruned, report = simprune.prune(model, example, "qsfm", {"flops": 0.005}, calibration=_batches(),
+                                    criterion_options=opts, cost_weight=0.0)
+    assert pruned.layer1[0].conv1.out_channels == 15  # exactly the duplicate went
+    removed = [g for g in report["groups"] if g["channels_after"] < g["channels_before"]]
+    assert len(removed) == 1
+    with torch.no_grad():
+        assert torch.allclose(model(x), pruned(x), atol=1e-5)
+    plain, _ = simprune.prune(model, example, "qsfm", {"flops": 0.005}, calibration=_batches(),
+                              criterion_options=opts, cost_weight=0.0, compensate=False)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), plain(x), atol=1e-3)  # without the fold the output moves
+
+
+def test_residual_groups_have_one_probe_per_consumer_and_one_decision():
+    model = build_model("resnet20", in_channels=1).eval()
+    graph = PruningGraph(model, torch.zeros(1, 1, 32, 32))
+    stage1 = graph.group("conv1")
+    names = sorted(m.name for m in probe_members(stage1))
+    assert names == ["layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1"]
+    pruned, _ = simprune.prune(model, torch.zeros(1, 1, 32, 32), "qsfm", {"flops": 0.5}, calibration=_batches(),
+                               criterion_options={"progress": False})
+    widths = {b.conv2.out_channels for b in pruned.layer1} | {pruned.conv1.out_channels}
+    assert len(widths) == 1  # every producer of the residual stage keeps the same channels
+
+
+def test_depthwise_separable_blocks_share_one_decision():
+    model = build_model("mobilenetv2", in_channels=1).eval()
+    pruned, _ = simprune.prune(model, torch.zeros(1, 1, 32, 32), "feature-stats", {"flops": 0.4},
+                               calibration=_batches(24), criterion_options={"progress": False})
+    for block in pruned.features[1:-1]:
+        convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+        if len(convs) == 3:
+            expand, dw, project = convs
+            assert expand.out_channels == dw.in_channels == dw.out_channels == dw.groups == project.in_channels
+
+
+def test_statistics_pass_equals_all_at_once():
+    model = build_model("resnet20", in_channels=1).eval()
+    graph = PruningGraph(model, torch.zeros(1, 1, 32, 32))
+    batched = collect_statistics(model, graph, _batches(48), {"ssim", "mstd"}, bf16=False, progress=False)
+    whole = collect_statistics(model, graph, DataLoader(_batches(48).dataset, batch_size=48), {"ssim", "mstd"},
+                               bf16=False, progress=False)
+    for root, probes in batched.items():
+        for a, b in zip(probes, whole[root]):
+            assert a.stats.images == 48
+            assert torch.allclose(a.stats.similarity("ssim"), b.stats.similarity("ssim"), atol=1e-10)
+            assert torch.allclose(a.stats.mstd(), b.stats.mstd(), atol=1e-10)
+            assert isinstance(a.stats, ChannelStats)
+
+
+@pytest.mark.parametrize("criterion,options", [
+    ("qsfm", {"similarity": "ssim-windowed"}), ("hrank", {}), ("feature-stats", {}),
+    ("filter-similarity", {"similarity": "pearson"}), ("filter-similarity", {"similarity": "euclidean"}),
+])
+def test_every_criterion_meets_the_target(criterion, options):
+    model = build_model("resnet20", in_channels=1).eval()
+    needs = criterion != "filter-similarity"
+    opts = dict(options, **({"progress": False} if needs else {}))
+    _, report = simprune.prune(model, torch.zeros(1, 1, 32, 32), criterion, {"flops": 0.5},
+                               calibration=_batches(16) if needs else None, criterion_options=opts)
+    assert abs(report["reduction"]["flops"] - 0.5) <= 0.01
+
+
+def test_data_criterion_without_data_is_refused():
+    with pytest.raises(simprune.SimpruneError, match="needs calibration data"):
+        simprune.prune(build_model("resnet20"), torch.zeros(1, 3, 32, 32), "qsfm", {"flops": 0.5})
+
+
+def test_registry_lists_all_criteria():
+    assert {"l1", "l2", "fpgm", "random", "qsfm", "filter-similarity", "feature-stats", "hrank"} <= \
+        set(available_criteria())

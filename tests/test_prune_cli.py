@@ -1,0 +1,117 @@
+"""`simprune prune` end to end, its report, and every bad input it must refuse in one line."""
+import json
+import pickle
+
+import pytest
+import torch
+
+import simprune
+from simprune.errors import SimpruneError
+from simprune.files import save_model
+from simprune.models import build_model
+
+
+def _error(result, pattern):
+    code, _, err = result
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], err
+
+
+def test_prune_writes_model_json_and_report(cli, tmp_path):
+    out = tmp_path / "pruned"
+    code, stdout, _ = cli("prune", "--model", "resnet20", "--criterion", "l1", "--target-flops", "0.5",
+                          "--input", "3x32x32", "--out", out)
+    assert code == 0 and "removed" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"model", "criterion", "target", "macs", "params", "layers", "accuracy"}
+    assert report["target"] == {"flops": 0.5} and report["accuracy"] is None
+    assert abs(1 - report["macs"]["after"] / report["macs"]["before"] - 0.5) <= 0.01
+    assert all(set(layer) == {"name", "channels_before", "channels_after"} for layer in report["layers"])
+    desc = json.loads((out / "model.json").read_text())
+    assert desc["structure"]["groups"] and desc["input_shape"] == [3, 32, 32] and "torch" in desc["versions"]
+    model = simprune.load(out)
+    assert sum(p.numel() for p in model.parameters()) == report["params"]["after"]
+
+
+def test_prune_from_checkpoint_keeps_its_input_shape(cli, tmp_path):
+    save_model(tmp_path / "ckpt", build_model("resnet20", in_channels=1),
+               {"model": "resnet20", "model_args": {"num_classes": 10, "in_channels": 1}, "input_shape": [1, 32, 32]})
+    code, _, err = cli("prune", "--checkpoint", tmp_path / "ckpt", "--criterion", "fpgm", "--target-params", "0.3",
+                       "--out", tmp_path / "out")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["input_shape"] == [1, 32, 32]
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--target-flops", "1.5"], "outside (0, 1)"),
+    (["--target-flops", "0"], "outside (0, 1)"),
+    ([], "give exactly one of --target-flops"),
+    (["--target-flops", "0.5", "--target-params", "0.5"], "give exactly one of"),
+    (["--target-flops", "0.5", "--criterion", "l7"], "unknown criterion 'l7'"),
+    (["--target-flops", "0.5", "--ignore", "nothing.*"], "matches no conv/linear layer"),
+    (["--target-flops", "0.99"], "largest reachable"),
+    (["--target-flops", "0.5", "--criterion", "qsfm"], "needs calibration images"),
+])
+def test_bad_prune_input_leaves_no_output(cli, tmp_path, args, pattern):
+    out = tmp_path / "out"
+    _error(cli("prune", "--model", "resnet20", *args, "--out", out), pattern)
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())
+
+
+def _saved_pruned(tmp_path):
+    model, _ = simprune.prune(build_model("resnet20"), torch.zeros(1, 3, 32, 32), "l1", {"flops": 0.4})
+    simprune.save(tmp_path / "m", model, {"model": "resnet20", "model_args": {"num_classes": 10, "in_channels": 3},
+                                          "input_shape": [3, 32, 32]})
+    return tmp_path / "m"
+
+
+def test_truncated_weights(tmp_path):
+    d = _saved_pruned(tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SimpruneError, match="not a valid safetensors file"):
+        simprune.load(d)
+
+
+def test_json_shapes_that_disagree_with_weights(tmp_path):
+    d = _saved_pruned(tmp_path)
+    desc = json.loads((d / "model.json").read_text())
+    root, entry = next(iter(desc["structure"]["groups"].items()))
+    entry["keep"] = list(range(entry["size"]))  # claims nothing was pruned there
+    (d / "model.json").write_text(json.dumps(desc))
+    with pytest.raises(SimpruneError, match="has shape .* but the model expects"):
+        simprune.load(d)
+
+
+def test_malformed_structure(tmp_path):
+    d = _saved_pruned(tmp_path)
+    desc = json.loads((d / "model.json").read_text())
+    desc["structure"]["groups"] = {"conv1": {"size": "many", "keep": "all"}}
+    (d / "model.json").write_text(json.dumps(desc))
+    with pytest.raises(SimpruneError, match="'structure' is malformed"):
+        simprune.load(d)
+
+
+def test_pickle_handed_to_load_is_never_run(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {tmp_path}/ran",))
+
+    d = tmp_path / "evil"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(pickle.dumps(Payload()))
+    (d / "model.json").write_text("{}")
+    with pytest.raises(SimpruneError, match="never unpickles"):
+        simprune.load(d)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_load_into_a_caller_model(tmp_path):
+    d = _saved_pruned(tmp_path)
+    fresh = build_model("resnet20")
+    model = simprune.load(d, model=fresh)
+    assert model is fresh and model.layer1[0].conv1.out_channels <= 16

@@ -105,6 +105,10 @@ def resolve_model_path(path: str | Path) -> tuple[Path, Path]:
 
 
 def refuse_pickle(path: Path, head: bytes) -> None:
+    """Refuse pickles and torch.save archives. A safetensors file is an 8-byte length then '{'
+    (its first byte may well be 0x80, pickle's PROTO opcode, so check that first)."""
+    if head[8:9] == b"{":
+        return
     if head.startswith(ZIP_MAGIC) or head[:1] in PICKLE_MAGIC:
         raise SimpruneError(f"{path} is a pickle/torch.save file; simprune never unpickles model files. "
                             "Convert it once with safetensors.torch.save_file(torch.load(f, weights_only=True), "
@@ -118,7 +122,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             data = f.read()
     except OSError as exc:
         raise SimpruneError(f"cannot read {path}: {exc.strerror}") from exc
-    refuse_pickle(path, data[:8])
+    refuse_pickle(path, data[:9])
     try:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:

@@ -333,9 +333,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_prune)
 
+    p = sub.add_parser("demo", help="prune the committed Fashion-MNIST ResNet-56: qsfm vs l1 vs random")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--target", type=float, default=0.5, help="fraction of MACs to remove")
+    p.add_argument("--eval-images", type=_positive, default=None)
+    p.add_argument("--checkpoint", default=None)
+    p.set_defaults(fn=cmd_demo)
+
     p = sub.add_parser("criteria", help="list the pruning criteria")
     p.set_defaults(fn=cmd_criteria)
     return parser
+
+
+def cmd_demo(args) -> int:
+    from .demo import print_summary, run_demo  # noqa: PLC0415
+
+    summary = run_demo(Path(args.out), args.target, args.eval_images, Path(args.checkpoint) if args.checkpoint
+                       else None, overwrite=True)
+    print_summary(summary)
+    print(f"wrote {args.out}/report.json and {args.out}/qsfm-model/")
+    return 0
 
 
 def cmd_criteria(args) -> int:

@@ -45,7 +45,7 @@ def make_compensator(probes: dict[str, list[Probe]], twins: dict[str, dict[int, 
         for root, chans in remove.items():
             removed = set(chans)
             for probe in probes.get(root, []):
-                layer = probe.member.module
+                layer = graph.model.get_submodule(probe.member.name)  # by name: works on a copy too
                 w = layer.weight.data
                 for j in chans:
                     i = resolve_twin(j, twins.get(root, {}), removed)

@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=list(CRITERIA))
     ap.add_argument("--calib-images", type=int, default=640)
     ap.add_argument("--eval-images", type=int, default=None, help="default: the whole test set")
-    ap.add_argument("--cost-weight", type=float, default=1.0)
+    ap.add_argument("--cost-weight", type=float, default=0.0)
     args = ap.parse_args()
 
     model, desc = simprune.api.load_model(args.checkpoint)
@@ -86,7 +86,7 @@ def main() -> None:
         score_s = time.perf_counter() - t0
         cached = Cached(crit, result)
         for target in args.targets:
-            for comp in ([True, False] if result.compensator else [False]):
+            for comp in (["lstsq", "twin", False] if result.compensator else [False]):
                 pruned, report = simprune.prune(model, example, cached, {"flops": target}, compensate=comp,
                                                 cost_weight=args.cost_weight)
                 top1 = evaluate(pruned, test)["top1"]

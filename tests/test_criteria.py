@@ -30,8 +30,9 @@ def _duplicate_channel(model, src=2, dst=5, factor=2.5):
         bn.bias[dst] = factor * bn.bias[src]
 
 
-@pytest.mark.parametrize("similarity", ["ssim", "cosine", "psnr"])
-def test_twin_removal_with_compensation_is_exact(similarity):
+@pytest.mark.parametrize("similarity,mode", [("ssim", "twin"), ("cosine", "twin"), ("psnr", "twin"),
+                                             ("ssim", "lstsq")])
+def test_twin_removal_with_compensation_is_exact(similarity, mode):
     torch.manual_seed(0)
     model = build_model("resnet20", in_channels=1).eval()
     _duplicate_channel(model)
@@ -39,16 +40,27 @@ def test_twin_removal_with_compensation_is_exact(similarity):
     example = torch.zeros(1, 1, 32, 32)
     opts = {"similarity": similarity, "progress": False, "bf16": False}
     pruned, report = simprune.prune(model, example, "qsfm", {"flops": 0.005}, calibration=_batches(),
-                                    criterion_options=opts, cost_weight=0.0)
+                                    criterion_options=opts, compensate=mode)
+    assert report["compensated"] == mode
     assert pruned.layer1[0].conv1.out_channels == 15  # exactly the duplicate went
     removed = [g for g in report["groups"] if g["channels_after"] < g["channels_before"]]
     assert len(removed) == 1
     with torch.no_grad():
         assert torch.allclose(model(x), pruned(x), atol=1e-5)
     plain, _ = simprune.prune(model, example, "qsfm", {"flops": 0.005}, calibration=_batches(),
-                              criterion_options=opts, cost_weight=0.0, compensate=False)
+                              criterion_options=opts, compensate=False)
     with torch.no_grad():
         assert not torch.allclose(model(x), plain(x), atol=1e-3)  # without the fold the output moves
+
+
+def test_lstsq_coefficients_by_hand():
+    from simprune.criteria.features import lstsq_coefficients
+
+    # x2 = 2 x0 + 3 x1 exactly: Gram of three channels over four pixels
+    x = torch.tensor([[1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 3.0]], dtype=torch.float64)
+    x = torch.cat([x, 2 * x[:1] + 3 * x[1:]])
+    A = lstsq_coefficients(x @ x.T, removed=[2], kept=[0, 1], ridge=0.0)
+    assert torch.allclose(A, torch.tensor([[2.0, 3.0]], dtype=torch.float64))
 
 
 def test_residual_groups_have_one_probe_per_consumer_and_one_decision():

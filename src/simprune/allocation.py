@@ -140,7 +140,7 @@ class Allocation:
 
 
 def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: CostModel, target: dict[str, float],
-             guards: Guards, normalization: str = "mean", cost_weight: float = 1.0,
+             guards: Guards, normalization: str = "mean", cost_weight: float = 0.0,
              overshoot: float = 0.005) -> Allocation:
     """Remove the globally least important units until the MAC/param reduction reaches the target.
 

@@ -34,14 +34,14 @@ def _widths(model: nn.Module) -> dict[str, int]:
 
 def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = "l1",
           target: dict[str, float] | None = None, *, calibration=None, guards: Guards | None = None,
-          ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 1.0,
-          compensate: bool | None = None,
+          ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 0.0,
+          compensate: bool | str | None = None,
           inplace: bool = False, criterion_options: dict | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
-    ``compensate`` folds removed twins into the next layer (criteria that find twins; default
-    is the criterion's own).
+    ``compensate`` folds removed channels into the next layers (data criteria): True for the
+    criterion's default mode, "lstsq" or "twin", False for none; None: the criterion's default.
     """
     target = target or {"flops": 0.5}
     crit = get_criterion(criterion, **(criterion_options or {})) if isinstance(criterion, str) else criterion
@@ -66,7 +66,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     if compensate and result.compensator is None:
         raise SimpruneError(f"criterion {crit.name!r} has no compensation; drop --compensate")
     if compensate:
-        result.compensator(graph, alloc.remove)
+        result.compensator(graph, alloc.remove, compensate if isinstance(compensate, str) else None)
     remove_channels(graph, alloc.remove)
     after = count(model, example_input)
     widths_after = _widths(model)
@@ -83,7 +83,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
         "groups": [{"root": g.root, "channels_before": g.size + len(alloc.remove.get(g.root, [])),
                     "channels_after": g.size} for g in graph.groups],
         "accuracy": None,
-        "compensated": bool(compensate),
+        "compensated": (compensate if isinstance(compensate, str) else bool(compensate)) if compensate else False,
         "seconds": {"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                     "removal": time.perf_counter() - t_alloc},
     }

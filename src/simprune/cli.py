@@ -321,9 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append", metavar="LAYER_PATTERN", help="glob of layers never pruned")
     p.add_argument("--normalization", choices=["none", "mean", "max", "rank"], default=None,
                    help="how scores are made comparable across layers (default: the criterion's)")
-    p.add_argument("--cost-weight", type=float, default=1.0, help="exponent of the per-channel cost in the ranking")
-    p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
-                   help="fold removed twins into the next layer (default on for qsfm and feature-stats)")
+    p.add_argument("--cost-weight", type=float, default=0.0,
+                   help="rank by importance / cost^W (0: importance alone; 1: most MACs saved per importance lost)")
+    p.add_argument("--compensate", nargs="?", const=True, default=None, choices=[True, "lstsq", "twin"],
+                   help="fold removed channels into the next layer: lstsq (default) or twin; "
+                        "on by default for qsfm and feature-stats")
+    p.add_argument("--no-compensate", dest="compensate", action="store_false")
     p.add_argument("--calib-data", default=None, help="calibration data set for data-driven criteria")
     p.add_argument("--calib-images", type=_positive, default=640)
     _data_options(p, required=False)

@@ -38,15 +38,41 @@ def resolve_twin(j: int, twin: dict[int, int], removed: set[int]) -> int | None:
     return None if i < 0 or i in removed else i
 
 
-def make_compensator(probes: dict[str, list[Probe]], twins: dict[str, dict[int, int]], affine: bool = False):
-    """Fold each removed channel j into its surviving twin i at every consumer: W[:, i] += a W[:, j]."""
+def lstsq_coefficients(gram: torch.Tensor, removed: list[int], kept: list[int], ridge: float = 1e-6) -> torch.Tensor:
+    """A (|removed| x |kept|) minimising sum ||x_r - A x_k||^2 over the calibration pixels (ridge-damped)."""
+    g_kk = gram[kept][:, kept]
+    damp = ridge * g_kk.diagonal().mean().clamp(min=1e-12)
+    lhs = g_kk + damp * torch.eye(len(kept), dtype=gram.dtype)
+    return torch.linalg.solve(lhs, gram[kept][:, removed]).T
 
-    def compensate(graph: PruningGraph, remove: dict[str, list[int]]) -> None:
+
+COMPENSATIONS = ("lstsq", "twin")
+
+
+def make_compensator(probes: dict[str, list[Probe]], twins: dict[str, dict[int, int]], default: str = "lstsq",
+                     affine: bool = False):
+    """Fold removed channels into the kept ones at every consumer of the group.
+
+    mode "twin" (the method): W[:, i] += a W[:, j] for each removed j and its surviving twin i.
+    mode "lstsq" (beyond the method): x_removed ~ A x_kept jointly by least squares, W_kept += W_removed A.
+    """
+    _check_compensation(default)
+
+    def compensate(graph: PruningGraph, remove: dict[str, list[int]], mode: str | None = None) -> None:
+        mode = _check_compensation(mode or default)
         for root, chans in remove.items():
             removed = set(chans)
             for probe in probes.get(root, []):
                 layer = graph.model.get_submodule(probe.member.name)  # by name: works on a copy too
                 w = layer.weight.data
+                idxs = probe.member.idxs
+                if mode == "lstsq":
+                    kept = [c for c in range(len(idxs)) if c not in removed]
+                    A = lstsq_coefficients(probe.stats.gram(), sorted(removed), kept).to(w.dtype)
+                    col_k, col_r = torch.as_tensor([idxs[c] for c in kept]), torch.as_tensor(
+                        [idxs[c] for c in sorted(removed)])
+                    w[:, col_k] += torch.einsum("or...,rk->ok...", w[:, col_r], A)
+                    continue
                 for j in chans:
                     i = resolve_twin(j, twins.get(root, {}), removed)
                     if i is None:
@@ -54,11 +80,17 @@ def make_compensator(probes: dict[str, list[Probe]], twins: dict[str, dict[int, 
                     a, b = fit_compensation(probe.stats, i, j, affine=affine)
                     if not math.isfinite(a):
                         continue
-                    ci, cj = probe.member.idxs[i], probe.member.idxs[j]
+                    ci, cj = idxs[i], idxs[j]
                     w[:, ci] += a * w[:, cj]
                     if affine and b and getattr(layer, "bias", None) is not None:
                         layer.bias.data += b * w[:, cj].reshape(w.shape[0], -1).sum(1)
     return compensate
+
+
+def _check_compensation(mode: str) -> str:
+    if mode not in COMPENSATIONS:
+        raise SimpruneError(f"unknown compensation {mode!r}; use {' or '.join(COMPENSATIONS)}")
+    return mode
 
 
 class DataCriterion:
@@ -80,11 +112,11 @@ class QSFM(DataCriterion):
 
     compensate_by_default = True
 
-    def __init__(self, similarity: str = "ssim", affine: bool = False, **kw):
+    def __init__(self, similarity: str = "ssim", compensation: str = "lstsq", affine: bool = False, **kw):
         super().__init__(**kw)
         if similarity not in SIMILARITIES:
             raise SimpruneError(f"unknown similarity {similarity!r} for qsfm; choose {', '.join(SIMILARITIES)}")
-        self.similarity, self.affine = similarity, affine
+        self.similarity, self.compensation, self.affine = similarity, compensation, affine
         self.metrics = {similarity, "gram"}
 
     def score(self, graph: PruningGraph, calibration) -> CriterionResult:
@@ -97,7 +129,7 @@ class QSFM(DataCriterion):
             scores[root] = (ceiling - redundancy).float()
             twins[root] = {j: int(i) for j, i in enumerate(twin.tolist()) if i >= 0}
         return CriterionResult(scores, twins, normalization="none",
-                               compensator=make_compensator(probes, twins, self.affine))
+                               compensator=make_compensator(probes, twins, self.compensation, self.affine))
 
 
 @register("feature-stats", "DFS (low M-std maps go) then SFS (of similar maps, the lower M-std goes)")
@@ -112,11 +144,11 @@ class FeatureStats(DataCriterion):
     compensate_by_default = True
     metrics = {"mstd", "cosine", "gram"}
 
-    def __init__(self, sfs_scale: float = 1.0, affine: bool = False, **kw):
+    def __init__(self, sfs_scale: float = 1.0, compensation: str = "lstsq", affine: bool = False, **kw):
         super().__init__(**kw)
         if sfs_scale <= 0:
             raise SimpruneError("feature-stats sfs_scale must be > 0")
-        self.sfs_scale, self.affine = sfs_scale, affine
+        self.sfs_scale, self.compensation, self.affine = sfs_scale, compensation, affine
 
     def score(self, graph: PruningGraph, calibration) -> CriterionResult:
         probes = self.statistics(graph, calibration)
@@ -129,7 +161,7 @@ class FeatureStats(DataCriterion):
             scores[root] = torch.minimum(dfs, sfs).float()
             twins[root] = {j: int(i) for j, i in enumerate(twin.tolist()) if i >= 0}
         return CriterionResult(scores, twins, normalization="none",
-                               compensator=make_compensator(probes, twins, self.affine))
+                               compensator=make_compensator(probes, twins, self.compensation, self.affine))
 
 
 @register("hrank", "HRank: mean matrix rank of each channel's feature map (low rank goes)")

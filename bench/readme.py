@@ -1,0 +1,91 @@
+"""Render the benchmark JSON files into the README's result tables (never typed by hand).
+
+    python bench/readme.py          # rewrite the <!-- bench:NAME --> blocks of README.md
+    python bench/readme.py --check  # exit 1 if README.md differs from what the JSON files give
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _machine(data: dict) -> str:
+    m = data["machine"]
+    return f"Measured on {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}."
+
+
+def render_engine(data: dict) -> str:
+    rows = [[r["model"], r["input"], r["groups"], r["channels"], f"{r['graph_s']:.2f}", f"{r['allocate_s']:.3f}",
+             f"{100 * r['reduction']:.1f}"] for r in data["rows"]]
+    return _table(["model", "input", "groups", "channels", "graph s", "allocation s", "MACs removed %"], rows) + \
+        f"\n\n{_machine(data)} `python bench/engine.py` (target {data['target_flops']})."
+
+
+def render_calibration(data: dict) -> str:
+    rows = [[r["criterion"], r["images"], f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}",
+             "" if "peak_growth_vs_smallest_%" not in r else f"{r['peak_growth_vs_smallest_%']:+.1f}"]
+            for r in data["rows"]]
+    return _table(["statistics for", "images", "seconds", "peak MiB", "peak growth %"], rows) + \
+        f"\n\n{_machine(data)} `python bench/calibration.py` (ResNet-56, one statistics pass)."
+
+
+def render_quality(data: dict) -> str:
+    by = {}
+    for r in data["rows"]:
+        comp = r["compensated"]
+        label = r["criterion"] + ("" if not comp else f" + {comp}")
+        by.setdefault(label, {})[r["target"]] = r
+    targets = sorted({r["target"] for r in data["rows"]})
+    header = ["criterion"] + [f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]
+    rows = []
+    for label, cells in by.items():
+        rows.append([label] + [f"{cells[t]['top1']:.2f} ({cells[t]['change']:+.2f})" if t in cells else ""
+                               for t in targets])
+    return _table(header, rows) + (
+        f"\n\nBaseline top-1 {data['baseline_top1']:.2f} % on {data['eval_images']} Fashion-MNIST test images; "
+        f"{data['calib_images']} calibration images; no fine-tuning. {_machine(data)} `python bench/quality.py`.")
+
+
+RENDERERS = {"engine": render_engine, "calibration": render_calibration, "quality": render_quality}
+
+
+def rendered_readme(text: str) -> str:
+    for name, fn in RENDERERS.items():
+        path = RESULTS / f"{name}.json"
+        pattern = re.compile(rf"(<!-- bench:{name} -->).*?(<!-- /bench:{name} -->)", re.S)
+        if path.exists() and pattern.search(text):
+            body = fn(json.loads(path.read_text()))
+            text = pattern.sub(lambda m: m.group(1) + "\n" + body + "\n" + m.group(2), text)
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    text = README.read_text()
+    new = rendered_readme(text)
+    if args.check:
+        if new != text:
+            print("README.md result tables differ from bench/results/*.json; run python bench/readme.py")
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -115,3 +115,14 @@ def test_load_into_a_caller_model(tmp_path):
     fresh = build_model("resnet20")
     model = simprune.load(d, model=fresh)
     assert model is fresh and model.layer1[0].conv1.out_channels <= 16
+
+
+def test_outputs_have_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    d = _saved_pruned(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((d / "model.safetensors").stat().st_mode) == 0o666 & ~umask

@@ -343,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None)
     p.set_defaults(fn=cmd_demo)
 
+    from .analysis import add_analyze_parser  # noqa: PLC0415
+
+    add_analyze_parser(sub)
+
     p = sub.add_parser("criteria", help="list the pruning criteria")
     p.set_defaults(fn=cmd_criteria)
     return parser

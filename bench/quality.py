@@ -1,8 +1,10 @@
 """Criteria side by side on the committed Fashion-MNIST ResNet-56, without fine-tuning.
 
-Every criterion prunes the same model to the same FLOPs targets; data-driven ones
-calibrate once on the same 640 training images (seeded) and are evaluated with and
-without compensation. Top-1 on the 10,000-image test set.
+Every criterion prunes the same model to the same FLOPs targets under the same allocator
+settings: groups that cannot be compensated (read by the option-A shortcut) are left whole
+for all, and every pruned model gets its BatchNorm statistics re-estimated on the same 640
+calibration images (seeded). Data-driven criteria are evaluated with least-squares
+compensation, the twin fold of the method, and none. Top-1 on the 10,000-image test set.
 
     python bench/quality.py                      # table + bench/results/quality.json
     python bench/quality.py --targets 0.48 --criteria l1 qsfm-ssim   # a subset
@@ -88,7 +90,8 @@ def main() -> None:
         for target in args.targets:
             for comp in (["lstsq", "twin", False] if result.compensator else [False]):
                 pruned, report = simprune.prune(model, example, cached, {"flops": target}, compensate=comp,
-                                                cost_weight=args.cost_weight)
+                                                cost_weight=args.cost_weight, calibration=calib,
+                                                protect_uncompensable=True, recalibrate_bn=True)
                 top1 = evaluate(pruned, test)["top1"]
                 rows.append({"criterion": label, "compensated": comp, "target": target,
                              "flops_removed_%": 100 * report["reduction"]["flops"],

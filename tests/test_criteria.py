@@ -40,7 +40,7 @@ def test_twin_removal_with_compensation_is_exact(similarity, mode):
     example = torch.zeros(1, 1, 32, 32)
     opts = {"similarity": similarity, "progress": False, "bf16": False}
     pruned, report = simprune.prune(model, example, "qsfm", {"flops": 0.005}, calibration=_batches(),
-                                    criterion_options=opts, compensate=mode)
+                                    criterion_options=opts, compensate=mode, recalibrate_bn=False)
     assert report["compensated"] == mode
     assert pruned.layer1[0].conv1.out_channels == 15  # exactly the duplicate went
     removed = [g for g in report["groups"] if g["channels_after"] < g["channels_before"]]
@@ -48,7 +48,7 @@ def test_twin_removal_with_compensation_is_exact(similarity, mode):
     with torch.no_grad():
         assert torch.allclose(model(x), pruned(x), atol=1e-5)
     plain, _ = simprune.prune(model, example, "qsfm", {"flops": 0.005}, calibration=_batches(),
-                              criterion_options=opts, compensate=False)
+                              criterion_options=opts, compensate=False, recalibrate_bn=False)
     with torch.no_grad():
         assert not torch.allclose(model(x), plain(x), atol=1e-3)  # without the fold the output moves
 
@@ -63,6 +63,30 @@ def test_lstsq_coefficients_by_hand():
     assert torch.allclose(A, torch.tensor([[2.0, 3.0]], dtype=torch.float64))
 
 
+def test_uncompensable_groups_are_protected_when_compensating():
+    model = build_model("resnet20", in_channels=1).eval()
+    graph = PruningGraph(model, torch.zeros(1, 1, 32, 32))
+    assert not graph.group("conv1").compensable and not graph.group("layer2.0.conv2").compensable
+    assert graph.group("layer3.0.conv2").compensable and graph.group("layer1.0.conv1").compensable
+    pruned, report = simprune.prune(model, torch.zeros(1, 1, 32, 32), "qsfm", {"flops": 0.4},
+                                    calibration=_batches(), criterion_options={"progress": False})
+    assert set(report["protected_groups"]) == {"conv1", "layer2.0.conv2"}
+    assert pruned.conv1.out_channels == 16 and pruned.layer2[0].conv2.out_channels == 32
+    assert report["bn_recalibrated"] is True
+
+
+def test_batchnorm_recalibration_matches_the_calibration_statistics():
+    from simprune.calibration import recalibrate_batchnorm
+
+    model = build_model("resnet20", in_channels=1).eval()
+    x = next(iter(_batches(16)))[0]
+    recalibrate_batchnorm(model, [(x, None)])
+    expected = model.conv1(x).transpose(0, 1).reshape(16, -1)
+    assert torch.allclose(model.bn1.running_mean, expected.mean(1), atol=1e-5)
+    assert torch.allclose(model.bn1.running_var, expected.var(1, correction=1), rtol=1e-4)
+    assert model.bn1.momentum == 0.1 and not model.training
+
+
 def test_residual_groups_have_one_probe_per_consumer_and_one_decision():
     model = build_model("resnet20", in_channels=1).eval()
     graph = PruningGraph(model, torch.zeros(1, 1, 32, 32))
@@ -70,7 +94,7 @@ def test_residual_groups_have_one_probe_per_consumer_and_one_decision():
     names = sorted(m.name for m in probe_members(stage1))
     assert names == ["layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1"]
     pruned, _ = simprune.prune(model, torch.zeros(1, 1, 32, 32), "qsfm", {"flops": 0.5}, calibration=_batches(),
-                               criterion_options={"progress": False})
+                               criterion_options={"progress": False}, protect_uncompensable=False)
     widths = {b.conv2.out_channels for b in pruned.layer1} | {pruned.conv1.out_channels}
     assert len(widths) == 1  # every producer of the residual stage keeps the same channels
 

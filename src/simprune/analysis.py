@@ -43,6 +43,14 @@ def _mstd_summary(mstd: torch.Tensor) -> dict[str, float | None]:
     return {"min": float(mstd.min()), "median": float(mstd.median()), "max": float(mstd.max()), "cv": cv}
 
 
+def _quantiles(values: torch.Tensor) -> dict[str, float] | None:
+    """min / q1 / median / q3 / max of a 1-D tensor (None when empty): the box of a box plot."""
+    if values.numel() == 0:
+        return None
+    q = torch.quantile(values, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=values.dtype))
+    return dict(zip(("min", "q1", "median", "q3", "max"), (float(v) for v in q)))
+
+
 def _module_order(model: nn.Module) -> dict[str, int]:
     return {name: i for i, (name, _) in enumerate(model.named_modules())}
 
@@ -61,6 +69,7 @@ def group_report(group, S: torch.Tensor, mstd: torch.Tensor, thresholds) -> dict
         "twins": {_key(t): int((best > t).sum()) for t in thresholds},
         "removable": {_key(t): len(twin_selection(S, t)) for t in thresholds},
         "mean_max_similarity": float(finite.mean()) if finite.numel() else None,
+        "max_similarity": _quantiles(finite),
         "mstd": _mstd_summary(mstd),
         "dead_channels": int((mstd < DEAD_MSTD).sum()),
     }
@@ -141,6 +150,8 @@ def _print_summary(summary: dict, title: str) -> None:
               f"{net['removable'][key]} removable")
     print(f"  dead channels (M-std < {DEAD_MSTD:g}): {net['dead_channels']}")
     mid = list(net["twins"])[len(net["twins"]) // 2]
+    if not net["twins"][mid]:
+        return
     top = sorted(summary["groups"], key=lambda g: -g["twins"][mid] / g["channels"])[:3]
     print(f"  most twins at {mid}: " + ", ".join(f"{g['group']} {g['twins'][mid] / g['channels']:.0%}" for g in top))
 
@@ -169,6 +180,7 @@ def cmd_analyze(args) -> int:
                                                 pad_to=pad_to, seed=args.seed)
         image_shape = tuple(loader.dataset[0][0].shape)
         shape_text = args.input or (None if args.checkpoint else "x".join(map(str, image_shape)))
+        torch.manual_seed(args.seed)  # random weights (no --checkpoint) are reproducible too
         model, desc, shape = _load_or_build(args, shape_text)
         if tuple(shape) != image_shape:
             raise SimpruneError(f"{calib_data} images are {'x'.join(map(str, image_shape))} but the model takes "
@@ -184,7 +196,8 @@ def cmd_analyze(args) -> int:
         atomic_write_json(tmp / "analysis.json", report)
         redundancy_bars(summary, tmp / "redundancy.png")
         pngs = similarity_heatmaps(matrices, tmp / "similarity.png", max_layers=args.max_heatmaps,
-                                   label=args.similarity)
+                                   label=args.similarity,
+                                   residual={g["group"]: g["residual"] for g in summary["groups"]})
     title = f"{desc.get('model')} ({'random weights' if weights == 'random' else args.checkpoint})"
     _print_summary(summary, title)
     if weights == "random":

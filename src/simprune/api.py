@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .allocation import CostModel, Guards, allocate
+from .calibration import recalibrate_batchnorm
 from .counting import count
 from .criteria import get_criterion
 from .errors import SimpruneError
@@ -35,13 +36,17 @@ def _widths(model: nn.Module) -> dict[str, int]:
 def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = "l1",
           target: dict[str, float] | None = None, *, calibration=None, guards: Guards | None = None,
           ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 0.0,
-          compensate: bool | str | None = None,
-          inplace: bool = False, criterion_options: dict | None = None) -> tuple[nn.Module, dict]:
+          compensate: bool | str | None = None, protect_uncompensable: bool | None = None,
+          recalibrate_bn: bool | None = None, inplace: bool = False,
+          criterion_options: dict | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
     ``compensate`` folds removed channels into the next layers (data criteria): True for the
     criterion's default mode, "lstsq" or "twin", False for none; None: the criterion's default.
+    ``protect_uncompensable`` (default: on when compensating) leaves groups whose channels reach a
+    parameter-free reader (option-A shortcut) untouched. ``recalibrate_bn`` (default: on when
+    ``calibration`` is given) re-estimates BatchNorm statistics on the calibration images afterwards.
     """
     target = target or {"flops": 0.5}
     crit = get_criterion(criterion, **(criterion_options or {})) if isinstance(criterion, str) else criterion
@@ -58,16 +63,28 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     t_graph = time.perf_counter()
     result = crit.score(graph, calibration) if getattr(crit, "needs_data", False) else crit.score(graph)
     t_score = time.perf_counter()
-    alloc = allocate(graph.groups, result.scores, cost, target, guards or Guards(),
-                     normalization or result.normalization, cost_weight)
-    t_alloc = time.perf_counter()
     if compensate is None:
         compensate = getattr(crit, "compensate_by_default", False)
+    if protect_uncompensable is None:
+        protect_uncompensable = bool(compensate)
+    scores = result.scores
+    protected = [g.root for g in graph.groups if not g.compensable] if protect_uncompensable else []
+    if protected:
+        scores = {k: v for k, v in scores.items() if k not in set(protected)}
+    alloc = allocate(graph.groups, scores, cost, target, guards or Guards(),
+                     normalization or result.normalization, cost_weight)
+    t_alloc = time.perf_counter()
     if compensate and result.compensator is None:
         raise SimpruneError(f"criterion {crit.name!r} has no compensation; drop --compensate")
     if compensate:
         result.compensator(graph, alloc.remove, compensate if isinstance(compensate, str) else None)
     remove_channels(graph, alloc.remove)
+    if recalibrate_bn is None:
+        recalibrate_bn = calibration is not None
+    if recalibrate_bn:
+        if calibration is None:
+            raise SimpruneError("BatchNorm recalibration needs calibration data; pass --calib-data")
+        recalibrate_batchnorm(model, calibration)
     after = count(model, example_input)
     widths_after = _widths(model)
     kind, ratio = next(iter(target.items()))
@@ -83,6 +100,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
         "groups": [{"root": g.root, "channels_before": g.size + len(alloc.remove.get(g.root, [])),
                     "channels_after": g.size} for g in graph.groups],
         "accuracy": None,
+        "protected_groups": protected,
+        "bn_recalibrated": bool(recalibrate_bn),
         "compensated": (compensate if isinstance(compensate, str) else bool(compensate)) if compensate else False,
         "seconds": {"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                     "removal": time.perf_counter() - t_alloc},

@@ -110,3 +110,28 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
 def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
     """A group's similarity matrix: the mean over its probes (residual channels share one decision)."""
     return torch.stack([p.stats.similarity(metric) for p in probes]).mean(0)
+
+
+def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average).
+
+    After structural removal the activations feeding later BNs shift a little; a forward pass
+    over the calibration images restores their statistics without touching any weight."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        m.train()
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for batch in batches:
+                model(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    finally:
+        for m, (momentum, training) in zip(bns, saved):
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return model

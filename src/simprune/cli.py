@@ -208,11 +208,11 @@ def cmd_prune(args) -> int:
     model, desc, shape = _load_or_build(args, args.input)
     example = torch.zeros(1, *shape)
     calibration = None
-    if getattr(criterion, "needs_data", False):
+    if getattr(criterion, "needs_data", False) and not args.calib_data:
+        raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
+    if args.calib_data:
         from .calibration import calibration_loader  # noqa: PLC0415
 
-        if not args.calib_data:
-            raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
         calibration = calibration_loader(args.calib_data, args.calib_images, data_dir=args.data_dir,
                                          pad_to=args.pad_to if args.pad_to is not None else
                                          (desc.get("data") or {}).get("pad_to"), seed=args.seed)
@@ -221,7 +221,9 @@ def cmd_prune(args) -> int:
     acc_before = _accuracy(model, eval_ds)
     pruned, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
                                ignore=args.ignore or (), normalization=args.normalization,
-                               cost_weight=args.cost_weight, compensate=args.compensate, inplace=True)
+                               cost_weight=args.cost_weight, compensate=args.compensate,
+                               protect_uncompensable=args.protect_uncompensable,
+                               recalibrate_bn=args.recalibrate_bn, inplace=True)
     report["model"] = desc.get("model")
     report["accuracy"] = None if eval_ds is None else {"before": acc_before, "after": _accuracy(pruned, eval_ds)}
     report["command"] = _command_line()
@@ -327,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold removed channels into the next layer: lstsq (default) or twin; "
                         "on by default for qsfm and feature-stats")
     p.add_argument("--no-compensate", dest="compensate", action="store_false")
+    p.add_argument("--protect-uncompensable", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave groups read by parameter-free layers (option-A shortcut) whole "
+                        "(default: on when compensating)")
+    p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-estimate BatchNorm statistics on the calibration images after pruning "
+                        "(default: on with --calib-data)")
     p.add_argument("--calib-data", default=None, help="calibration data set for data-driven criteria")
     p.add_argument("--calib-images", type=_positive, default=640)
     _data_options(p, required=False)

@@ -82,6 +82,13 @@ class ChannelGroup:
     def consumers(self) -> list[Member]:
         return [m for m in self.members if m.dim == "in" and isinstance(m.module, PARAM_LAYERS)]
 
+    @property
+    def compensable(self) -> bool:
+        """True when every reader of these channels is a conv/linear, so a removed channel can be folded
+        into the kept ones; a parameter-free reader (the option-A zero-pad shortcut) passes it on unfixed."""
+        readers = [m for m in self.members if m.dim == "in" and not isinstance(m.module, nn.BatchNorm2d)]
+        return all(isinstance(m.module, PARAM_LAYERS) for m in readers)
+
     def layer_names(self) -> list[str]:
         return sorted({m.name for m in self.members if isinstance(m.module, PARAM_LAYERS + (nn.BatchNorm2d,))})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -76,33 +77,41 @@ def _pick(matrices: dict, max_layers: int | None) -> list[str]:
     return [r for r in roots if r in keep]
 
 
-def _page(roots, mats, path: Path, vrange, label: str, page: str) -> Path:
+def _columns(n: int) -> int:
+    """Grid width: at most 6 maps a row, rows balanced (8 maps are 2 x 4, not 6 + 2)."""
+    return math.ceil(n / math.ceil(n / 6))
+
+
+def _page(roots, mats, path: Path, vrange, label: str, page: str, residual: dict) -> Path:
     """One figure: a grid of heat maps sharing the colour scale, with one colour bar on the right."""
-    cols = min(6, len(roots))
+    cols = _columns(len(roots))
     rows = math.ceil(len(roots) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.1, 2.45 * rows + 0.7), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.1, 2.45 * rows + 0.9), squeeze=False,
                              layout="constrained")
     im = None
     for ax, root in zip(axes.flat, roots):
         S = mats[root]
         o = twin_order(S)
         im = ax.imshow(S[np.ix_(o, o)], cmap="viridis", vmin=vrange[0], vmax=vrange[1], interpolation="nearest")
-        ax.set_title(f"{root}\n{len(S)} channels", fontsize=9)
+        kind = ", residual" if residual.get(root) else ""
+        ax.set_title(f"{root}\n{len(S)} channels{kind}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[len(roots):]:
         ax.axis("off")
-    cbar = fig.colorbar(im, ax=axes, shrink=min(1.0, 0.35 + 0.15 * rows), aspect=30, pad=0.02)
+    cbar = fig.colorbar(im, ax=axes, shrink=0.9 if rows == 1 else min(1.0, 0.35 + 0.15 * rows), aspect=30, pad=0.02)
     cbar.set_label(label, fontsize=10)
-    fig.suptitle(f"Channel similarity per group ({label}; channels ordered by max similarity, "
-                 f"twins adjacent){page}", fontsize=12)
+    width = max(20, int(fig.get_figwidth() * 9))  # characters that fit a line at 11 pt
+    title = textwrap.fill(f"Channel similarity per group: {label}{page}", width)
+    note = textwrap.fill("channels ordered by max similarity (twins adjacent); colours span the off-diagonal range", width)
+    fig.suptitle(f"{title}\n{note}", fontsize=11)
     return _save(fig, path)
 
 
 def similarity_heatmaps(matrices: dict, path, max_layers: int | None = None, per_page: int = 30,
-                        label: str = "ssim") -> list[Path]:
+                        label: str = "ssim", residual: dict | None = None) -> list[Path]:
     """Heat maps of each group's (C, C) similarity; ``path`` itself when they fit one page, else
-    ``<stem>_1.png``, ``<stem>_2.png``...; returns the files written."""
+    ``<stem>_1.png``, ``<stem>_2.png``...; returns the files written. ``residual``: root -> bool."""
     if not matrices:
         raise SimpruneError("no similarity matrices to plot")
     mats = {r: (m.detach().float().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m, float))
@@ -113,35 +122,76 @@ def similarity_heatmaps(matrices: dict, path, max_layers: int | None = None, per
     path = Path(path)
     pages = [roots[i:i + per_page] for i in range(0, len(roots), per_page)]
     if len(pages) == 1:
-        return [_page(pages[0], mats, path, vrange, label, "")]
+        return [_page(pages[0], mats, path, vrange, label, "", residual or {})]
     return [_page(chunk, mats, path.with_name(f"{path.stem}_{i}{path.suffix}"), vrange, label,
-                  f" — page {i}/{len(pages)}") for i, chunk in enumerate(pages, 1)]
+                  f", page {i} of {len(pages)}", residual or {}) for i, chunk in enumerate(pages, 1)]
 
 
-def redundancy_bars(summary: dict, path) -> Path:
-    """Grouped bars: the share of twin channels of each group at each threshold, in network order."""
-    groups, net = summary["groups"], summary["network"]
-    if not groups:
-        raise SimpruneError("no groups to plot")
-    keys = list(net["twins"])
-    n, k = len(groups), len(keys)
-    x = np.arange(n)
-    width = 0.8 / k
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.42 * n + 2.0), 5.2), layout="constrained")
-    colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, k))
+def _unit(metric: str) -> str:
+    return " dB" if metric == "psnr" else ""
+
+
+def _share_panel(ax, groups, net, keys, colors) -> None:
+    """Top panel: grouped bars of the share of twin channels per group, one bar per threshold."""
+    k, x, width = len(keys), np.arange(len(groups)), 0.8 / len(keys)
+    unit = _unit(net["similarity"])
     for i, key in enumerate(keys):
         share = [100.0 * g["twins"][key] / g["channels"] for g in groups]
         ax.bar(x + (i - (k - 1) / 2) * width, share, width, color=colors[i],
-               label=f"> {key}  (network {100 * net['twin_share'][key]:.1f} %)")
+               label=f"> {key}{unit}  (network {100 * net['twin_share'][key]:.1f} %)")
+    top = max(100.0 * g["twins"][key] / g["channels"] for g in groups for key in keys)
+    ax.set_ylim(0, min(105.0, max(10.0, 1.15 * top)))  # zoom in: a few % of twins must not look like 0
+    ax.set_ylabel("channels with a twin (%)", fontsize=10)
+    ax.legend(title="max similarity", fontsize=9, title_fontsize=9, loc="upper left", ncols=k)
+
+
+def _spread_panel(ax, groups, net, keys, colors) -> None:
+    """Bottom panel: per group, the spread of each channel's max similarity, with the thresholds."""
+    boxes = [{**g["max_similarity"], "med": g["max_similarity"]["median"], "whislo": g["max_similarity"]["min"],
+              "whishi": g["max_similarity"]["max"], "label": ""} if g.get("max_similarity") else
+             {"med": np.nan, "q1": np.nan, "q3": np.nan, "whislo": np.nan, "whishi": np.nan, "label": ""}
+             for g in groups]
+    ax.bxp(boxes, positions=np.arange(len(groups)), widths=0.6, showfliers=False, patch_artist=True,
+           boxprops={"facecolor": "0.85", "edgecolor": "0.3"}, medianprops={"color": "black"},
+           whiskerprops={"color": "0.3"}, capprops={"color": "0.3"})
+    unit = _unit(net["similarity"])
+    for key, color, t in zip(keys, colors, net["thresholds"]):
+        ax.axhline(t, color=color, lw=1.2, ls="--", zorder=0)
+    vals = [b["whislo"] for b in boxes] + [b["whishi"] for b in boxes] + list(net["thresholds"])
+    lo, hi = np.nanmin(vals), np.nanmax(vals)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.05
+    ax.set_ylim(lo - pad, hi + pad)  # every threshold line stays inside the frame
+    ax.set_ylabel(f"max {LABELS.get(net['similarity'], net['similarity'])}", fontsize=10)
+    ax.set_title("each channel's highest similarity to another channel of its group (box: quartiles, "
+                 f"whiskers: min to max, dashed: thresholds {', '.join(keys)}{unit})", fontsize=9, loc="left")
+
+
+def redundancy_bars(summary: dict, path) -> Path:
+    """Twin shares per group at each threshold (bars) over the spread of each channel's max
+    similarity (boxes: min, quartiles, max; dashed lines: the thresholds), in network order."""
+    groups, net = summary["groups"], summary["network"]
+    if not groups:
+        raise SimpruneError("no groups to plot")
+    keys, n = list(net["twins"]), len(groups)
+    any_twin = any(g["twins"][key] for g in groups for key in keys)
+    width = max(7.0, 0.42 * n + 2.0)
+    colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, len(keys)))
+    if any_twin:
+        fig, axes = plt.subplots(2, 1, sharex=True, figsize=(width, 8.0), layout="constrained")
+        _share_panel(axes[0], groups, net, keys, colors)
+    else:  # an empty bar panel says nothing: one panel, and the verdict in the title
+        fig, ax = plt.subplots(figsize=(width, 5.5), layout="constrained")
+        axes = [ax]
+    bottom = axes[-1]
+    _spread_panel(bottom, groups, net, keys, colors)
+    for ax in axes:
+        ax.set_axisbelow(True)
+        ax.yaxis.grid(True, alpha=0.3)
     names = [g["group"] + (" (res)" if g.get("residual") else "") for g in groups]
-    ax.set_xticks(x, names, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
-    ax.set_xlim(-0.6, n - 0.4)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("twin channels (% of the group)", fontsize=10)
-    ax.yaxis.grid(True, alpha=0.3)
-    ax.set_axisbelow(True)
+    bottom.set_xticks(np.arange(n), names, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
+    bottom.set_xlim(-0.6, n - 0.4)
     metric = LABELS.get(net["similarity"], net["similarity"])
-    ax.set_title(f"Channels with a twin (max {metric} to another channel above the threshold), "
-                 f"{net['images']} calibration images", fontsize=11)
-    ax.legend(title=f"max {metric}", fontsize=9, title_fontsize=9, loc="upper left", ncols=k)
+    fig.suptitle(f"Redundant channels per group: a twin is another channel with {metric} above the threshold "
+                 f"({net['images']} calibration images)" + ("" if any_twin else "\nno channel has a twin at any threshold"),
+                 fontsize=11)
     return _save(fig, path)

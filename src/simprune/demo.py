@@ -1,7 +1,8 @@
 """`simprune demo`: the mission in one command on the committed Fashion-MNIST ResNet-56.
 
 Prunes about half the MACs with QSFM (no fine-tuning), compares with L1 and random
-on the same model, data and target, and writes a JSON report. Needs the Fashion-MNIST
+on the same model, data, target and allocator settings (the same protected groups, BN
+statistics re-estimated on the same calibration images), and writes a JSON report. Needs the Fashion-MNIST
 files (``apt-get install dataset-fashion-mnist``) until the package ships a sample.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def run_demo(out: Path, target: float = 0.5, eval_images: int | None = None, che
         for name, options in CRITERIA:
             t0 = time.perf_counter()
             pruned, report = api.prune(model, example, name, {"flops": target}, calibration=calib,
-                                       criterion_options=options)
+                                       criterion_options=options, protect_uncompensable=True)
             top1 = evaluate(pruned, test)["top1"]
             rows.append({"criterion": name, "top1": top1, "macs": report["macs"]["after"],
                          "params": report["params"]["after"], "flops_removed": report["reduction"]["flops"],

@@ -59,15 +59,27 @@ def render_quality(data: dict) -> str:
         f"{data['calib_images']} calibration images; no fine-tuning. {_machine(data)} `python bench/quality.py`.")
 
 
-RENDERERS = {"engine": render_engine, "calibration": render_calibration, "quality": render_quality}
+def render_zoo(_: dict | None = None) -> str:
+    rows = []
+    for desc_path in sorted((ROOT / "zoo").glob("*/model.json")):
+        desc = json.loads(desc_path.read_text())
+        last = desc["history"][-1]
+        rows.append([f"`zoo/{desc_path.parent.name}`", desc["model"], desc["data"]["name"], len(desc["history"]),
+                     f"{last['test_top1']:.2f}", f"`{desc['command']}`"])
+    return _table(["folder", "model", "data", "epochs", "test top-1 %", "command"], rows) + \
+        "\n\nTop-1 on the 10,000-image test set after the last epoch, read from each `model.json`."
+
+
+RENDERERS = {"engine": render_engine, "calibration": render_calibration, "quality": render_quality,
+             "zoo": render_zoo}
 
 
 def rendered_readme(text: str) -> str:
     for name, fn in RENDERERS.items():
         path = RESULTS / f"{name}.json"
         pattern = re.compile(rf"(<!-- bench:{name} -->).*?(<!-- /bench:{name} -->)", re.S)
-        if path.exists() and pattern.search(text):
-            body = fn(json.loads(path.read_text()))
+        if (path.exists() or name == "zoo") and pattern.search(text):
+            body = fn(json.loads(path.read_text()) if path.exists() else None)
             text = pattern.sub(lambda m: m.group(1) + "\n" + body + "\n" + m.group(2), text)
     return text
 

@@ -19,7 +19,7 @@ from .counting import count
 from .criteria import get_criterion
 from .errors import SimpruneError
 from .files import atomic_output_dir, atomic_write_json, load_model, save_model
-from .graph import PARAM_LAYERS, PruningGraph
+from .graph import PruningGraph
 from .pruning import get_structure, remove_channels
 
 
@@ -132,6 +132,3 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     loaded.simprune_description = desc
     return loaded
 
-
-def prunable_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, PARAM_LAYERS)]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .compat import import_torchvision
 from .errors import SimpruneError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -136,7 +137,7 @@ def _idx_file(folder: Path, stem: str) -> Path:
 
 
 def _download_idx(name: str) -> Path:
-    tv = __import__("simprune.compat", fromlist=["import_torchvision"]).import_torchvision()
+    tv = import_torchvision()
     cls = {"fashion-mnist": tv.datasets.FashionMNIST, "mnist": tv.datasets.MNIST}[name]
     root = CACHE / name
     try:
@@ -220,7 +221,7 @@ def load_cifar(name: str, split: str, data_dir: str | None = None) -> tuple[torc
 def _download_cifar(name: str, sub: str) -> Path:
     from torchvision.datasets.utils import download_and_extract_archive  # noqa: PLC0415
 
-    __import__("simprune.compat", fromlist=["import_torchvision"]).import_torchvision()
+    import_torchvision()
     url = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
            "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}[name]
     try:
@@ -258,7 +259,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, p
 
 def load_imagefolder(path: str, split: str, augment: bool, image_size: int = 224) -> Dataset:
     """ImageNet layout: PATH/{train,val}/CLASS/*.jpg, or PATH/CLASS/*.jpg for a single split."""
-    tv = __import__("simprune.compat", fromlist=["import_torchvision"]).import_torchvision()
+    tv = import_torchvision()
     root = Path(path)
     sub = root / ("train" if split == "train" else "val")
     folder = sub if sub.is_dir() else root

@@ -72,7 +72,6 @@ class ChannelGroup:
     root: str
     size: int
     members: list[Member] = field(default_factory=list)
-    tp_group: object = None
 
     @property
     def producers(self) -> list[Member]:
@@ -89,8 +88,6 @@ class ChannelGroup:
         readers = [m for m in self.members if m.dim == "in" and not isinstance(m.module, nn.BatchNorm2d)]
         return all(isinstance(m.module, PARAM_LAYERS) for m in readers)
 
-    def layer_names(self) -> list[str]:
-        return sorted({m.name for m in self.members if isinstance(m.module, PARAM_LAYERS + (nn.BatchNorm2d,))})
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -147,7 +144,7 @@ class PruningGraph:
                 members.append(Member(names.get(mod, "?"), mod, dim, list(idxs)))
             root = members[0]
             if len(root.idxs) > 1:
-                self.groups.append(ChannelGroup(root.name, len(root.idxs), members, g))
+                self.groups.append(ChannelGroup(root.name, len(root.idxs), members))
         self.ignored = {names[m] for m in ignored_layers}
         if not self.groups:
             raise SimpruneError("the model has no prunable channel group (no conv/linear layer outside the "

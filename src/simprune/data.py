@@ -1,4 +1,5 @@
-"""Named data sets with real loaders: fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH.
+"""Named data sets with real loaders: fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH,
+and fashion-mnist-sample (a small real sample shipped inside the package, for offline demos).
 
 Small-image sets are held in memory as uint8 tensors (fast on a 2-core CPU);
 augmentation is the standard random crop (pad 4) + horizontal flip. ``pad_to``
@@ -41,6 +42,9 @@ INFO = {
     "cifar10": DatasetInfo(10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DatasetInfo(100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+SAMPLE = "fashion-mnist-sample"
+SAMPLE_FILE = Path(__file__).resolve().parent / "data" / "fashion_mnist_sample.npz"
+INFO[SAMPLE] = INFO["fashion-mnist"]
 IMAGENET = DatasetInfo(1000, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -161,6 +165,25 @@ def load_idx_dataset(name: str, split: str, data_dir: str | None = None) -> tupl
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
+def load_sample(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Fashion-MNIST sample shipped with the package (built by scripts/make_sample.py): a seeded,
+    class-balanced 3,000 test and 1,000 training images of the original files, read without pickle."""
+    try:
+        with np.load(SAMPLE_FILE, allow_pickle=False) as f:
+            images, labels = f[f"{split}_images"], f[f"{split}_labels"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise SimpruneError(f"the shipped sample {SAMPLE_FILE} is missing or damaged ({type(exc).__name__}); "
+                            "reinstall simprune") from exc
+    if images.dtype != np.uint8 or images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise SimpruneError(f"the shipped sample {SAMPLE_FILE} has unexpected arrays; reinstall simprune")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def has_local_files(name: str) -> bool:
+    """Whether an IDX data set (fashion-mnist, mnist) is on disk already, so loading it needs no network."""
+    return _find_idx_dir(name, None) is not None
+
+
 # ---- CIFAR python batches ------------------------------------------------------------------
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -247,7 +270,9 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, p
         return load_imagefolder(name.split(":", 1)[1], split, augment, image_size)
     if name not in INFO:
         raise SimpruneError(f"unknown data set {name!r}; choose one of {', '.join(dataset_names())}")
-    if name in ("fashion-mnist", "mnist"):
+    if name == SAMPLE:
+        images, labels = load_sample(split)
+    elif name in ("fashion-mnist", "mnist"):
         images, labels = load_idx_dataset(name, split, data_dir)
     else:
         images, labels = load_cifar(name, split, data_dir)

@@ -22,6 +22,7 @@ class CriterionResult:
     twins: dict[str, dict[int, int]] = field(default_factory=dict)  # removed channel -> kept twin
     normalization: str = "mean"  # how the allocator makes groups comparable
     compensator: Callable | None = None  # (graph, remove) -> None: fold removed channels into consumers
+    similarity: dict[str, torch.Tensor] = field(default_factory=dict)  # root -> (C, C) matrix, for reports
 
 
 _CRITERIA: dict[str, tuple[type, str]] = {}
@@ -50,6 +51,29 @@ def get_criterion(name: str, **options):
         return cls(**options)
     except TypeError as exc:
         raise SimpruneError(f"criterion {name!r} does not take these options: {exc}") from exc
+
+
+class ScoreCache:
+    """Wraps a criterion and keeps its last result (``.result``, e.g. for a report's heat maps).
+
+    With ``reuse`` every later call returns that first result: the scores of one unpruned model then
+    serve several targets without a second calibration pass (only valid when every call sees the
+    same model, as in a comparison across targets; iterative schedules need ``reuse=False``).
+    """
+
+    def __init__(self, criterion, reuse: bool = False):
+        self.criterion, self.reuse, self.result = criterion, reuse, None
+
+    def __getattr__(self, name: str):  # name, needs_data, compensate_by_default, ...
+        if name == "criterion":
+            raise AttributeError(name)
+        return getattr(self.criterion, name)
+
+    def score(self, graph, calibration=None) -> CriterionResult:
+        if self.result is None or not self.reuse:
+            crit = self.criterion
+            self.result = crit.score(graph, calibration) if getattr(crit, "needs_data", False) else crit.score(graph)
+        return self.result
 
 
 def _load_builtin() -> None:

@@ -121,14 +121,15 @@ class QSFM(DataCriterion):
 
     def score(self, graph: PruningGraph, calibration) -> CriterionResult:
         probes = self.statistics(graph, calibration)
-        scores, twins = {}, {}
         ceiling = _similarity_ceiling(self.similarity)
+        scores, twins, matrices = {}, {}, {}
         for root, plist in probes.items():
-            redundancy, twin = redundancy_order(mean_similarity(plist, self.similarity))
+            matrices[root] = mean_similarity(plist, self.similarity)
+            redundancy, twin = redundancy_order(matrices[root])
             redundancy = redundancy.clamp(min=-ceiling)  # the never-dropped channel: least redundant
             scores[root] = (ceiling - redundancy).float()
             twins[root] = {j: int(i) for j, i in enumerate(twin.tolist()) if i >= 0}
-        return CriterionResult(scores, twins, normalization="none",
+        return CriterionResult(scores, twins, normalization="none", similarity=matrices,
                                compensator=make_compensator(probes, twins, self.compensation, self.affine))
 
 
@@ -188,7 +189,7 @@ class FilterSimilarity:
         self.similarity = similarity
 
     def score(self, graph: PruningGraph, calibration=None) -> CriterionResult:
-        scores = {}
+        scores, matrices = {}, {}
         for group in graph.groups:
             filters = producer_filters(group)
             if not filters:
@@ -196,4 +197,5 @@ class FilterSimilarity:
             S = torch.stack([filter_similarity_matrix(f, self.similarity) for f in filters]).mean(0)
             redundancy, _ = redundancy_order(S)
             scores[group.root] = (1.0 - redundancy.clamp(min=-1.0)).float()
-        return CriterionResult(scores, normalization="none")
+            matrices[group.root] = S
+        return CriterionResult(scores, normalization="none", similarity=matrices)

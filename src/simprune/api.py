@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import distributed
 from .allocation import CostModel, Guards, allocate
 from .calibration import recalibrate_batchnorm
 from .counting import count
@@ -33,12 +34,34 @@ def _widths(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def select_channels(graph: PruningGraph, crit, target: dict[str, float], cost: CostModel, *, calibration=None,
+                    guards: Guards | None = None, normalization: str | None = None, cost_weight: float = 0.0,
+                    protected: list[str] | tuple = ()):
+    """Score every channel with ``crit`` and allocate removals under ``target``; returns
+    (allocation, criterion result, time scoring ended). Groups in ``protected`` keep all channels."""
+    result = crit.score(graph, calibration) if getattr(crit, "needs_data", False) else crit.score(graph)
+    t_score = time.perf_counter()
+    scores = {k: v for k, v in result.scores.items() if k not in set(protected)}
+    alloc = allocate(graph.groups, scores, cost, target, guards or Guards(),
+                     normalization or result.normalization, cost_weight)
+    distributed.check_agree(alloc.remove, "pruning decision")
+    return alloc, result, t_score
+
+
+def resolve_criterion(criterion: str | Any, options: dict | None = None, calibration=None):
+    crit = get_criterion(criterion, **(options or {})) if isinstance(criterion, str) else criterion
+    if getattr(crit, "needs_data", False) and calibration is None:
+        raise SimpruneError(f"criterion {crit.name!r} needs calibration data; pass --calib-data")
+    return crit
+
+
 def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = "l1",
           target: dict[str, float] | None = None, *, calibration=None, guards: Guards | None = None,
           ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 0.0,
           compensate: bool | str | None = None, protect_uncompensable: bool | None = None,
           recalibrate_bn: bool | None = None, inplace: bool = False,
-          criterion_options: dict | None = None) -> tuple[nn.Module, dict]:
+          criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
+          between: Callable[[nn.Module, int], None] | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
@@ -47,13 +70,24 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     ``protect_uncompensable`` (default: on when compensating) leaves groups whose channels reach a
     parameter-free reader (option-A shortcut) untouched. ``recalibrate_bn`` (default: on when
     ``calibration`` is given) re-estimates BatchNorm statistics on the calibration images afterwards.
+    ``schedule="iterative"`` prunes in ``steps`` re-scored steps, calling ``between(model, k)`` (e.g. a
+    fine-tuning epoch) after each but the last; the soft schedule trains, so it lives in
+    :func:`simprune.finetuning.soft_prune`.
     """
     target = target or {"flops": 0.5}
-    crit = get_criterion(criterion, **(criterion_options or {})) if isinstance(criterion, str) else criterion
-    if getattr(crit, "needs_data", False) and calibration is None:
-        raise SimpruneError(f"criterion {crit.name!r} needs calibration data; pass --calib-data")
+    crit = resolve_criterion(criterion, criterion_options, calibration)
     if not inplace:
         model = copy.deepcopy(model)
+    if schedule != "oneshot":
+        if schedule != "iterative":
+            raise SimpruneError(f"schedule {schedule!r} is not one-shot pruning; use 'oneshot' or 'iterative' "
+                                "here and simprune.finetuning.soft_prune for 'soft'")
+        from .schedules import iterative  # noqa: PLC0415
+
+        return iterative(model, example_input, crit, target, steps, prune, between, calibration=calibration,
+                         guards=guards, ignore=ignore, normalization=normalization, cost_weight=cost_weight,
+                         compensate=compensate, protect_uncompensable=protect_uncompensable,
+                         recalibrate_bn=recalibrate_bn)
     model.eval()
     t0 = time.perf_counter()
     before = count(model, example_input)
@@ -61,18 +95,14 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     graph = PruningGraph(model, example_input, ignore=ignore)
     cost = CostModel(graph.groups, before)
     t_graph = time.perf_counter()
-    result = crit.score(graph, calibration) if getattr(crit, "needs_data", False) else crit.score(graph)
-    t_score = time.perf_counter()
     if compensate is None:
         compensate = getattr(crit, "compensate_by_default", False)
     if protect_uncompensable is None:
         protect_uncompensable = bool(compensate)
-    scores = result.scores
     protected = [g.root for g in graph.groups if not g.compensable] if protect_uncompensable else []
-    if protected:
-        scores = {k: v for k, v in scores.items() if k not in set(protected)}
-    alloc = allocate(graph.groups, scores, cost, target, guards or Guards(),
-                     normalization or result.normalization, cost_weight)
+    alloc, result, t_score = select_channels(graph, crit, target, cost, calibration=calibration, guards=guards,
+                                             normalization=normalization, cost_weight=cost_weight,
+                                             protected=protected)
     t_alloc = time.perf_counter()
     if compensate and result.compensator is None:
         raise SimpruneError(f"criterion {crit.name!r} has no compensation; drop --compensate")
@@ -89,6 +119,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     widths_after = _widths(model)
     kind, ratio = next(iter(target.items()))
     report = {
+        "schedule": {"name": "oneshot"},
         "model": getattr(model, "simprune_name", type(model).__name__),
         "criterion": crit.name,
         "target": {kind: ratio},
@@ -102,6 +133,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
         "accuracy": None,
         "protected_groups": protected,
         "bn_recalibrated": bool(recalibrate_bn),
+        "decision_fingerprint": distributed.fingerprint(alloc.remove),
         "compensated": (compensate if isinstance(compensate, str) else bool(compensate)) if compensate else False,
         "seconds": {"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                     "removal": time.perf_counter() - t_alloc},

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import SimpruneError
 from .graph import ChannelGroup, Member, PruningGraph, is_depthwise
 from .statistics import ChannelStats
@@ -40,11 +41,16 @@ def calibration_subset(ds: Dataset, n_images: int, seed: int = 0) -> Subset:
 
 def calibration_loader(name: str, n_images: int = 640, data_dir: str | None = None, pad_to: int | None = None,
                        seed: int = 0, batch_size: int = 128, split: str = "train") -> DataLoader:
-    """Calibration batches from a named data set's training split (no augmentation)."""
+    """Calibration batches from a named data set's training split (no augmentation).
+
+    Under torchrun each rank gets its own shard of the same seeded subset."""
     from .data import load_dataset  # noqa: PLC0415
 
     ds = load_dataset(name, split, data_dir, pad_to, augment=False)
-    return DataLoader(calibration_subset(ds, n_images, seed), batch_size=batch_size, shuffle=False)
+    subset = calibration_subset(ds, n_images, seed)
+    if distributed.active():
+        subset = Subset(subset.dataset, distributed.shard(list(subset.indices)))
+    return DataLoader(subset, batch_size=batch_size, shuffle=False)
 
 
 def probe_members(group: ChannelGroup) -> list[Member]:
@@ -69,8 +75,11 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
                        reduce=None) -> dict[str, list[Probe]]:
     """One pass over ``batches`` of (images, labels); returns per-group probes with their statistics.
 
-    ``reduce`` (e.g. an all-reduce) is applied to every statistics tensor at the end.
+    ``reduce`` (e.g. an all-reduce) is applied to every statistics tensor at the end; by default
+    the sums are all-reduced across torchrun ranks, so every rank sees the statistics of all images.
     """
+    if reduce is None and distributed.active():
+        reduce = distributed.all_reduce_sum
     probes: dict[str, list[Probe]] = {}
     hooks = []
 
@@ -97,6 +106,8 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
         for h in hooks:
             h.remove()
         model.train(was_training)
+    if reduce is not None:
+        seen = int(reduce(torch.tensor(float(seen), dtype=torch.float64)))
     if seen == 0:
         raise SimpruneError("no calibration images were seen; check --calib-data and --calib-images")
     if reduce is not None:
@@ -129,6 +140,7 @@ def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.M
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for batch in batches:
                 model(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        distributed.average_buffers(model)  # each rank saw its own shard
     finally:
         for m, (momentum, training) in zip(bns, saved):
             m.momentum = momentum

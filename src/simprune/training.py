@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as st_save
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import SimpruneError
 from .files import atomic_write_bytes, read_tensors, save_model
 
@@ -82,15 +84,17 @@ def _optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str
 
 
 def save_train_state(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
-                     history: list[dict], cfg: TrainConfig) -> None:
+                     history: list[dict], cfg: TrainConfig, hook_state: dict | None = None) -> None:
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     tensors.update(_optimizer_tensors(model, opt))
-    meta = {"epoch": str(epoch), "history": json.dumps(history), "config": json.dumps(asdict(cfg))}
+    meta = {"epoch": str(epoch), "history": json.dumps(history), "config": json.dumps(asdict(cfg)),
+            "hooks": json.dumps(hook_state or {})}
     atomic_write_bytes(out_dir / STATE_FILE, st_save(tensors, metadata=meta))
 
 
-def load_train_state(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    """Restore weights and momentum; return (epochs done, history)."""
+def load_train_state(out_dir: Path, model: nn.Module,
+                     opt: torch.optim.Optimizer) -> tuple[int, list[dict], dict]:
+    """Restore weights and momentum; return (epochs done, history, the hooks' state)."""
     from safetensors import safe_open  # noqa: PLC0415
 
     path = out_dir / STATE_FILE
@@ -101,6 +105,9 @@ def load_train_state(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
         meta = f.metadata() or {}
     try:
         epoch, history = int(meta["epoch"]), json.loads(meta["history"])
+        hook_state = json.loads(meta.get("hooks", "{}"))
+        if not isinstance(history, list) or not isinstance(hook_state, dict) or epoch < 0:
+            raise ValueError("unexpected types")
     except (KeyError, ValueError) as exc:
         raise SimpruneError(f"{path} lacks its epoch/history metadata; it is not a simprune training state") from exc
     from .files import load_weights_into  # noqa: PLC0415
@@ -113,7 +120,7 @@ def load_train_state(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
             if p is None or p.shape != buf.shape:
                 raise SimpruneError(f"{path}: optimizer state {key} does not match the model")
             opt.state[p]["momentum_buffer"] = buf.clone()
-    return epoch, history
+    return epoch, history, hook_state
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, sampler=None) -> DataLoader:
@@ -125,55 +132,90 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, sampler=None
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, bf16: bool = True,
              progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy over ``ds``."""
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy over ``ds`` (sharded across torchrun ranks)."""
     was_training = model.training
     model.eval()
-    correct1 = correct5 = n = 0
-    loss_sum = 0.0
-    for x, y in tqdm(_loader(ds, batch_size, False, 0), desc=desc, leave=False, disable=not progress):
+    if distributed.active():
+        ds = Subset(ds, distributed.shard(list(range(len(ds)))))
+    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, n
+    for x, y in tqdm(_loader(ds, batch_size, False, 0), desc=desc, leave=False,
+                     disable=not (progress and distributed.is_main())):
         with autocast(bf16):
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-        n += len(y)
+        sums += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(dim=1).sum().item(),
+                              F.cross_entropy(logits, y, reduction="sum").item(), len(y)], dtype=torch.float64)
     model.train(was_training)
+    correct1, correct5, loss_sum, n = distributed.all_reduce_sum(sums).tolist()
     if n == 0:
         raise SimpruneError("evaluation data set is empty")
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": int(n)}
+
+
+class TrainHooks:
+    """Callbacks that schedules (soft pruning) plug into the loop; all optional.
+
+    ``state``/``load_state`` carry the hook's own JSON state in the checkpoint, so resume is exact."""
+
+    def on_step(self, model: nn.Module) -> None: ...
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None: ...
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None: ...
+
+
+def _distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(logits / T, 1), F.softmax(teacher_logits / T, 1), reduction="batchmean") * T * T
 
 
 def train(model: nn.Module, train_ds: Dataset, cfg: TrainConfig, out_dir: Path | None = None,
           test_ds: Dataset | None = None, description: dict[str, Any] | None = None, resume: bool = False,
           teacher: nn.Module | None = None, log: Callable[[str], None] = print,
-          progress: bool = True, on_step: Callable[[nn.Module], None] | None = None) -> list[dict]:
+          progress: bool = True, hooks: TrainHooks | None = None) -> list[dict]:
     """Train ``model`` in place; return per-epoch history. Writes checkpoints to ``out_dir`` if given.
 
-    ``on_step`` runs after every optimizer step (soft pruning uses it to keep filters zeroed).
+    Under torchrun the model is wrapped in DistributedDataParallel, each rank reads its shard
+    (DistributedSampler; ``cfg.batch_size`` is the global batch) and only rank 0 writes files.
     """
     cfg.validate()
+    hooks = hooks or TrainHooks()
     out_dir = Path(out_dir) if out_dir else None
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     start_epoch, history = 0, []
     if resume and out_dir is not None:
-        start_epoch, history = load_train_state(out_dir, model, opt)
+        start_epoch, history, hook_state = load_train_state(out_dir, model, opt)
+        hooks.load_state(hook_state)
         log(f"resuming from epoch {start_epoch} of {cfg.epochs} ({out_dir / STATE_FILE})")
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    world = distributed.world_size()
+    net: nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    batch = max(1, cfg.batch_size // world)
+    steps_per_epoch = math.ceil(math.ceil(len(train_ds) / world) / batch)
     if cfg.limit_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.limit_batches)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     if teacher is not None:
         teacher.eval()
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        seed = cfg.seed * 100_003 + epoch
+        torch.manual_seed(seed + 7919 * distributed.rank())
         model.train()
-        t0, loss_sum, seen, correct = time.time(), 0.0, 0, 0
-        loader = _loader(train_ds, cfg.batch_size, True, cfg.seed * 100_003 + epoch)
+        t0 = time.time()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, seen
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(train_ds, num_replicas=world, rank=distributed.rank(), shuffle=True,
+                                         seed=cfg.seed * 100_003)
+            sampler.set_epoch(epoch)
+        loader = _loader(train_ds, batch, True, seed, sampler)
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress)
+                   disable=not (progress and distributed.is_main()))
         for step, (x, y) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
@@ -182,38 +224,38 @@ def train(model: nn.Module, train_ds: Dataset, cfg: TrainConfig, out_dir: Path |
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(cfg.bf16):
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 if teacher is not None and cfg.distill_alpha > 0:
                     with torch.no_grad():
                         t_logits = teacher(x).float()
-                    T = cfg.distill_temperature
-                    kd = F.kl_div(F.log_softmax(logits.float() / T, 1), F.softmax(t_logits / T, 1),
-                                  reduction="batchmean") * T * T
+                    kd = _distillation_loss(logits.float(), t_logits, cfg.distill_temperature)
                     loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if on_step is not None:
-                on_step(model)
+            hooks.on_step(model)
             if not torch.isfinite(loss):
                 raise SimpruneError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr")
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
+                                 dtype=torch.float64)
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")
+        loss_sum, correct, seen = distributed.all_reduce_sum(sums).tolist()
+        hooks.on_epoch_end(model, epoch + 1)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
                   "seconds": round(time.time() - t0, 1)}
         if test_ds is not None:
             metrics = evaluate(model, test_ds, bf16=cfg.bf16)
             record.update(test_top1=metrics["top1"], test_top5=metrics["top5"], test_loss=metrics["loss"])
         history.append(record)
-        if out_dir is not None:
-            save_train_state(out_dir, model, opt, epoch + 1, history, cfg)
+        if out_dir is not None and distributed.is_main():
+            save_train_state(out_dir, model, opt, epoch + 1, history, cfg, hooks.state())
             save_model(out_dir, model.to(memory_format=torch.contiguous_format),
                        {**(description or {}), "history": history, "train_config": asdict(cfg)})
             if cfg.channels_last:
                 model.to(memory_format=torch.channels_last)
-        log(json.dumps(record))
+        distributed.barrier()
+        if distributed.is_main():
+            log(json.dumps(record))
     model.to(memory_format=torch.contiguous_format)
     return history

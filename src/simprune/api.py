@@ -44,6 +44,7 @@ def select_channels(graph: PruningGraph, crit, target: dict[str, float], cost: C
     scores = {k: v for k, v in result.scores.items() if k not in set(protected)}
     alloc = allocate(graph.groups, scores, cost, target, guards or Guards(),
                      normalization or result.normalization, cost_weight)
+    alloc.fingerprints = distributed.gather_fingerprints(alloc.remove)
     distributed.check_agree(alloc.remove, "pruning decision")
     return alloc, result, t_score
 
@@ -61,7 +62,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
           compensate: bool | str | None = None, protect_uncompensable: bool | None = None,
           recalibrate_bn: bool | None = None, inplace: bool = False,
           criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
-          between: Callable[[nn.Module, int], None] | None = None) -> tuple[nn.Module, dict]:
+          between: Callable[[nn.Module, int], None] | None = None, latency_table=None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
@@ -72,7 +73,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     ``calibration`` is given) re-estimates BatchNorm statistics on the calibration images afterwards.
     ``schedule="iterative"`` prunes in ``steps`` re-scored steps, calling ``between(model, k)`` (e.g. a
     fine-tuning epoch) after each but the last; the soft schedule trains, so it lives in
-    :func:`simprune.finetuning.soft_prune`.
+    :func:`simprune.finetuning.soft_prune`. A ``{"latency": R}`` target needs ``latency_table`` (a
+    :class:`simprune.latency_table.LatencyTable`); :func:`simprune.latency_table.prune_to_latency` makes one.
     """
     target = target or {"flops": 0.5}
     crit = resolve_criterion(criterion, criterion_options, calibration)
@@ -93,7 +95,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     before = count(model, example_input)
     widths_before = _widths(model)
     graph = PruningGraph(model, example_input, ignore=ignore)
-    cost = CostModel(graph.groups, before)
+    cost = CostModel(graph.groups, before) if latency_table is None else latency_table.cost_model(graph.groups, before)
     t_graph = time.perf_counter()
     if compensate is None:
         compensate = getattr(crit, "compensate_by_default", False)
@@ -134,6 +136,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
         "protected_groups": protected,
         "bn_recalibrated": bool(recalibrate_bn),
         "decision_fingerprint": distributed.fingerprint(alloc.remove),
+        "decision_fingerprint_per_rank": alloc.fingerprints,
         "compensated": (compensate if isinstance(compensate, str) else bool(compensate)) if compensate else False,
         "seconds": {"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                     "removal": time.perf_counter() - t_alloc},

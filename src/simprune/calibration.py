@@ -98,7 +98,7 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     seen = 0
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for batch in tqdm(batches, desc="calibration", leave=False, disable=not progress):
+            for batch in tqdm(batches, desc="calibration", leave=False, disable=not (progress and distributed.is_main())):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 model(x)
                 seen += x.shape[0]

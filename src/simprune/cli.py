@@ -183,9 +183,11 @@ def _load_or_build(args, shape_text: str | None):
 
 
 def _target(args) -> dict[str, float]:
-    given = {k: v for k, v in (("flops", args.target_flops), ("params", args.target_params)) if v is not None}
+    given = {k: v for k, v in (("flops", args.target_flops), ("params", args.target_params),
+                               ("latency", getattr(args, "target_latency", None))) if v is not None}
     if len(given) != 1:
-        raise SimpruneError("give exactly one of --target-flops R or --target-params R (fraction removed, 0 < R < 1)")
+        raise SimpruneError("give exactly one of --target-flops R, --target-params R or --target-latency R "
+                            "(fraction removed, 0 < R < 1)")
     kind, ratio = next(iter(given.items()))
     if not 0 < ratio < 1:
         raise SimpruneError(f"--target-{kind} {ratio} is outside (0, 1); give the fraction to remove, e.g. 0.5")
@@ -199,9 +201,12 @@ def cmd_prune(args) -> int:
     from .allocation import Guards  # noqa: PLC0415
     from .criteria import get_criterion  # noqa: PLC0415
 
+    from . import distributed  # noqa: PLC0415
+    from .finetuning import prune_with_schedule  # noqa: PLC0415
+
     target = _target(args)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
     options = {"similarity": args.similarity} if args.similarity else {}
     criterion = get_criterion(args.criterion, **options)
@@ -219,25 +224,46 @@ def cmd_prune(args) -> int:
     guards = Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio, round_to=args.round_to)
     eval_ds = _eval_dataset(args, desc)
     acc_before = _accuracy(model, eval_ds)
-    pruned, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
-                               ignore=args.ignore or (), normalization=args.normalization,
-                               cost_weight=args.cost_weight, compensate=args.compensate,
-                               protect_uncompensable=args.protect_uncompensable,
-                               recalibrate_bn=args.recalibrate_bn, inplace=True)
+    new_desc = {**{k: v for k, v in desc.items() if k in ("model", "model_args", "data")},
+                "input_shape": list(shape), "command": _command_line(),
+                "pruning": {"criterion": args.criterion, "target": target, "schedule": args.schedule,
+                            "source": str(args.checkpoint or "")}}
+    prune_options = {"ignore": args.ignore or (), "normalization": args.normalization,
+                     "cost_weight": args.cost_weight, "compensate": args.compensate,
+                     "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn}
+    if "latency" in target:
+        from .deploy_cli import prune_latency_target  # noqa: PLC0415
+
+        pruned, report = prune_latency_target(args, model, example, criterion, target["latency"],
+                                              calibration=calibration, guards=guards, prune_options=prune_options)
+        worked_in_out = False
+    else:
+        pruned, report, worked_in_out = prune_with_schedule(
+            args, model, example, criterion, target, calibration=calibration, guards=guards, desc=desc,
+            new_desc=new_desc, command=_command_line(), prune_options=prune_options)
     report["model"] = desc.get("model")
     report["accuracy"] = None if eval_ds is None else {"before": acc_before, "after": _accuracy(pruned, eval_ds)}
     report["command"] = _command_line()
-    new_desc = {**{k: v for k, v in desc.items() if k in ("model", "model_args", "data")},
-                "input_shape": list(shape), "command": _command_line(),
-                "pruning": {"criterion": args.criterion, "target": target, "source": str(args.checkpoint or "")}}
-    api.save(out, pruned, new_desc, report, overwrite=args.overwrite)
+    if distributed.is_main():
+        from .finetuning import _keep_log, finish  # noqa: PLC0415
+
+        api.save(out, pruned, new_desc, report, overwrite=args.overwrite or worked_in_out,
+                 extra=_keep_log(out) if worked_in_out else None)
+        finish(out)
+    if not distributed.is_main():
+        return 0
     red = report["reduction"]
     print(f"MACs {report['macs']['before'] / 1e6:.2f} M -> {report['macs']['after'] / 1e6:.2f} M "
           f"({red['flops']:.1%} removed), params {report['params']['before'] / 1e6:.3f} M -> "
           f"{report['params']['after'] / 1e6:.3f} M ({red['params']:.1%} removed)")
     if report["accuracy"]:
-        print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % (no fine-tuning)")
+        how = (f"after {report['finetune']['epochs']} fine-tuning epochs" if report.get("finetune")
+               else "no fine-tuning")
+        print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
     print(f"wrote {out}/model.safetensors, model.json, report.json")
+    from .deploy_cli import latency_step  # noqa: PLC0415
+
+    latency_step(args, out)
     return 0
 
 
@@ -316,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--similarity", default=None, help="similarity metric for qsfm / filter-similarity")
     p.add_argument("--target-flops", type=float, default=None, help="fraction of MACs to remove, e.g. 0.5")
     p.add_argument("--target-params", type=float, default=None, help="fraction of parameters to remove")
+    from .deploy_cli import add_bench_parser, add_export_parser, add_prune_latency_options  # noqa: PLC0415
+
+    add_prune_latency_options(p)
     p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else 3x32x32)")
     p.add_argument("--min-channels", type=_positive, default=4, help="never keep fewer channels in a group")
     p.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this share of a group")
@@ -340,34 +369,37 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p, required=False)
     p.add_argument("--eval-images", type=_positive, default=None, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", choices=["oneshot", "iterative", "soft"], default="oneshot",
+                   help="oneshot (default); iterative: --steps K re-scored steps; soft: zero, train, re-select "
+                        "each epoch for --finetune-epochs, then remove")
+    p.add_argument("--steps", type=_positive, default=1, help="steps of --schedule iterative")
+    p.add_argument("--epochs-between", type=int, default=0, help="fine-tuning epochs between iterative steps")
+    p.add_argument("--soft-hold", type=int, default=0,
+                   help="soft: last N epochs train with the final selection frozen and zeroed (beyond the papers)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune N epochs on --data after pruning")
+    from .finetuning import add_training_options  # noqa: PLC0415
+
+    add_training_options(p)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_prune)
 
-    p = sub.add_parser("demo", help="prune the committed Fashion-MNIST ResNet-56: qsfm vs l1 vs random")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--target", type=float, default=0.5, help="fraction of MACs to remove")
-    p.add_argument("--eval-images", type=_positive, default=None)
-    p.add_argument("--checkpoint", default=None)
-    p.set_defaults(fn=cmd_demo)
 
     from .analysis import add_analyze_parser  # noqa: PLC0415
+    from .compare import add_compare_parser  # noqa: PLC0415
+    from .demo import add_demo_parser  # noqa: PLC0415
+    from .finetuning import add_finetune_parser  # noqa: PLC0415
 
     add_analyze_parser(sub)
+    add_export_parser(sub)
+    add_bench_parser(sub)
+    add_compare_parser(sub)
+    add_demo_parser(sub)
+    add_finetune_parser(sub)
 
     p = sub.add_parser("criteria", help="list the pruning criteria")
     p.set_defaults(fn=cmd_criteria)
     return parser
-
-
-def cmd_demo(args) -> int:
-    from .demo import print_summary, run_demo  # noqa: PLC0415
-
-    summary = run_demo(Path(args.out), args.target, args.eval_images, Path(args.checkpoint) if args.checkpoint
-                       else None, overwrite=True)
-    print_summary(summary)
-    print(f"wrote {args.out}/report.json and {args.out}/qsfm-model/")
-    return 0
 
 
 def cmd_criteria(args) -> int:
@@ -382,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from .distributed import init_from_env  # noqa: PLC0415
+
+        init_from_env()  # no-op unless launched by torchrun
         return args.fn(args)
     except SimpruneError as exc:
         if args.debug:

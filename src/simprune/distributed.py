@@ -80,15 +80,24 @@ def fingerprint(obj: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def gather_fingerprints(obj: Any) -> list[str]:
+    """Every rank's fingerprint of its own ``obj`` (one entry on one process)."""
+    fp = fingerprint(obj)
+    if not active():
+        return [fp]
+    got: list[str] = [""] * world_size()
+    dist.all_gather_object(got, fp)
+    return got
+
+
 def check_agree(obj: Any, what: str) -> str:
     """Raise unless every rank holds the same ``obj``; return its fingerprint."""
-    fp = fingerprint(obj)
+    got = gather_fingerprints(obj)
+    fp = got[0]
     if active():
-        got: list[str] = [""] * world_size()
-        dist.all_gather_object(got, fp)
         if len(set(got)) != 1:
-            raise SimpruneError(f"ranks disagree on the {what} ({', '.join(got)}); the calibration images "
-                                "or model differ between processes; check --seed and the data path on every node")
+            raise SimpruneError(f"ranks disagree on the {what} ({', '.join(got)}); the processes saw different "
+                                "models or data: check --seed, the checkpoint and the data path on every node")
     return fp
 
 

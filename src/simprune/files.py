@@ -7,7 +7,9 @@ the model from the registry and never executes anything from the files.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -27,6 +29,8 @@ FORMAT = "simprune-model/1"
 PICKLE_MAGIC = (b"\x80",)  # protocol 2+ pickles start with PROTO
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save archives
 MAX_JSON_BYTES = 16 * 2**20
+DIGEST_KEY = "simprune.sha256"  # safetensors metadata: sha256 of the tensors and the other metadata
+MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # C*H*W of a recorded input shape (loading runs one image through)
 
 
 def versions() -> dict[str, str]:
@@ -89,9 +93,29 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes and the metadata (but the digest itself)."""
+    h = hashlib.sha256()
+    for key, value in sorted((metadata or {}).items()):
+        if key != DIGEST_KEY:
+            h.update(json.dumps([key, value]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes carrying their own digest, so that any later damage is refused on reading."""
+    meta = {k: v for k, v in (metadata or {}).items() if k != DIGEST_KEY}
+    meta[DIGEST_KEY] = tensor_digest(tensors, meta)
+    return st_save(tensors, metadata=meta)
+
+
 def state_dict_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> bytes:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return st_save(tensors, metadata=metadata)
+    return tensors_bytes(tensors, metadata)
 
 
 def save_model(out_dir: Path, model: nn.Module, description: dict[str, Any]) -> None:
@@ -125,6 +149,12 @@ def refuse_pickle(path: Path, head: bytes) -> None:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file, refusing pickles and reporting corruption in one line."""
+    return read_safetensors(path)[0]
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; refuses pickles, and damage wherever the file
+    carries a digest (every file simprune writes does)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -132,10 +162,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise SimpruneError(f"cannot read {path}: {exc.strerror}") from exc
     refuse_pickle(path, data[:9])
     try:
-        return st_load(data)
+        tensors = st_load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # already validated by st_load
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise SimpruneError(f"{path} is not a valid safetensors file ({str(exc).splitlines()[0][:120]}); "
                             "it is truncated or corrupt, re-create it") from exc
+    meta = header.get("__metadata__") or {}
+    if DIGEST_KEY in meta and meta[DIGEST_KEY] != tensor_digest(tensors, meta):
+        raise SimpruneError(f"{path} is damaged: its content no longer matches the sha256 it was saved with; "
+                            "re-create it or restore a good copy")
+    return tensors, meta
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -145,31 +181,86 @@ def read_json(path: Path) -> dict[str, Any]:
         obj = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise SimpruneError(f"{path} is missing; a model needs model.safetensors and model.json side by side") from exc
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise SimpruneError(f"{path} is not valid JSON ({type(exc).__name__}); re-create the model directory") from exc
     if not isinstance(obj, dict):
         raise SimpruneError(f"{path} must hold a JSON object, found {type(obj).__name__}")
     return obj
 
 
-def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> nn.Module:
-    """Copy ``tensors`` into ``model`` requiring the exact same keys, shapes and finite values."""
-    own = model.state_dict()
+def _check_names(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: Path) -> None:
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise SimpruneError(f"{source} does not match the model ({what}); check --model and its arguments")
+
+
+def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> nn.Module:
+    """Copy ``tensors`` into ``model`` requiring the exact same keys, shapes, kinds and finite values
+    (floats are converted to the model's dtype, and must stay finite there)."""
+    own = model.state_dict()
+    _check_names(own, tensors, source)
+    converted = {}
     for key, value in tensors.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise SimpruneError(f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
                                 f"{tuple(own[key].shape)}; the weights belong to another model or structure")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise SimpruneError(f"{source}: {key} contains NaN or inf; the weights are corrupt")
-        if value.dtype != own[key].dtype and not (value.is_floating_point() and own[key].is_floating_point()):
+        if value.is_floating_point() != own[key].is_floating_point() or (
+                not value.is_floating_point() and value.dtype != own[key].dtype):
             raise SimpruneError(f"{source}: {key} has dtype {value.dtype}, expected {own[key].dtype}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=True)
+        if value.is_floating_point():
+            value = value.to(own[key].dtype)
+            if not torch.isfinite(value).all():
+                raise SimpruneError(f"{source}: {key} contains NaN or inf (as {own[key].dtype}); the weights are corrupt")
+        converted[key] = value
+    model.load_state_dict(converted, strict=True)
     return model
+
+
+def _precheck_names(name: str, args: dict[str, int], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Compare the file's tensors with the architecture built on the meta device (no memory), so that a
+    description naming a huge model next to small weights is refused before that model is built."""
+    from .models import build_model  # noqa: PLC0415
+
+    try:
+        with torch.device("meta"):
+            own = build_model(name, **args).state_dict()
+    except SimpruneError:
+        raise
+    except Exception:  # noqa: BLE001 - a builder that cannot run on meta: the full check follows anyway
+        return
+    _check_names(own, tensors, source)
+    for key, value in tensors.items():  # a pruned model is never wider than the registry's
+        if value.dim() != own[key].dim() or any(a > b for a, b in zip(value.shape, own[key].shape)):
+            raise SimpruneError(f"{source}: {key} has shape {tuple(value.shape)}, larger than the model's "
+                                f"{tuple(own[key].shape)}; the weights belong to another model")
+
+
+def _input_shape(desc: dict[str, Any], source: Path) -> tuple[int, int, int] | None:
+    shape = desc.get("input_shape")
+    if shape is None:
+        return None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+            and math.prod(shape) <= MAX_INPUT_ELEMENTS):
+        raise SimpruneError(f"{source}: input_shape must be [C, H, W], positive integers with C*H*W <= "
+                            f"{MAX_INPUT_ELEMENTS}, got {json.dumps(shape)[:60]}")
+    return tuple(shape)
+
+
+def check_runs(model: nn.Module, shape: tuple[int, ...], source: Path) -> None:
+    """One forward pass on a zero image: corrupt index buffers or statistics fail here, in one line."""
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *shape))
+    except Exception as exc:  # noqa: BLE001 - whatever the corruption makes the model raise
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise SimpruneError(f"{source}: the model does not run on its input shape {list(shape)} "
+                            f"({type(exc).__name__}: {first}); the files are corrupt") from exc
+    if isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+        raise SimpruneError(f"{source}: the model gives NaN or inf on a zero image; its weights or statistics "
+                            "are corrupt")
 
 
 def _model_args(desc: dict[str, Any], source: Path) -> tuple[str, dict[str, int]]:
@@ -185,23 +276,32 @@ def _model_args(desc: dict[str, Any], source: Path) -> tuple[str, dict[str, int]
     return name, args
 
 
-def load_model(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: str | Path, model: nn.Module | None = None,
+               allow_incomplete: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model (from the registry, or into ``model``) and load its weights.
 
-    Returns ``(model, description)``; the model is in eval mode.
+    Returns ``(model, description)``; the model is in eval mode. A directory of an unfinished run
+    (``INCOMPLETE.json``) is refused unless ``allow_incomplete`` (resuming it).
     """
     from .models import build_model  # noqa: PLC0415
     from .pruning import apply_structure  # noqa: PLC0415
 
     weights_path, json_path = resolve_model_path(path)
+    if not allow_incomplete and (weights_path.parent / "INCOMPLETE.json").exists():
+        raise SimpruneError(f"{weights_path.parent} is an unfinished run (INCOMPLETE.json); finish it by rerunning "
+                            "its command with --resume, or start again with --overwrite")
     tensors = read_tensors(weights_path)
     desc = read_json(json_path)
     if desc.get("format") != FORMAT:
         raise SimpruneError(f"{json_path} is not a simprune model description (format {desc.get('format')!r})")
     name, args = _model_args(desc, json_path)
+    shape = _input_shape(desc, json_path)
     if model is None:
+        _precheck_names(name, args, tensors, weights_path)
         model = build_model(name, **args)
     if desc.get("structure"):
         apply_structure(model, desc["structure"], json_path, desc.get("input_shape"))
     load_weights_into(model, tensors, weights_path)
+    if shape is not None:
+        check_runs(model.eval(), shape, weights_path)
     return model.eval(), desc

@@ -8,6 +8,7 @@ reseeds its shuffling and augmentation from ``seed + epoch``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -17,15 +18,14 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save as st_save
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .errors import SimpruneError
-from .files import atomic_write_bytes, read_tensors, save_model
+from .errors import Interrupted, SimpruneError
+from .files import atomic_write_bytes, read_safetensors, save_model, tensors_bytes
 
 STATE_FILE = "train_state.safetensors"
 
@@ -89,38 +89,74 @@ def save_train_state(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
     tensors.update(_optimizer_tensors(model, opt))
     meta = {"epoch": str(epoch), "history": json.dumps(history), "config": json.dumps(asdict(cfg)),
             "hooks": json.dumps(hook_state or {})}
-    atomic_write_bytes(out_dir / STATE_FILE, st_save(tensors, metadata=meta))
+    atomic_write_bytes(out_dir / STATE_FILE, tensors_bytes(tensors, meta))
 
 
 def load_train_state(out_dir: Path, model: nn.Module,
                      opt: torch.optim.Optimizer) -> tuple[int, list[dict], dict]:
-    """Restore weights and momentum; return (epochs done, history, the hooks' state)."""
-    from safetensors import safe_open  # noqa: PLC0415
+    """Restore weights and momentum; return (epochs done, history, the hooks' state).
 
+    Everything is checked before anything is restored: the digest, the metadata's types (epoch a
+    count, one history record per epoch), names, shapes and finite values."""
     path = out_dir / STATE_FILE
     if not path.exists():
         raise SimpruneError(f"--resume: {path} does not exist; nothing to resume, drop --resume")
-    tensors = read_tensors(path)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = read_safetensors(path)
     try:
-        epoch, history = int(meta["epoch"]), json.loads(meta["history"])
+        text = meta["epoch"]
+        if not (text.isascii() and text.isdigit() and len(text) <= 7):
+            raise ValueError("epoch is not a count")
+        epoch, history = int(text), json.loads(meta["history"])
         hook_state = json.loads(meta.get("hooks", "{}"))
-        if not isinstance(history, list) or not isinstance(hook_state, dict) or epoch < 0:
+        if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)
+                and len(history) == epoch and isinstance(hook_state, dict)):
             raise ValueError("unexpected types")
-    except (KeyError, ValueError) as exc:
-        raise SimpruneError(f"{path} lacks its epoch/history metadata; it is not a simprune training state") from exc
+    except (KeyError, ValueError, RecursionError) as exc:
+        raise SimpruneError(f"{path} lacks valid epoch/history metadata; it is not a simprune training state, "
+                            "start again with --overwrite") from exc
     from .files import load_weights_into  # noqa: PLC0415
 
-    load_weights_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    unknown = sorted(k for k in tensors if not k.startswith(("model.", "optim.")))
+    if unknown:
+        raise SimpruneError(f"{path}: unexpected entries {unknown[:3]}; it is not a simprune training state")
     params = dict(model.named_parameters())
+    momentum = {}
     for key, buf in tensors.items():
         if key.startswith("optim."):
             p = params.get(key[6:])
-            if p is None or p.shape != buf.shape:
+            if p is None or p.shape != buf.shape or not buf.is_floating_point():
                 raise SimpruneError(f"{path}: optimizer state {key} does not match the model")
-            opt.state[p]["momentum_buffer"] = buf.clone()
+            buf = buf.to(p.dtype)
+            if not torch.isfinite(buf).all():
+                raise SimpruneError(f"{path}: optimizer state {key} contains NaN or inf; the file is corrupt")
+            momentum[p] = buf
+    load_weights_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    for p, buf in momentum.items():
+        opt.state[p]["momentum_buffer"] = buf.clone()
     return epoch, history, hook_state
+
+
+def last_checkpoint(out_dir: Path | None) -> str:
+    """Where an interrupted run can continue from, in words (for the message on SIGINT/SIGTERM)."""
+    path = Path(out_dir) / STATE_FILE if out_dir else None
+    if path is None or not path.exists():
+        return "no checkpoint was written yet; rerun with --overwrite to start again"
+    try:
+        epoch = read_safetensors(path)[1].get("epoch", "?")
+    except SimpruneError:
+        return f"{path} is damaged; rerun with --overwrite to start again"
+    return f"the last good checkpoint is {path} (epoch {epoch}); rerun the same command with --resume to continue"
+
+
+@contextlib.contextmanager
+def checkpoint_on_interrupt(out_dir: Path | None):
+    """Turn Ctrl-C (or SIGTERM, which the CLI maps to it) into an Interrupted naming the last checkpoint."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as exc:
+        raise Interrupted(last_checkpoint(out_dir)) from exc
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, sampler=None) -> DataLoader:
@@ -241,6 +277,7 @@ def train(model: nn.Module, train_ds: Dataset, cfg: TrainConfig, out_dir: Path |
                                  dtype=torch.float64)
             bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")
         loss_sum, correct, seen = distributed.all_reduce_sum(sums).tolist()
+        distributed.average_buffers(model)  # each rank's last batches moved its BatchNorm statistics
         hooks.on_epoch_end(model, epoch + 1)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
                   "seconds": round(time.time() - t0, 1)}

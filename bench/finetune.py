@@ -1,0 +1,72 @@
+"""Prune the committed Fashion-MNIST ResNet-56 past 61 % FLOPs and fine-tune: schedules side by side.
+
+Each run is the real CLI (`simprune prune ... --finetune-epochs E`), so the numbers are what a user
+gets: filter-similarity with the hard (iterative, re-scored) and soft schedules, and qsfm one-shot
+with compensation. Top-1 on the full 10,000-image test set, against the unpruned baseline.
+On a 2-core CPU an epoch of the pruned network takes minutes, so the default is a short fine-tune;
+raise --epochs where you have the time (or a GPU).
+
+    python bench/finetune.py                     # table + bench/results/finetune.json
+    python bench/finetune.py --epochs 30 --runs qsfm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ROOT / "zoo" / "resnet56-fashion-mnist"
+RUNS = {  # label -> extra CLI arguments
+    "filter-similarity hard": ["--criterion", "filter-similarity", "--schedule", "iterative", "--steps", "3"],
+    "filter-similarity soft": ["--criterion", "filter-similarity", "--schedule", "soft", "--soft-hold", "1"],
+    "qsfm": ["--criterion", "qsfm", "--similarity", "ssim", "--calib-data", "fashion-mnist"],
+}
+
+
+def run(label: str, extra: list[str], args, out: Path) -> dict:
+    cmd = [str(Path(sys.executable).parent / "simprune"), "prune", "--checkpoint", str(BASELINE),
+           "--target-flops", str(args.target), "--data", "fashion-mnist", "--finetune-epochs", str(args.epochs),
+           "--lr", str(args.lr), "--quiet", "--out", str(out), "--overwrite", *extra]
+    help_text = subprocess.run(cmd[:2] + ["--help"], capture_output=True, text=True).stdout
+    if "--no-latency" in help_text:  # latency is measured by bench/latency.py, not here
+        cmd.append("--no-latency")
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    report = json.loads((out / "report.json").read_text())
+    ft = report["finetune"]
+    return {"run": label, "schedule": report["schedule"]["name"], "epochs": args.epochs,
+            "flops_removed_pct": 100 * report["reduction"]["flops"],
+            "params_removed_pct": 100 * report["reduction"]["params"],
+            "top1_baseline": report["accuracy"]["before"],
+            "top1_before_finetune": ft.get("top1_before_finetune"),
+            "top1_after": report["accuracy"]["after"],
+            "change": report["accuracy"]["after"] - report["accuracy"]["before"],
+            "minutes": round((time.time() - t0) / 60, 1), "command": " ".join(cmd[1:])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", type=float, default=0.62)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--runs", nargs="*", default=list(RUNS), help=f"labels among {list(RUNS)}")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench-finetune"))
+    args = p.parse_args()
+    rows = []
+    for label in args.runs:
+        rows.append(run(label, RUNS[label], args, Path(args.out) / label.replace(" ", "-")))
+        print_table(rows, ["run", "epochs", "flops_removed_pct", "params_removed_pct", "top1_baseline",
+                           "top1_before_finetune", "top1_after", "change", "minutes"])
+    path = write_json("finetune", {"target": args.target, "epochs": args.epochs, "lr": args.lr, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -107,3 +107,33 @@ def test_soft_training_loop_zeroes_then_removes_with_identical_outputs(tmp_path)
     torch.testing.assert_close(removed, zeroed, rtol=1e-5, atol=1e-5)
     assert abs(1 - count(model, ex).macs / count(build_model("resnet20", in_channels=1), ex).macs
                - 0.4) <= 0.01
+
+
+def _soft_run(tmp_path, fail_at=None, resume=False):
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1)
+    ex = torch.zeros(1, 1, 16, 16)
+    graph = PruningGraph(model, ex)
+    hooks = SoftPruning(graph, soft_selector(graph, get_criterion("filter-similarity"), ex), "flops", 0.4,
+                        epochs=3, hold=1, log=lambda _: None)
+    if fail_at:
+        original = hooks.on_epoch_end
+
+        def on_epoch_end(m, epoch):
+            if epoch == fail_at:
+                raise KeyboardInterrupt
+            original(m, epoch)
+        hooks.on_epoch_end = on_epoch_end
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, limit_batches=2)
+    train(model, _tiny_data(), cfg, tmp_path, log=lambda _: None, progress=False, hooks=hooks, resume=resume)
+    finish_soft(hooks)
+    return model
+
+
+def test_soft_run_interrupted_then_resumed_equals_an_uninterrupted_one(tmp_path):
+    straight = _soft_run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _soft_run(tmp_path / "b", fail_at=2)  # epoch 1's checkpoint (weights, momentum, selection) survives
+    resumed = _soft_run(tmp_path / "b", resume=True)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -162,6 +162,7 @@ def cmd_analyze(args) -> int:
     from .cli import _command_line, _load_or_build  # noqa: PLC0415
     from .files import atomic_output_dir, atomic_write_json  # noqa: PLC0415
     from .plots import redundancy_bars, similarity_heatmaps  # noqa: PLC0415
+    from .reports import write_report  # noqa: PLC0415
 
     if args.similarity not in SIMILARITIES:
         raise SimpruneError(f"unknown similarity {args.similarity!r}; choose from {', '.join(SIMILARITIES)}")
@@ -198,9 +199,10 @@ def cmd_analyze(args) -> int:
         pngs = similarity_heatmaps(matrices, tmp / "similarity.png", max_layers=args.max_heatmaps,
                                    label=args.similarity,
                                    residual={g["group"]: g["residual"] for g in summary["groups"]})
+        write_report(tmp, "analyze", report)
     title = f"{desc.get('model')} ({'random weights' if weights == 'random' else args.checkpoint})"
     _print_summary(summary, title)
     if weights == "random":
         print("  note: no --checkpoint, so these are the similarities of an untrained network")
-    print(f"wrote {args.out}/analysis.json, redundancy.png, " + ", ".join(p.name for p in pngs))
+    print(f"wrote {args.out}/report.html, report.md, analysis.json, redundancy.png, " + ", ".join(p.name for p in pngs))
     return 0

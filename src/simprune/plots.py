@@ -195,3 +195,64 @@ def redundancy_bars(summary: dict, path) -> Path:
                  f"({net['images']} calibration images)" + ("" if any_twin else "\nno channel has a twin at any threshold"),
                  fontsize=11)
     return _save(fig, path)
+
+
+def channels_chart(layers: dict[str, list[dict]], path, title: str = "Channels per layer") -> Path:
+    """Output channels of every layer before pruning (grey bars) and after it: filled bars for one
+    model, one marked line per model when several are compared. ``layers``: label -> report
+    ``layers`` entries ({name, channels_before, channels_after}), all of the same network."""
+    if not layers or not next(iter(layers.values())):
+        raise SimpruneError("no layers to plot")
+    first = next(iter(layers.values()))
+    names = [entry["name"] for entry in first]
+    before = np.array([entry["channels_before"] for entry in first], dtype=float)
+    n, x = len(names), np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(min(11.5, max(7.0, 0.16 * n + 2.5)), 5.0), layout="constrained")
+    ax.bar(x, before, 0.8, color="0.88", edgecolor="0.7", linewidth=0.5, label=f"before ({int(before.sum())})")
+    colors = plt.get_cmap("tab10").colors
+    for i, (label, entries) in enumerate(layers.items()):
+        kept = {entry["name"]: entry["channels_after"] for entry in entries}
+        after = np.array([kept.get(name, 0) for name in names], dtype=float)
+        text = f"{label}: {int(after.sum())} kept ({after.sum() / before.sum():.0%})"
+        if len(layers) == 1:
+            ax.bar(x, after, 0.55, color=colors[0], label=text)
+        else:
+            ax.plot(x, after, "-o", color=colors[i % 10], markersize=3, linewidth=1.2, label=text)
+    ax.set_xticks(x, names, rotation=90, fontsize=7 if n > 40 else 8)
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_ylabel("output channels", fontsize=10)
+    ax.set_axisbelow(True)
+    ax.yaxis.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, loc="upper left")
+    ax.set_title(title, fontsize=11)
+    return _save(fig, path)
+
+
+def accuracy_vs_flops(rows: list[dict], baseline: float | None, path, title: str = "Top-1 vs MACs removed") -> Path:
+    """Top-1 against the share of MACs removed, one line per ``label`` (rows: label, flops_removed,
+    top1), with the unpruned model's top-1 as a dashed line."""
+    if not rows:
+        raise SimpruneError("no results to plot")
+    by_label: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append((100.0 * r["flops_removed"], r["top1"]))
+    many = len(by_label) > 8
+    fig, ax = plt.subplots(figsize=(10.0 if many else 8.0, 5.0), layout="constrained")
+    cmap = plt.get_cmap("tab20" if len(by_label) > 10 else "tab10")
+    markers = "osD^vP*X<>"
+    for i, (label, points) in enumerate(by_label.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker=markers[i % len(markers)], color=cmap(i % cmap.N), markersize=5, linewidth=1.5,
+                label=label)
+    if baseline is not None:
+        ax.axhline(baseline, color="0.3", ls="--", lw=1.2, label=f"unpruned ({baseline:.2f} %)")
+    ax.set_xlabel("MACs removed (%)", fontsize=10)
+    ax.set_ylabel("top-1 (%)", fontsize=10)
+    ax.set_axisbelow(True)
+    ax.grid(True, alpha=0.3)
+    if many:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=9, loc="lower left")
+    ax.set_title(title, fontsize=11)
+    return _save(fig, path)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,9 @@ from .compat import import_torchvision
 from .errors import SimpruneError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+MAX_IDX_BYTES = 2**32  # largest IDX body read (MNIST's training images are 47 MB)
+MAX_CIFAR_BYTES = 2**30  # largest CIFAR batch file read (CIFAR-100's training batch is 155 MB)
+MAX_PAD = 4096
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "simprune"
 
 
@@ -83,6 +89,8 @@ def pad_images(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """Zero-pad (N, C, H, W) images centrally to ``size`` x ``size``."""
     if size is None:
         return images
+    if not 0 < size <= MAX_PAD:
+        raise SimpruneError(f"--pad-to {size} is outside 1..{MAX_PAD}")
     h, w = images.shape[-2:]
     if h > size or w > size:
         raise SimpruneError(f"--pad-to {size} is smaller than the images ({h}x{w}); use a size >= {max(h, w)}")
@@ -92,25 +100,42 @@ def pad_images(images: torch.Tensor, size: int | None) -> torch.Tensor:
 
 # ---- IDX (MNIST, Fashion-MNIST) ------------------------------------------------------------
 
+def _read_at_most(f, n: int, chunk: int = 2**22) -> bytes:
+    """Up to ``n`` bytes in chunks: memory follows what the file holds, not what a header claims."""
+    parts, left = [], n
+    while left > 0:
+        part = f.read(min(chunk, left))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally .gz) into a numpy array, checking its header."""
+    """Read an IDX file (optionally .gz) into a numpy array, checking its header. Never reads more
+    than the header declares plus one byte, so a damaged or hostile .gz cannot inflate without bound."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as exc:
-        raise SimpruneError(f"cannot read IDX file {path}: {exc}; re-download or reinstall the data set") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise SimpruneError(f"{path} is not an unsigned-byte IDX file; point --data-dir at the original files")
-    ndim = raw[3]
-    if not 1 <= ndim <= 4 or len(raw) < 4 + 4 * ndim:
-        raise SimpruneError(f"{path} has a broken IDX header; re-download the data set")
-    dims = tuple(int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
-    expected = int(np.prod(dims))
-    body = raw[4 + 4 * ndim:]
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise SimpruneError(f"{path} is not an unsigned-byte IDX file; point --data-dir at the original files")
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if not 1 <= ndim <= 4 or len(raw_dims) < 4 * ndim:
+                raise SimpruneError(f"{path} has a broken IDX header; re-download the data set")
+            dims = tuple(int.from_bytes(raw_dims[4 * k: 4 * k + 4], "big") for k in range(ndim))
+            expected = math.prod(dims)
+            if expected > MAX_IDX_BYTES:
+                raise SimpruneError(f"{path} declares {dims}, over {MAX_IDX_BYTES >> 30} GiB; the header is corrupt")
+            body = _read_at_most(f, expected + 1)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SimpruneError(f"cannot read IDX file {path} ({type(exc).__name__}: {str(exc)[:80]}); "
+                            "re-download or reinstall the data set") from exc
     if len(body) != expected:
-        raise SimpruneError(f"{path} holds {len(body)} bytes but its header declares {expected}; "
-                            "the file is truncated or corrupt, re-download it")
+        raise SimpruneError(f"{path} holds {'more' if len(body) > expected else len(body)} bytes but its header "
+                            f"declares {expected}; the file is truncated or corrupt, re-download it")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
@@ -202,8 +227,13 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR python batch -> (N, 3, 32, 32) uint8 images and int64 labels."""
+    """One CIFAR python batch -> (N, 3, 32, 32) uint8 images and int64 labels.
+
+    Checked before any conversion: uint8 pixels (a cast would wrap or round silently) and labels
+    that are plain non-negative integers, one per image."""
     try:
+        if path.stat().st_size > MAX_CIFAR_BYTES:
+            raise SimpruneError(f"{path} is larger than {MAX_CIFAR_BYTES >> 20} MiB; not a CIFAR python batch")
         with open(path, "rb") as f:
             entry = _CifarUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
     except SimpruneError:
@@ -211,13 +241,19 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
         raise SimpruneError(f"{path} is not a CIFAR python batch ({type(exc).__name__}); "
                             "use the files from cifar-10-python.tar.gz / cifar-100-python.tar.gz") from exc
-    entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()} if isinstance(entry, dict) else {}
+    entry = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in entry.items()} \
+        if isinstance(entry, dict) else {}
     data = entry.get("data")
     labels = entry.get("labels", entry.get("fine_labels"))
-    if not isinstance(data, np.ndarray) or labels is None or data.ndim != 2 or data.shape[1] != 3072 \
-            or len(labels) != len(data):
-        raise SimpruneError(f"{path} lacks CIFAR 'data' (N x 3072) and 'labels'; use the original CIFAR batches")
-    return data.astype(np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        labels_ok = not labels.size or int(labels.min()) >= 0
+    else:
+        labels_ok = isinstance(labels, list) and all(type(v) is int and 0 <= v < 2**31 for v in labels)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 \
+            or not labels_ok or len(labels) != len(data):
+        raise SimpruneError(f"{path} lacks CIFAR 'data' (N x 3072 uint8) and 'labels' (one non-negative integer per "
+                            "image); use the original CIFAR batches")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
 def _cifar_files(name: str, split: str) -> tuple[str, list[str]]:
@@ -297,9 +333,24 @@ def load_imagefolder(path: str, split: str, augment: bool, image_size: int = 224
     else:
         tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), norm])
     try:
-        ds = tv.datasets.ImageFolder(str(folder), transform=tf)
+        ds = tv.datasets.ImageFolder(str(folder), transform=tf, loader=load_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise SimpruneError(f"{folder} is not an image folder ({str(exc).splitlines()[0]}); "
                             "expected CLASS/*.jpg sub-folders") from exc
     ds.num_classes, ds.in_channels = len(ds.classes), 3
     return ds
+
+
+def load_image(path: str):
+    """One image file as RGB; a damaged file or a decompression bomb is a one-line error naming it."""
+    from PIL import Image  # noqa: PLC0415
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as f:
+                return Image.open(f).convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types on damaged files
+        first = str(exc).splitlines()[0][:100] if str(exc) else ""
+        raise SimpruneError(f"cannot read image {path} ({type(exc).__name__}: {first}); "
+                            "remove or replace the file") from exc

@@ -199,7 +199,8 @@ def cmd_prune(args) -> int:
 
     from . import api  # noqa: PLC0415
     from .allocation import Guards  # noqa: PLC0415
-    from .criteria import get_criterion  # noqa: PLC0415
+    from .criteria import ScoreCache, get_criterion  # noqa: PLC0415
+    from .reports import prune_report_writer, refresh_prune_report  # noqa: PLC0415
 
     from . import distributed  # noqa: PLC0415
     from .finetuning import prune_with_schedule  # noqa: PLC0415
@@ -209,7 +210,7 @@ def cmd_prune(args) -> int:
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
     options = {"similarity": args.similarity} if args.similarity else {}
-    criterion = get_criterion(args.criterion, **options)
+    criterion = ScoreCache(get_criterion(args.criterion, **options))  # keeps the scores for the report
     model, desc, shape = _load_or_build(args, args.input)
     example = torch.zeros(1, *shape)
     calibration = None
@@ -248,7 +249,7 @@ def cmd_prune(args) -> int:
         from .finetuning import _keep_log, finish  # noqa: PLC0415
 
         api.save(out, pruned, new_desc, report, overwrite=args.overwrite or worked_in_out,
-                 extra=_keep_log(out) if worked_in_out else None)
+                 extra=prune_report_writer(report, new_desc, criterion, also=_keep_log(out) if worked_in_out else None))
         finish(out)
     if not distributed.is_main():
         return 0
@@ -260,10 +261,11 @@ def cmd_prune(args) -> int:
         how = (f"after {report['finetune']['epochs']} fine-tuning epochs" if report.get("finetune")
                else "no fine-tuning")
         print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
-    print(f"wrote {out}/model.safetensors, model.json, report.json")
+    print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
     from .deploy_cli import latency_step  # noqa: PLC0415
 
     latency_step(args, out)
+    refresh_prune_report(out)  # again, now with the latency keys
     return 0
 
 

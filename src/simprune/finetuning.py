@@ -160,11 +160,13 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
         raise SimpruneError("--schedule soft trains while it prunes; give --finetune-epochs N (N >= 1) and --data")
     if args.schedule != "iterative" and (args.steps != 1 or args.epochs_between):
         raise SimpruneError("--steps and --epochs-between belong to --schedule iterative")
-    marker = check_output(out, args.resume, args.overwrite)
-    if not epochs and not args.epochs_between:  # nothing trains: plain (atomic) pruning
+    if not epochs and not args.epochs_between:  # nothing trains: plain pruning, saved atomically by the caller
+        if args.resume:
+            raise SimpruneError("--resume continues fine-tuning, and this run has none; drop --resume")
         pruned, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
                                    inplace=True, schedule=args.schedule, steps=args.steps, **prune_options)
         return pruned, report, False
+    marker = check_output(out, args.resume, args.overwrite)
     log = run_log(out)
     teacher = copy.deepcopy(model).eval() if args.distill and not args.teacher else None
     ft = make_finetune(args, desc, out, max(epochs, args.epochs_between or 0, 1), log, teacher)
@@ -186,7 +188,7 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
         if marker is not None:
             raise SimpruneError(f"--resume: {out} was interrupted while pruning, before any checkpoint; "
                                 "start again with --overwrite")
-        ft.resume = False
+        ft.resume = False  # the between-steps epochs start fresh; only the final fine-tune checkpoints
         between = None
         if args.epochs_between:
             def between(m: nn.Module, k: int) -> None:
@@ -203,11 +205,9 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
             atomic_write_json(out / MARKER, {"phase": "finetune", "command": command,
                                              "resume": "rerun the same command with --resume"})
         distributed.barrier()
-        ft.resume = False
     ft.cfg = train_config(args, epochs)
     ft.description = {**new_desc, "structure": get_structure(model)}
-    if marker is not None:
-        ft.resume = True
+    ft.resume = marker is not None
     run_finetune(model, ft, report)
     return model, report, True
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import distributed
 from .allocation import CostModel, Guards, allocate
-from .calibration import recalibrate_batchnorm
+from .calibration import check_calibration, recalibrate_batchnorm
 from .counting import count
 from .criteria import get_criterion
 from .errors import SimpruneError
@@ -91,6 +91,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
                          compensate=compensate, protect_uncompensable=protect_uncompensable,
                          recalibrate_bn=recalibrate_bn)
     model.eval()
+    if calibration is not None:
+        check_calibration(calibration, example_input)
     t0 = time.perf_counter()
     before = count(model, example_input)
     widths_before = _widths(model)

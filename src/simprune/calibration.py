@@ -95,21 +95,26 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
             hooks.append(member.module.register_forward_pre_hook(make_hook(probe, group.size)))
     was_training = model.training
     model.eval()
-    seen = 0
+    seen = varied = 0
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for batch in tqdm(batches, desc="calibration", leave=False, disable=not (progress and distributed.is_main())):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                model(x)
+                _forward(model, x)
                 seen += x.shape[0]
+                flat = x.flatten(1)
+                varied += int((flat.amax(1) > flat.amin(1)).sum()) if flat.shape[1] else 0
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     if reduce is not None:
-        seen = int(reduce(torch.tensor(float(seen), dtype=torch.float64)))
+        seen, varied = (int(v) for v in reduce(torch.tensor([float(seen), float(varied)], dtype=torch.float64)))
     if seen == 0:
         raise SimpruneError("no calibration images were seen; check --calib-data and --calib-images")
+    if varied == 0:
+        raise SimpruneError(f"all {seen} calibration images are constant (no pixel differs), so every feature-map "
+                            "similarity ties; calibrate on real images")
     if reduce is not None:
         for plist in probes.values():
             for p in plist:
@@ -118,18 +123,41 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     return probes
 
 
+def _forward(model: nn.Module, x: torch.Tensor) -> None:
+    try:
+        model(x)
+    except RuntimeError as exc:  # wrong channel count or size: torch's own message, in one line
+        raise SimpruneError(f"the model cannot read calibration images of shape {tuple(x.shape[1:])} "
+                            f"({str(exc).splitlines()[0][:120]}); pick matching --calib-data/--pad-to") from exc
+
+
 def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
     """A group's similarity matrix: the mean over its probes (residual channels share one decision)."""
     return torch.stack([p.stats.similarity(metric) for p in probes]).mean(0)
+
+
+def check_calibration(batches, example_input: torch.Tensor) -> None:
+    """The calibration images must have the model's input shape (C, H, W): statistics taken at another
+    resolution or channel count would silently describe another model."""
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
+            want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
+            raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
+                                "pick matching --calib-data/--pad-to or --input")
+        return
 
 
 def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average).
 
     After structural removal the activations feeding later BNs shift a little; a forward pass
-    over the calibration images restores their statistics without touching any weight."""
+    over the calibration images restores their statistics without touching any weight. A channel
+    that the images leave (nearly) constant, variance below the layer's eps, keeps its trained
+    statistics: a zero variance would divide later, varying inputs by sqrt(eps)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in bns]
+    trained = {m: (m.running_mean.clone(), m.running_var.clone()) for m in bns if m.running_var is not None}
     was_training = model.training
     model.eval()
     for m in bns:
@@ -139,8 +167,12 @@ def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.M
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for batch in batches:
-                model(batch[0] if isinstance(batch, (list, tuple)) else batch)
+                _forward(model, batch[0] if isinstance(batch, (list, tuple)) else batch)
         distributed.average_buffers(model)  # each rank saw its own shard
+        for m, (mean, var) in trained.items():
+            flat = m.running_var < m.eps
+            m.running_mean[flat] = mean[flat]
+            m.running_var[flat] = var[flat]
     finally:
         for m, (momentum, training) in zip(bns, saved):
             m.momentum = momentum

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import SimpruneError
@@ -92,7 +94,8 @@ def _dataset_defaults(args, ds) -> None:
 def cmd_train(args) -> int:
     from .data import load_dataset  # noqa: PLC0415
     from .models import build_model  # noqa: PLC0415
-    from .training import STATE_FILE, TrainConfig, train  # noqa: PLC0415
+    from .files import lock_for_writing  # noqa: PLC0415
+    from .training import STATE_FILE, TrainConfig, checkpoint_on_interrupt, train  # noqa: PLC0415
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
@@ -102,6 +105,9 @@ def cmd_train(args) -> int:
     train_ds = load_dataset(args.data, "train", args.data_dir, args.pad_to, augment=True)
     test_ds = load_dataset(args.data, "test", args.data_dir, args.pad_to, augment=False)
     _dataset_defaults(args, train_ds)
+    if getattr(train_ds, "in_channels", args.in_channels) != args.in_channels:
+        raise SimpruneError(f"--in-channels {args.in_channels} but {args.data} has {train_ds.in_channels}-channel "
+                            "images; drop --in-channels")
     model = build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, seed=args.seed, bf16=not args.fp32,
@@ -111,6 +117,11 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
     log_file = open(out / "train.log", "a")  # noqa: SIM115 - closed below
+    try:
+        lock_for_writing(log_file, out)
+    except SimpruneError:
+        log_file.close()
+        raise
 
     def log(line: str) -> None:
         print(line)
@@ -122,8 +133,9 @@ def cmd_train(args) -> int:
             "input_shape": list(train_ds.image_shape) if hasattr(train_ds, "image_shape") else None,
             "data": {"name": args.data, "pad_to": args.pad_to}, "command": _command_line()}
     try:
-        history = train(model, train_ds, cfg, out, test_ds, desc, resume=args.resume, log=log,
-                        progress=not args.quiet)
+        with checkpoint_on_interrupt(out):
+            history = train(model, train_ds, cfg, out, test_ds, desc, resume=args.resume, log=log,
+                            progress=not args.quiet)
     finally:
         log_file.close()
     last = history[-1] if history else {}
@@ -206,6 +218,9 @@ def cmd_prune(args) -> int:
     from .finetuning import prune_with_schedule  # noqa: PLC0415
 
     target = _target(args)
+    from .deploy_cli import check_latency_options  # noqa: PLC0415
+
+    check_latency_options(args)  # before any work: onnxruntime is there when latency was asked for
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
@@ -276,6 +291,7 @@ def _eval_dataset(args, desc):
 
     pad_to = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
     ds = load_dataset(args.data, "test", args.data_dir, pad_to)
+    _check_compatible(None, desc, ds)
     if args.eval_images:
         from torch.utils.data import Subset  # noqa: PLC0415
 
@@ -412,9 +428,19 @@ def cmd_criteria(args) -> int:
     return 0
 
 
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the same clean stop as Ctrl-C: temporaries removed, checkpoint named
+
+
+def _stderr(text: str) -> None:
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         from .distributed import init_from_env  # noqa: PLC0415
 
@@ -423,11 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     except SimpruneError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _stderr(f"error: {exc}")
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        _stderr(f"interrupted; {exc}" if str(exc) else "interrupted")
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

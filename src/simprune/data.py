@@ -319,26 +319,44 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, p
 
 
 def load_imagefolder(path: str, split: str, augment: bool, image_size: int = 224) -> Dataset:
-    """ImageNet layout: PATH/{train,val}/CLASS/*.jpg, or PATH/CLASS/*.jpg for a single split."""
+    """ImageNet layout: PATH/{train,val}/CLASS/*.jpg, or PATH/CLASS/*.jpg for a single split.
+
+    The validation split uses the training split's class list, so a class missing from val keeps
+    every other label where training put it (ImageFolder alone would renumber them)."""
     tv = import_torchvision()
     root = Path(path)
     sub = root / ("train" if split == "train" else "val")
     folder = sub if sub.is_dir() else root
     if not folder.is_dir():
         raise SimpruneError(f"imagefolder path {path} is not a directory; give PATH with CLASS/ image folders")
+    classes = None
+    if folder.name == "val" and (root / "train").is_dir():
+        classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+        extra = sorted({e.name for e in os.scandir(folder) if e.is_dir()} - set(classes))
+        if extra:
+            raise SimpruneError(f"{folder} has classes {extra[:3]} that {root / 'train'} lacks; the two splits "
+                                "must share their class folders")
     T = tv.transforms
     norm = T.Normalize(IMAGENET.mean, IMAGENET.std)
     if augment:
         tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     else:
         tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), norm])
+    cls = tv.datasets.ImageFolder if classes is None else _with_classes(tv.datasets.ImageFolder, classes)
     try:
-        ds = tv.datasets.ImageFolder(str(folder), transform=tf, loader=load_image)
+        ds = cls(str(folder), transform=tf, loader=load_image, allow_empty=classes is not None)
     except (FileNotFoundError, RuntimeError) as exc:
         raise SimpruneError(f"{folder} is not an image folder ({str(exc).splitlines()[0]}); "
                             "expected CLASS/*.jpg sub-folders") from exc
     ds.num_classes, ds.in_channels = len(ds.classes), 3
     return ds
+
+
+def _with_classes(base: type, classes: list[str]) -> type:
+    class FixedClasses(base):
+        def find_classes(self, directory):
+            return classes, {c: i for i, c in enumerate(classes)}
+    return FixedClasses
 
 
 def load_image(path: str):

@@ -7,6 +7,8 @@ the model from the registry and never executes anything from the files.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import math
@@ -48,11 +50,41 @@ def _umask() -> int:
     return mask
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Delete ``prefix<pid>-*`` temporaries (files or folders) left by killed processes (SIGKILL skips cleanup)."""
+    with contextlib.suppress(OSError):
+        for p in Path(folder).glob(f"{glob.escape(prefix)}*"):
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+
+
+def glob_escape(text: str) -> str:
+    import glob  # noqa: PLC0415
+
+    return glob.escape(text)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path.parent, f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -74,23 +106,57 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a scratch directory that becomes ``out`` only if the block finishes.
 
-    A failed or interrupted run leaves no ``out`` (only a hidden ``.out.partial-*``
-    that is removed on the way out when possible).
+    A failed or interrupted run leaves no ``out`` (only a hidden ``.out.partial-PID-*``, removed
+    on the way out, or by the next run when the process was killed). Without ``overwrite``, an
+    ``out`` that another run wrote meanwhile is never replaced.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SimpruneError(f"output {out} is a file, not a directory; pick another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    for kind in ("partial", "old"):
+        remove_stale(out.parent, f".{out.name}.{kind}-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual directory mode
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out`` (atomic when ``out`` is absent or empty)."""
+    try:
+        os.rename(tmp, out)  # replaces an empty directory, fails on a non-empty one
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise SimpruneError(f"cannot create {out}: {exc.strerror}") from exc
+    if not overwrite:
+        raise SimpruneError(f"output directory {out} was written by another run meanwhile; kept it and discarded "
+                            "this run's result (pass --overwrite to replace it)")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    os.rename(out, old / "out")
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def lock_for_writing(f, folder: Path) -> None:
+    """Hold an exclusive lock on the open file ``f`` while it stays open (the kernel drops it when the
+    process ends, even on SIGKILL): a second run writing into the same ``folder`` is refused."""
+    try:
+        import fcntl  # noqa: PLC0415
+    except ImportError:  # not on POSIX: no lock
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise SimpruneError(f"another simprune run is writing to {folder}; wait for it to finish or pick "
+                            "another --out") from exc
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> str:

@@ -82,3 +82,113 @@ def test_compare_real_measurements():
     after = measure_torch(small, (1, 16, 16), batch=1, threads=1, runs=30, warmup=1)
     result = compare_latency(before, after)
     assert result["speedup"] == pytest.approx(before["median_ms"] / after["median_ms"]) and result["speedup"] > 0
+
+
+# ---- interleaved timing, the report keys, simprune bench, the prune step ----------------------------------
+
+import json  # noqa: E402
+
+from simprune.cli import main  # noqa: E402
+from simprune.latency import latency_report, measure_onnx_many, measure_torch_many, time_calls  # noqa: E402
+
+ROW_FIELDS = {"engine", "batch", "before_ms", "after_ms", "before_spread_ms", "after_spread_ms", "speedup"}
+
+
+def test_time_calls_interleaves_in_turn():
+    order = []
+    times = time_calls([lambda: order.append("a"), lambda: order.append("b")], runs=3, warmup=1)
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up of each, then one of each per round
+    assert [t.shape for t in times] == [(3,), (3,)]
+
+
+def test_many_returns_one_summary_per_model(onnx_file):
+    small, big = tiny(), nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1))
+    eager = measure_torch_many([small, big], (1, 16, 16), batch=1, threads=1, runs=30, warmup=1)
+    assert len(eager) == 2 and all(set(s) == FIELDS for s in eager)
+    assert eager[1]["median_ms"] > eager[0]["median_ms"]  # ~100x the work
+    ort_stats = measure_onnx_many([onnx_file, onnx_file], (1, 8, 8), batch=2, threads=1, runs=30, warmup=1)
+    assert [s["batch"] for s in ort_stats] == [2, 2]
+
+
+def test_latency_report_math():
+    def stats(ms, iqr):
+        return {"median_ms": ms, "iqr_ms": iqr}
+    timings = {("onnxruntime", 1): [stats(10.0, 1.0), stats(5.0, 0.5)],
+               ("onnxruntime", 8): [stats(60.0, 2.0), stats(40.0, 1.0)],
+               ("torch", 1): [stats(20.0, 1.0), stats(16.0, 1.0)]}
+    keys = latency_report(timings, macs_before=400, macs_after=100, threads=2, runs=30)
+    assert keys["latency_ms"] == {"before": 10.0, "after": 5.0}  # onnxruntime batch 1 is the headline
+    assert keys["speedup"] == {"measured": 2.0, "macs": 4.0, "ratio": 0.5}
+    lat = keys["latency"]
+    assert (lat["threads"], lat["runs"]) == (2, 30) and "cores" in lat["machine"]
+    assert [r["speedup"] for r in lat["rows"]] == [2.0, 1.5, 1.25]
+    assert all(set(r) == ROW_FIELDS for r in lat["rows"])
+    assert lat["rows"][1] == {"engine": "onnxruntime", "batch": 8, "before_ms": 60.0, "after_ms": 40.0,
+                              "before_spread_ms": 2.0, "after_spread_ms": 1.0, "speedup": 1.5}
+
+
+def _check_latency_keys(report, macs, runs, threads, batch):
+    assert report["latency_ms"]["before"] > 0 and report["latency_ms"]["after"] > 0
+    s = report["speedup"]
+    assert s["measured"] == pytest.approx(report["latency_ms"]["before"] / report["latency_ms"]["after"])
+    assert s["macs"] == pytest.approx(macs["before"] / macs["after"])
+    assert s["ratio"] == pytest.approx(s["measured"] / s["macs"])
+    lat = report["latency"]
+    assert (lat["threads"], lat["runs"]) == (threads, runs)
+    assert {(r["engine"], r["batch"]) for r in lat["rows"]} == {(e, b) for e in ("onnxruntime", "torch")
+                                                                for b in (1, batch)}
+    for r in lat["rows"]:
+        assert set(r) == ROW_FIELDS
+        assert r["speedup"] == pytest.approx(r["before_ms"] / r["after_ms"])
+
+
+@pytest.mark.slow
+def test_prune_then_bench_writes_the_latency_keys(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert main(["prune", "--model", "resnet20", "--input", "1x32x32", "--criterion", "l1", "--target-flops", "0.1",
+                 "--no-latency", "--out", str(ckpt)]) == 0
+    # the latency step at the end of prune, on by default; the original is the recorded --checkpoint
+    assert main(["prune", "--checkpoint", str(ckpt), "--criterion", "l1", "--target-flops", "0.4",
+                 "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "measured speed-up" in printed and "onnxruntime      1" in printed
+    report = json.loads((out / "report.json").read_text())
+    _check_latency_keys(report, report["macs"], runs=30, threads=1, batch=8)  # against the checkpoint
+    assert report["criterion"] == "l1" and report["target"] == {"flops": 0.4}  # the rest is kept
+    detail = json.loads((out / "latency.json").read_text())
+    assert detail["original"] == f"checkpoint {ckpt}" and detail["input_shape"] == [1, 32, 32]
+    assert detail["macs"] == report["macs"] and detail["latency"] == report["latency"]
+    assert {t["engine"] for t in detail["timings"]} == {"onnxruntime", "torch"}
+
+    # simprune bench DIR again, other settings; without the source the unpruned architecture is the original
+    import shutil
+    shutil.rmtree(ckpt)
+    assert main(["bench", str(out), "--batch", "2", "--runs", "31", "--threads", "1"]) == 0
+    report, detail = json.loads((out / "report.json").read_text()), json.loads((out / "latency.json").read_text())
+    assert detail["original"].startswith("unpruned resnet20") and report["accuracy"] is None
+    assert detail["macs"]["before"] > report["macs"]["before"]  # the full architecture, not the 10 % checkpoint
+    _check_latency_keys(report, detail["macs"], runs=31, threads=1, batch=2)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # atomic writes left no temp file
+
+
+def test_prune_no_latency_and_bench_errors(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "p"
+    assert main(["prune", "--model", "resnet20", "--criterion", "l1", "--target-flops", "0.2", "--no-latency",
+                 "--out", str(out)]) == 0
+    assert "latency_ms" not in json.loads((out / "report.json").read_text())
+    assert main(["bench", str(out), "--runs", "29"]) == 2
+    assert "at least 30" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["bench", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'simprune[onnx]'" in err
+    # the prune step without onnxruntime: a notice, no latency keys, still a good model directory
+    out2 = tmp_path / "q"
+    assert main(["prune", "--model", "resnet20", "--criterion", "l1", "--target-flops", "0.2", "--out", str(out2)]) == 0
+    assert "onnxruntime not installed, latency not measured" in capsys.readouterr().out
+    assert "latency_ms" not in json.loads((out2 / "report.json").read_text())
+    assert main(["prune", "--model", "resnet20", "--criterion", "l1", "--target-flops", "0.2", "--latency",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "onnxruntime not installed" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before pruning

@@ -84,8 +84,8 @@ def bench_dir(directory: str | Path, *, threads: int = 1, batch: int = DEFAULT_B
         timings = benchmark([original, pruned], shape, threads=threads, batches=batches, runs=runs,
                             warmup=warmup, engines=engines)
     keys = latency_report(timings, macs_before, macs_after, threads, runs)
-    keys["latency"]["original"] = which
-    details = {**keys, "input_shape": list(shape), "warmup": warmup,
+    details = {**keys, "original": which, "macs": {"before": macs_before, "after": macs_after},
+               "input_shape": list(shape), "warmup": warmup,
                "timings": [{"engine": e, "batch": b, "before": s[0], "after": s[1]} for (e, b), s in timings.items()]}
     atomic_write_json(directory / "latency.json", details)
     report_path = directory / "report.json"
@@ -179,12 +179,17 @@ def add_prune_latency_options(p: argparse.ArgumentParser) -> None:
 def prune_latency_target(args, model, example, criterion, ratio: float, *, calibration, guards,
                          prune_options: dict) -> tuple[Any, dict]:
     """`simprune prune --target-latency R`: one-shot pruning to a measured latency reduction."""
-    from .latency_table import prune_to_latency  # noqa: PLC0415
+    from .allocation import Guards  # noqa: PLC0415
+    from .latency_table import prune_to_latency, vector_block  # noqa: PLC0415
 
     if getattr(args, "schedule", "oneshot") != "oneshot" or getattr(args, "finetune_epochs", None) \
             or getattr(args, "epochs_between", None):
         raise SimpruneError("--target-latency prunes one-shot; drop --schedule/--finetune-epochs (fine-tune the "
                             "result with `simprune finetune`)")
+    if guards.round_to == 1:  # channels inside a vector block cost the same time: remove whole blocks
+        guards = Guards(guards.min_channels, guards.max_layer_ratio, vector_block())
+        print(f"notice: --target-latency keeps channel counts in multiples of {guards.round_to} (onnxruntime's vector "
+              "block on this CPU); pass --round-to N (N > 1) to choose another")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned, report = prune_to_latency(model, example, criterion, ratio, threads=args.threads,
@@ -197,15 +202,19 @@ def prune_latency_target(args, model, example, criterion, ratio: float, *, calib
     return pruned, report
 
 
+def check_latency_options(args) -> None:
+    """Fail early (before pruning) when latency was asked for and onnx/onnxruntime are missing."""
+    if args.latency or args.target_latency is not None:
+        from .export import require  # noqa: PLC0415
+
+        require("onnx", "onnxruntime")
+
+
 def latency_step(args, out: Path) -> None:
     """The latency step at the end of `simprune prune` (skipped with a notice without onnxruntime)."""
     if args.latency is False:
         return
     if not onnxruntime_available():
-        if args.latency:
-            from .export import require  # noqa: PLC0415
-
-            require("onnx", "onnxruntime")
         print("notice: onnxruntime not installed, latency not measured (pip install 'simprune[onnx]')")
         return
     bench_dir(out, threads=args.threads, log=print)

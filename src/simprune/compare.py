@@ -97,11 +97,12 @@ def schedule_options(schedule: str) -> dict:
 
 def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[float], *, calibration, test,
              base_top1: float, kind: str = "flops", compensations=("default",), schedules=("oneshot",),
-             protect_uncompensable: bool = True, progress: bool = False) -> Iterator[dict]:
+             protect_uncompensable: bool = True, progress: bool = False, **prune_options) -> Iterator[dict]:
     """Prune ``model`` for every (criterion, compensation, schedule, target) and evaluate on ``test``.
 
     Yields {"row", "model", "report", "result"} one run at a time (``result``: the criterion's
     CriterionResult, e.g. its similarity matrices); ``model`` itself is never modified.
+    ``prune_options`` (e.g. ``cost_weight``, ``guards``) go to every :func:`api.prune` call.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -127,7 +128,8 @@ def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[floa
                         t0 = time.perf_counter()
                         pruned, report = api.prune(model, example, cache, {kind: target}, calibration=calibration,
                                                    compensate=comp, protect_uncompensable=protect_uncompensable,
-                                                   recalibrate_bn=calibration is not None, **extra)
+                                                   recalibrate_bn=calibration is not None, **extra,
+                                                   **prune_options)
                         score_s = (report.get("seconds") or {}).get("scores") if score_s is None else score_s
                         top1 = evaluate(pruned, test)["top1"]
                         row = {"criterion": spec.label, "compensated": report["compensated"], "schedule": schedule,

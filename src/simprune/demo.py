@@ -40,10 +40,10 @@ def _check_out(out: Path) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
     try:
-        previous = json.loads((out / "report.json").read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
+        previous = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
         previous = None
-    if previous != "demo":
+    if not isinstance(previous, dict) or not (previous.get("kind") == "demo" or "target_flops" in previous):
         raise SimpruneError(f"{out} holds files that are not an earlier demo's; pick another --out")
 
 

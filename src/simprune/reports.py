@@ -160,8 +160,8 @@ def _analyze_sections(data: dict, directory: Path, context: dict) -> tuple[str, 
     weights = "random weights" if data.get("weights") == "random" else (data.get("checkpoint") or "checkpoint")
     title = f"Redundancy analysis: {data.get('model')} ({weights})"
     keys = list(net["twins"])
-    mid = keys[len(keys) // 2]
-    cards = [(f"{100 * net['twin_share'][mid]:.1f} %", f"of channels have a twin above {mid}"),
+    low = keys[0]  # the most inclusive threshold
+    cards = [(f"{100 * net['twin_share'][low]:.1f} %", f"of channels have a twin above {low}"),
              (str(net["groups"]), "channel groups"), (str(net["channels"]), "channels"),
              (str(net["dead_channels"]), "dead channels")]
     rows = [[f"> {k}", net["twins"][k], _pct(net["twin_share"][k]), net["removable"][k]] for k in keys]
@@ -169,17 +169,20 @@ def _analyze_sections(data: dict, directory: Path, context: dict) -> tuple[str, 
                   ["input", "x".join(map(str, data.get("input_shape") or []))],
                   ["calibration", f"{cal.get('images')} images of {cal.get('data')} (seed {cal.get('seed')})"],
                   ["similarity", net["similarity"]]]
-    top = sorted(data["groups"], key=lambda g: -g["twins"][mid] / g["channels"])[:10]
-    top_rows = [[g["group"], g["channels"], "yes" if g["residual"] else "", g["twins"][mid],
-                 _pct(g["twins"][mid] / g["channels"]), g["dead_channels"]] for g in top]
+    top = sorted(data["groups"], key=lambda g: -(g.get("mean_max_similarity") or float("-inf")))[:10]
+    top_rows = [[g["group"], g["channels"], "yes" if g["residual"] else "",
+                 "" if g.get("mean_max_similarity") is None else f"{g['mean_max_similarity']:.3f}"]
+                + [g["twins"][k] for k in keys] + [g["dead_channels"]] for g in top]
     sections = [
         ("Summary", [("cards", cards), ("table", ["max similarity", "channels with a twin", "share",
                                                   "removable as twins"], rows)]),
         ("Model", [("table", ["", ""], model_rows)]),
         ("Redundancy per group", _figures(directory, "redundancy.png", "share of channels with a twin per group "
                                           "(top) and the spread of each channel's highest similarity (bottom)")),
-        (f"Most redundant groups at {mid}", [("table", ["group", "channels", "residual", "twins", "share", "dead"],
-                                              top_rows)]),
+        ("Most redundant groups", [("table", ["group", "channels", "residual", "mean max similarity"]
+                                   + [f"twins > {k}" for k in keys] + ["dead"], top_rows),
+                                  ("p", "The ten groups whose channels are, on average, most similar to their "
+                                        "closest other channel.")]),
         ("Channel similarity", _figures(directory, "similarity*.png", "similarity of every pair of channels in "
                                         "each group")),
     ]
@@ -237,14 +240,18 @@ def _demo_sections(data: dict, directory: Path, context: dict) -> tuple[str, lis
     first = rows[0]
     title = f"simprune demo: {data.get('model')} on {data.get('data')}, {_title_target({'flops': data['target_flops']})}"
     cards = [(f"-{_pct(first['flops_removed'])}", "MACs"), (f"{first['change']:+.2f}", f"top-1 points ({first['label']})")]
+    if rows[1:]:
+        runner = max(rows[1:], key=lambda r: r["top1"])
+        cards.append((f"{first['top1'] - runner['top1']:+.2f}", f"points ahead of the next best ({runner['label']})"))
     lat = data.get("latency_ms")
     if lat and lat.get("after"):
         cards.append((f"{lat['before'] / lat['after']:.2f}x", "faster (onnxruntime, batch 1)"))
-    others = ", ".join(f"{r['label']} {r['change']:+.2f}" for r in rows[1:])
     sections = [
         ("Summary", [("cards", cards), _results_table(rows, base, target=False),
-                     ("p", f"The same model pruned to the same target by each criterion, without fine-tuning "
-                           f"(top-1 change: {first['label']} {first['change']:+.2f}, {others}).")]),
+                     ("p", "Each criterion prunes the same trained model to the same MAC target in one shot, "
+                           "without fine-tuning. qsfm removes channels whose feature maps duplicate a kept "
+                           "channel's (SSIM) and folds them into the next layer (least squares on the "
+                           "calibration maps); l1 removes the filters of smallest weight norm; random is the floor.")]),
         ("Setup", [("table", ["", ""], _setup_rows(data))]),
     ]
     if data.get("latency"):

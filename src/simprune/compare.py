@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from .errors import SimpruneError
+from .reports import markdown_table
 
 COMPENSATIONS = ("default", "lstsq", "twin", "none")
 COLUMNS = ["label", "criterion", "compensated", "schedule", "target", "flops_removed", "params_removed", "macs",
@@ -164,20 +165,15 @@ def pivot_table(rows: list[dict], kind: str = "flops") -> tuple[list[str], list[
     return header, body
 
 
-def _md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
 def results_markdown(data: dict) -> str:
     header, rows = pivot_table(data["rows"], data["target_kind"])
     cal = data["calibration"]
     detail = [[r["label"], f"{r['target']:g}", f"{100 * r['flops_removed']:.1f}", f"{100 * r['params_removed']:.1f}",
                f"{r['top1']:.2f}", f"{r['change']:+.2f}", f"{r['seconds']:.1f}"] for r in data["rows"]]
-    return (f"# {data['model']}: criteria compared\n\n" + _md_table(header, rows) +
+    return (f"# {data['model']}: criteria compared\n\n" + markdown_table(header, rows) +
             f"\n\nBaseline top-1 {data['baseline_top1']:.2f} % on {data['test_images']} {data['data']} test images; "
             f"{cal['images']} calibration images of {cal['data']}; no fine-tuning.\n\n"
-            + _md_table(["run", "target", "MACs removed %", "params removed %", "top-1 %", "change", "seconds"], detail)
+            + markdown_table(["run", "target", "MACs removed %", "params removed %", "top-1 %", "change", "seconds"], detail)
             + f"\n\n`{data['command']}`\n")
 
 
@@ -293,6 +289,6 @@ def cmd_compare(args) -> int:
         write_results(tmp, result)
     header, body = pivot_table(rows, args.target_kind)
     print(f"unpruned top-1 {base_top1:.2f} % on {len(test)} {data} test images")
-    print(_md_table(header, body))
+    print(markdown_table(header, body))
     print(f"wrote {args.out}/results.md, results.csv, results.json, accuracy_vs_flops.png, report.html")
     return 0

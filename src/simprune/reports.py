@@ -281,6 +281,12 @@ def _md_cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def markdown_table(header: list, rows: list[list]) -> str:
+    """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
+
+
 def render_markdown(title: str, sections: list) -> str:
     lines = [f"# {title}", ""]
     for name, blocks in sections:
@@ -292,11 +298,7 @@ def render_markdown(title: str, sections: list) -> str:
             elif kind == "cards":
                 lines += [" · ".join(f"**{v}** {label}" for v, label in block[1]), ""]
             elif kind == "table":
-                header, rows = block[1], block[2]
-                lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
-                lines.append("|" + "|".join("---" for _ in header) + "|")
-                lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
-                lines.append("")
+                lines += [markdown_table(block[1], block[2]), ""]
             elif kind == "img":
                 lines += [f"![{Path(block[1]).stem}]({block[1]})", ""] + ([f"*{block[2]}*", ""] if block[2] else [])
             elif kind == "code":

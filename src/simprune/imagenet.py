@@ -66,11 +66,8 @@ def load_pretrained(model: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1")
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def categories(model: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1") -> list[str]:

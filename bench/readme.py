@@ -72,6 +72,33 @@ def render_finetune(data: dict) -> str:
         f"width, zeroed filters may recover). {_machine(data)} `python bench/finetune.py`.")
 
 
+def render_latency(data: dict) -> str:
+    rows = []
+    for r in data["rows"]:
+        agree = "" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.1f}"
+        rounding = "as ranked" if r["round_to"] == 1 else f"x{r['round_to']}"
+        rows.append([r["model"], r["pruning"], rounding, f"{100 * r['flops_removed']:.1f}",
+                     f"{r['macs_before'] / 1e6:.1f} → {r['macs_after'] / 1e6:.1f}",
+                     f"{r['params_before'] / 1e6:.2f} → {r['params_after'] / 1e6:.2f}",
+                     f"{r['ort_before_ms']:.2f}", f"{r['ort_after_ms']:.2f}", f"{r['speedup']:.2f}x",
+                     f"{r['mac_speedup']:.2f}x", f"{r['ratio']:.2f}", agree])
+    tables = ", ".join(f"{t['model']} {t['seconds']:.0f} s ({t['configs']} distinct layers, {t['points']} widths)"
+                       for t in data["latency_tables"])
+    load = f"1-minute load average {data['load_average_at_start']:.2f} at the start"
+    busy = (f" The background fine-tuning job was still running on the other core after waiting "
+            f"{data['waited_minutes']:.0f} min ({load})." if data["background_busy"] else
+            f" No training job was running ({load}).")
+    return _table(["model", "pruning", "kept channels", "MACs removed %", "MACs (M)", "params (M)",
+                   "ORT b1 before ms", "ORT b1 after ms", "speed-up", "MAC speed-up", "ratio",
+                   "top-1 agreement %"], rows) + (
+        f"\n\nonnxruntime {data.get('onnxruntime', '')} CPU, batch 1, {data['threads']} thread(s), median of "
+        f"{data['runs']} runs, each model of a block timed in turn with the others. \"as ranked\": kept channel "
+        f"counts as the allocator leaves them; \"x{data['vector_block']}\": rounded to onnxruntime's vector block "
+        f"on this CPU. Top-1 agreement: share of the {data['agreement_images']} crops (ten per photograph) of "
+        f"scikit-image's photographs on which the pruned model's top-1 class equals the unpruned one's, no "
+        f"fine-tuning. Building the latency table took {tables}.{busy} {_machine(data)} `python bench/latency.py`.")
+
+
 def render_zoo(_: dict | None = None) -> str:
     rows = []
     for desc_path in sorted((ROOT / "zoo").glob("*/model.json")):
@@ -84,7 +111,7 @@ def render_zoo(_: dict | None = None) -> str:
 
 
 RENDERERS = {"engine": render_engine, "calibration": render_calibration, "quality": render_quality,
-             "zoo": render_zoo, "finetune": render_finetune}
+             "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency}
 
 
 def rendered_readme(text: str) -> str:

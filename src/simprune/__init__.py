@@ -4,11 +4,19 @@
     pruned, report = simprune.prune(model, torch.zeros(1, 3, 32, 32), criterion="l1", target={"flops": 0.5})
     simprune.save("out/", pruned, {"model": "resnet56", "model_args": {...}, "input_shape": [3, 32, 32]})
     model = simprune.load("out/")
+
+The names below are imported on first use, so ``import simprune.cli`` does not load torch: the
+command line reaches its Ctrl-C handling before the slow imports start.
 """
 __version__ = "0.1.0"
 
-from .api import load, prune, save  # noqa: E402
-from .errors import SimpruneError  # noqa: E402
-from .models import build_model  # noqa: E402
-
+_LAZY = {"prune": "api", "save": "api", "load": "api", "build_model": "models", "SimpruneError": "errors"}
 __all__ = ["prune", "save", "load", "build_model", "SimpruneError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'simprune' has no attribute {name!r}")

@@ -92,10 +92,18 @@ def _dataset_defaults(args, ds) -> None:
 
 
 def cmd_train(args) -> int:
+    from .training import checkpoint_on_interrupt  # noqa: PLC0415
+
+    with checkpoint_on_interrupt(Path(args.out)):  # Ctrl-C/SIGTERM anywhere: name the last checkpoint
+        return _train(args)
+
+
+def _train(args) -> int:
     from .data import load_dataset  # noqa: PLC0415
     from .models import build_model  # noqa: PLC0415
     from .files import lock_for_writing  # noqa: PLC0415
-    from .training import STATE_FILE, TrainConfig, checkpoint_on_interrupt, train  # noqa: PLC0415
+    from .finetuning import MARKER, mark_incomplete  # noqa: PLC0415
+    from .training import STATE_FILE, TrainConfig, train  # noqa: PLC0415
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
@@ -108,13 +116,13 @@ def cmd_train(args) -> int:
     if getattr(train_ds, "in_channels", args.in_channels) != args.in_channels:
         raise SimpruneError(f"--in-channels {args.in_channels} but {args.data} has {train_ds.in_channels}-channel "
                             "images; drop --in-channels")
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(args.seed)  # before building: --seed decides the initial weights too
     model = build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, seed=args.seed, bf16=not args.fp32,
                       channels_last=not args.fp32, limit_batches=args.limit_batches)
-    import torch  # noqa: PLC0415
-
-    torch.manual_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
     log_file = open(out / "train.log", "a")  # noqa: SIM115 - closed below
     try:
@@ -122,6 +130,10 @@ def cmd_train(args) -> int:
     except SimpruneError:
         log_file.close()
         raise
+    if args.overwrite and not args.resume:  # start over: a later --resume must not find the old run's state
+        for name in (STATE_FILE, "model.safetensors", "model.json"):
+            (out / name).unlink(missing_ok=True)
+    mark_incomplete(out, "train", _command_line())
 
     def log(line: str) -> None:
         print(line)
@@ -133,9 +145,8 @@ def cmd_train(args) -> int:
             "input_shape": list(train_ds.image_shape) if hasattr(train_ds, "image_shape") else None,
             "data": {"name": args.data, "pad_to": args.pad_to}, "command": _command_line()}
     try:
-        with checkpoint_on_interrupt(out):
-            history = train(model, train_ds, cfg, out, test_ds, desc, resume=args.resume, log=log,
-                            progress=not args.quiet)
+        history = train(model, train_ds, cfg, out, test_ds, desc, resume=args.resume, log=log, progress=not args.quiet)
+        (out / MARKER).unlink(missing_ok=True)
     finally:
         log_file.close()
     last = history[-1] if history else {}
@@ -432,27 +443,55 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt  # the same clean stop as Ctrl-C: temporaries removed, checkpoint named
 
 
+def _import_torch(hold_signals: bool) -> None:
+    """Import torch (and numpy) with SIGINT/SIGTERM held back: a C extension interrupted halfway through
+    its initialisation cannot be imported again (later imports crash). A signal that arrived meanwhile
+    takes effect right after."""
+    pending = []
+    held = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+            for s in (signal.SIGINT, signal.SIGTERM)} if hold_signals else {}
+    try:
+        import torch  # noqa: F401, PLC0415
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _where(argv: list[str]) -> str:
+    """For a stop before the command itself started (e.g. while torch loads): what --out holds."""
+    outs = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            for i, a in enumerate(argv) if a == "--out" or a.startswith("--out=")]
+    if not outs or not outs[-1]:
+        return "nothing was written"
+    from .checkpoints import last_checkpoint  # noqa: PLC0415 - never imports torch
+
+    return last_checkpoint(Path(outs[-1]))
+
+
 def _stderr(text: str) -> None:
     print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    args = None
     try:
+        _import_torch(hold_signals=in_main)
+        args = build_parser().parse_args(argv)
         from .distributed import init_from_env  # noqa: PLC0415
 
         init_from_env()  # no-op unless launched by torchrun
         return args.fn(args)
     except SimpruneError as exc:
-        if args.debug:
+        if args is not None and args.debug:
             raise
         _stderr(f"error: {exc}")
         return 2
     except KeyboardInterrupt as exc:
-        _stderr(f"interrupted; {exc}" if str(exc) else "interrupted")
+        _stderr(f"interrupted; {str(exc) or _where(argv if argv is not None else sys.argv[1:])}")
         return 130
     finally:
         if in_main:

@@ -24,10 +24,9 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed
+from .checkpoints import STATE_FILE, last_checkpoint
 from .errors import Interrupted, SimpruneError
 from .files import atomic_write_bytes, read_safetensors, save_model, tensors_bytes
-
-STATE_FILE = "train_state.safetensors"
 
 
 @dataclass
@@ -134,18 +133,6 @@ def load_train_state(out_dir: Path, model: nn.Module,
     for p, buf in momentum.items():
         opt.state[p]["momentum_buffer"] = buf.clone()
     return epoch, history, hook_state
-
-
-def last_checkpoint(out_dir: Path | None) -> str:
-    """Where an interrupted run can continue from, in words (for the message on SIGINT/SIGTERM)."""
-    path = Path(out_dir) / STATE_FILE if out_dir else None
-    if path is None or not path.exists():
-        return "no checkpoint was written yet; rerun with --overwrite to start again"
-    try:
-        epoch = read_safetensors(path)[1].get("epoch", "?")
-    except SimpruneError:
-        return f"{path} is damaged; rerun with --overwrite to start again"
-    return f"the last good checkpoint is {path} (epoch {epoch}); rerun the same command with --resume to continue"
 
 
 @contextlib.contextmanager

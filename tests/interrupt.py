@@ -1,0 +1,291 @@
+"""Kill a simprune command at a random moment, check what it leaves, finish the job, compare.
+
+Shared by tests/test_interruption.py and bench/robustness.py. A :class:`Scenario` is any command
+that writes an output directory: how to start it, how to finish an interrupted one, what its
+directory looks like (absent, incomplete or complete; anything else is broken), what must equal
+an uninterrupted run, and which checkpoint a Ctrl-C must name. ``train_scenario`` and
+``prune_scenario`` are the two built here; ``finetune`` and ``export`` plug in the same way.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TIMEOUT_S = 300
+
+
+class Broken(Exception):
+    """An output directory that is neither absent, incomplete (marked so) nor complete."""
+
+
+@dataclass
+class Scenario:
+    name: str
+    start: Callable[[Path], list[str]]  # argv of a fresh run into OUT
+    resume: Callable[[Path], list[str] | None]  # argv that finishes an interrupted OUT, None when complete
+    state: Callable[[Path], str]  # "absent" | "incomplete" | "complete"; raises Broken otherwise
+    result: Callable[[Path], dict[str, torch.Tensor]]  # must equal the uninterrupted run's, bit for bit
+    checkpoint: Callable[[Path], str | None] = lambda out: None  # what a Ctrl-C message must name
+    busy: Callable[[Path], bool] = lambda out: True  # true once the run is in its risky part (writing)
+
+
+@dataclass
+class Trial:
+    scenario: str
+    signal: str
+    delay_s: float
+    when: str = "start"  # the delay counts from the start, or from the moment the run is busy
+    rc: int | None = None
+    after_kill: str = ""
+    message_ok: bool = True
+    resumed: bool = False
+    identical: bool = False
+    leftovers: list[str] = field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.after_kill in ("absent", "incomplete", "complete") and self.message_ok and self.identical \
+            and not self.leftovers
+
+    def __str__(self) -> str:
+        return (f"{self.scenario} {self.signal} {self.delay_s:.2f}s after {self.when}: rc {self.rc}, left {self.after_kill}, "
+                f"message {'ok' if self.message_ok else 'MISSING'}, resumed {self.resumed}, identical "
+                f"{self.identical}, leftovers {self.leftovers} {self.detail}")
+
+
+def simprune(*args) -> list[str]:
+    return [sys.executable, "-m", "simprune.cli", *map(str, args)]
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=TIMEOUT_S)
+
+
+def run_and_signal(argv: list[str], sig: str, delay: float, ready: Callable[[], bool] | None = None
+                   ) -> tuple[int, str, bool]:
+    """Start ``argv``; once ``ready()`` holds (polled every 5 ms; at once without it) wait ``delay``
+    seconds and send ``sig``. Returns (exit code, stderr, whether the signal was sent)."""
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    stderr: list[str] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: stderr.append(p.stderr.read()), daemon=True)
+    reader.start()  # drain stderr while waiting, so a chatty run never blocks on a full pipe
+    while ready is not None and p.poll() is None and not ready():
+        time.sleep(0.005)
+    try:
+        p.wait(timeout=delay)
+        sent = False
+    except subprocess.TimeoutExpired:
+        p.send_signal(SIGNALS[sig])
+        sent = True
+    p.wait(timeout=TIMEOUT_S)
+    reader.join(timeout=TIMEOUT_S)
+    return p.returncode, "".join(stderr), sent
+
+
+def leftovers(out: Path) -> list[str]:
+    """Hidden temporaries in or next to ``out`` (an atomic write or output directory that was cut short)."""
+    names = [p.name for p in out.glob(".*")] if out.is_dir() else []
+    names += [p.name for p in out.parent.glob(f".{out.name}.*")]
+    return sorted(names)
+
+
+def reference(scenario: Scenario, workdir: Path) -> tuple[dict[str, torch.Tensor], float]:
+    out = workdir / f"{scenario.name}-reference"
+    t0 = time.time()
+    done = run(scenario.start(out))
+    if done.returncode != 0:
+        raise RuntimeError(f"uninterrupted {scenario.name} failed: {done.stderr[-2000:]}")
+    return scenario.result(out), time.time() - t0
+
+
+def trial(scenario: Scenario, workdir: Path, sig: str, delay: float, ref: dict[str, torch.Tensor],
+          when: str = "start") -> Trial:
+    """One kill ``delay`` seconds after the start (or after the run got busy, ``when="busy"``), the
+    checks on what is left, the resume, the comparison."""
+    out = workdir / f"{scenario.name}-{sig}-{when}-{delay:.3f}"
+    t = Trial(scenario.name, sig, delay, when)
+    t.rc, err, sent = run_and_signal(scenario.start(out), sig, delay,
+                                     (lambda: scenario.busy(out)) if when == "busy" else None)
+    try:
+        t.after_kill = scenario.state(out)
+    except Broken as exc:
+        t.after_kill, t.detail = "broken", str(exc)
+        return t
+    lines = err.strip().splitlines()
+    if sent and sig != "SIGKILL" and t.rc != 0:
+        expected = scenario.checkpoint(out)
+        t.message_ok = t.rc == 130 and bool(lines) and lines[-1].startswith("interrupted") and (
+            expected is None or expected in lines[-1]) and "Traceback" not in err
+        if not t.message_ok:
+            t.detail = f"stderr: {err[-400:]!r}"
+    elif t.rc not in (0, -signal.SIGKILL):
+        t.message_ok, t.detail = False, f"exit {t.rc}: {err[-400:]!r}"
+    argv = scenario.resume(out)
+    if argv is not None:
+        done = run(argv)
+        t.resumed = True
+        if done.returncode != 0:
+            t.detail += f" resume failed: {done.stderr[-400:]!r}"
+            return t
+    try:
+        final = scenario.state(out)
+    except Broken as exc:
+        t.detail += f" after resume: {exc}"
+        return t
+    if final != "complete":
+        t.detail += f" after resume the output is {final}"
+        return t
+    got = scenario.result(out)
+    t.identical = got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    t.leftovers = leftovers(out)
+    return t
+
+
+def delays(seed: int, n: int, longest: float, shortest: float = 0.3) -> list[float]:
+    """``n`` seeded moments spread over the uninterrupted run's duration."""
+    rng = random.Random(seed)
+    return [round(rng.uniform(shortest, longest), 2) for _ in range(n)]
+
+
+# ---- simprune train ---------------------------------------------------------------------------
+
+def write_tiny_mnist(folder: Path, n_train: int = 64, n_test: int = 16, seed: int = 0) -> Path:
+    """MNIST-format IDX files (28x28, 10 classes) small enough for epochs of a fraction of a second."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 64, (n, 28, 28), dtype=np.uint8) + labels[:, None, None] * 19
+        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+            head = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+            (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(head + arr.tobytes(), mtime=0))
+    return folder
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from simprune.files import read_safetensors
+
+    return read_safetensors(path)[0]
+
+
+def train_scenario(data: Path, epochs: int = 3, limit_batches: int = 4) -> Scenario:
+    """``simprune train`` on tiny IDX data; resume with --resume (or start over when no checkpoint was written)."""
+    from simprune.files import read_json
+    from simprune.training import STATE_FILE
+
+    args = ["train", "--model", "resnet20", "--data", "mnist", "--data-dir", data, "--epochs", epochs,
+            "--batch-size", 16, "--limit-batches", limit_batches, "--lr", 0.05, "--seed", 0, "--quiet"]
+
+    def start(out):
+        return simprune(*args, "--out", out)
+
+    def resume(out):
+        if state(out) == "complete":
+            return None
+        return simprune(*args, "--out", out, "--resume" if (out / STATE_FILE).exists() else "--overwrite")
+
+    def state(out):
+        if not out.exists() or not (out / STATE_FILE).exists() and not (out / "model.json").exists():
+            return "absent"  # at most train.log and the marker: nothing to keep
+        try:
+            epoch = int(_meta(out / STATE_FILE).get("epoch", "0")) if (out / STATE_FILE).exists() else 0
+            desc = read_json(out / "model.json") if (out / "model.json").exists() else {}
+            if (out / "model.safetensors").exists():
+                _tensors(out / "model.safetensors")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the failure looked for
+            raise Broken(f"{type(exc).__name__}: {exc}") from exc
+        done = epoch == epochs and len(desc.get("history", [])) == epochs
+        marked = (out / "INCOMPLETE.json").exists()
+        if done and not marked:
+            return "complete"
+        if marked:
+            return "incomplete"
+        raise Broken("an unfinished training run without its INCOMPLETE.json marker")
+
+    def result(out):
+        weights = _tensors(out / "model.safetensors")
+        state_ = _tensors(out / STATE_FILE)
+        history = [{k: v for k, v in h.items() if k != "seconds"} for h in read_json(out / "model.json")["history"]]
+        return {**{f"model.{k}": v for k, v in weights.items()}, **{f"state.{k}": v for k, v in state_.items()},
+                "history": torch.tensor([v for h in history for v in h.values()], dtype=torch.float64)}
+
+    def checkpoint(out):
+        if (out / STATE_FILE).exists():
+            return str(out / STATE_FILE)
+        return "no checkpoint was written yet" if out.exists() and any(out.iterdir()) else "nothing was written"
+
+    return Scenario("train", start, resume, state, result, checkpoint, busy=lambda out: (out / STATE_FILE).exists())
+
+
+def _meta(path: Path) -> dict:
+    from simprune.files import read_safetensors
+
+    return read_safetensors(path)[1]
+
+
+# ---- simprune prune ---------------------------------------------------------------------------
+
+def write_checkpoint(folder: Path) -> Path:
+    """A seeded 1-channel ResNet-20 model directory to prune."""
+    import simprune
+
+    torch.manual_seed(0)
+    model = simprune.build_model("resnet20", num_classes=10, in_channels=1)
+    return simprune.save(folder, model, {"model": "resnet20", "model_args": {"num_classes": 10, "in_channels": 1},
+                                         "input_shape": [1, 32, 32]}, overwrite=True)
+
+
+def prune_scenario(checkpoint: Path, extra: tuple = ()) -> Scenario:
+    """One-shot ``simprune prune``: its output directory appears whole or not at all; rerun to finish."""
+    args = ["prune", "--checkpoint", checkpoint, "--criterion", "l1", "--target-flops", 0.5, "--no-latency", *extra]
+
+    def start(out):
+        return simprune(*args, "--out", out)
+
+    def state(out):
+        if not out.exists():
+            return "absent"
+        names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if not {"model.json", "model.safetensors", "report.json"} <= set(names):
+            raise Broken(f"{out} holds only {names}")
+        try:
+            from simprune.files import load_model
+
+            load_model(out)
+            json.loads((out / "report.json").read_text())
+        except Exception as exc:  # noqa: BLE001
+            raise Broken(f"{type(exc).__name__}: {exc}") from exc
+        return "complete"
+
+    def resume(out):
+        return None if state(out) == "complete" else start(out)
+
+    def result(out):
+        return {k: v for k, v in _tensors(out / "model.safetensors").items()}
+
+    def busy(out):  # writing the scratch directory that becomes OUT
+        return any(out.parent.glob(f".{out.name}.partial-*"))
+
+    return Scenario("prune", start, resume, state, result, busy=busy)
+
+
+def clean(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)

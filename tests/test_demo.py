@@ -38,7 +38,7 @@ def test_demo_on_the_shipped_sample(cli, tmp_path):
     assert report["latency_ms"]["before"] > 0 and report["latency_ms"]["after"] > 0
     assert report["speedup"]["macs"] == pytest.approx(rows["unpruned"]["macs"] / rows["qsfm"]["macs"])
     assert report["speedup"]["measured"] == pytest.approx(report["latency_ms"]["before"] / report["latency_ms"]["after"])
-    assert {(r["engine"], r["batch"]) for r in report["latency"]["rows"]} == {("onnxruntime", 1), ("torch", 1)}
+    assert [(r["engine"], r["batch"]) for r in report["latency"]["rows"]] == [("onnxruntime", 1)]
 
     # the pruned model: loadable without pickle, and its ONNX file computes the same outputs
     model = simprune.load(out / "qsfm-model")

@@ -23,7 +23,7 @@ def prune_report(**extra):
 
 LATENCY = {"latency_ms": {"before": 4.0, "after": 2.5},
            "speedup": {"measured": 1.6, "macs": 2.0, "ratio": 0.8},
-           "latency": {"threads": 2, "runs": 30, "machine": "test CPU, 2 cores",
+           "latency": {"threads": 2, "runs": 30, "machine": "test CPU, 2 cores", "load_average": 3.4,
                        "rows": [{"engine": "onnxruntime", "batch": 1, "before_ms": 4.0, "after_ms": 2.5,
                                  "before_spread_ms": 0.1, "after_spread_ms": 0.1, "speedup": 1.6}]}}
 
@@ -41,6 +41,7 @@ def test_prune_report_numbers_and_self_contained_html(tmp_path):
     assert "| top-1 | 92.50 % | 90.25 % | -2.25 points |" in md
     assert "| latency (onnxruntime, batch 1) | 4.00 ms | 2.50 ms | 1.60x faster |" in md
     assert "onnxruntime at batch 1: 1.60x faster for 2.00x fewer MACs (ratio 0.80)" in md
+    assert "2 thread(s), 30 runs each, test CPU, 2 cores, load average 3.4 while timing" in md
     assert "```\nsimprune prune --out x\n```" in md and "| simprune | 9.9 |" in md
     assert "![channels](channels.png)" in md and (tmp_path / "channels.png").exists()
     # one file: no external stylesheet, script, image or link

@@ -10,6 +10,7 @@ the real sample shipped inside the package (``fashion-mnist-sample``).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -49,7 +50,8 @@ def _check_out(out: Path) -> None:
 
 def _latency(baseline, pruned, shape, macs: tuple[int, int], onnx_path: Path, threads: int, runs: int) -> dict:
     """Export the pruned model to ``onnx_path`` (and the baseline to a temporary file), time both at
-    batch 1 in onnxruntime and torch (interleaved); the report's latency keys plus ``onnx``."""
+    batch 1 in onnxruntime (interleaved); the report's latency keys plus ``onnx``. (``simprune bench DIR``
+    times more engines and batch sizes.)"""
     from .export import export_onnx  # noqa: PLC0415
     from .latency import benchmark, latency_report  # noqa: PLC0415
 
@@ -58,9 +60,10 @@ def _latency(baseline, pruned, shape, macs: tuple[int, int], onnx_path: Path, th
         base_file = export_onnx(baseline, example, Path(tmp) / "baseline.onnx")["path"]
         info = export_onnx(pruned, example, onnx_path)
         timings = benchmark([baseline, pruned], shape, threads=threads, batches=(1,), runs=runs,
-                            onnx_files=[base_file, info["path"]])
-    return {**latency_report(timings, macs[0], macs[1], threads, runs),
-            "onnx": {**info, "path": f"qsfm-model/{onnx_path.name}"}}
+                            engines=("onnxruntime",), onnx_files=[base_file, info["path"]])
+    keys = latency_report(timings, macs[0], macs[1], threads, runs)
+    keys["latency"]["load_average"] = os.getloadavg()[0]  # other processes running while we timed
+    return {**keys, "onnx": {**info, "path": f"qsfm-model/{onnx_path.name}"}}
 
 
 def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: int | None = None,

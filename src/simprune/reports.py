@@ -72,7 +72,9 @@ def _latency_blocks(data: dict) -> list[Block]:
             text += f" for {speed['macs']:.2f}x fewer MACs (ratio {speed['measured'] / speed['macs']:.2f})"
         where = ", ".join(s for s in (f"{lat['threads']} thread(s)" if lat.get("threads") else "",
                                       f"{lat['runs']} runs each" if lat.get("runs") else "",
-                                      lat.get("machine") or "") if s)
+                                      lat.get("machine") or "",
+                                      f"load average {lat['load_average']:.1f} while timing (other processes "
+                                      "share the cores)" if lat.get("load_average", 0) >= 1 else "") if s)
         blocks.append(("p", text + (f"; {where}." if where else ".")))
     return blocks
 

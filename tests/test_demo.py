@@ -43,6 +43,8 @@ def test_demo_on_the_shipped_sample(cli, tmp_path):
     # the pruned model: loadable without pickle, and its ONNX file computes the same outputs
     model = simprune.load(out / "qsfm-model")
     assert sum(p.numel() for p in model.parameters()) == rows["qsfm"]["params"]
+    assert report["round_to"] == 8  # widths onnxruntime's blocked CPU kernels can use
+    assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     import onnxruntime as ort
 
     x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))

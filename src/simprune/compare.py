@@ -222,6 +222,7 @@ def add_compare_parser(sub) -> None:
                    help="comma-separated: oneshot, iterative[:STEPS] (re-scored steps, no fine-tuning between)")
     p.add_argument("--protect-uncompensable", action=argparse.BooleanOptionalAction, default=True,
                    help="leave groups read by parameter-free layers whole for every criterion (default: on)")
+    p.add_argument("--round-to", type=_positive, default=1, help="keep channel counts multiples of this")
     p.add_argument("--eval-images", type=_positive, default=None, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
     p.add_argument("--out", required=True)
@@ -231,6 +232,7 @@ def add_compare_parser(sub) -> None:
 
 
 def cmd_compare(args) -> int:
+    from .allocation import Guards  # noqa: PLC0415
     from .calibration import calibration_loader  # noqa: PLC0415
     from .cli import _check_compatible, _command_line, _load_or_build  # noqa: PLC0415
     from .data import load_dataset  # noqa: PLC0415
@@ -271,14 +273,14 @@ def cmd_compare(args) -> int:
         for run in run_grid(model, torch.zeros(1, *shape), specs, targets, calibration=calibration, test=test,
                             base_top1=base_top1, kind=args.target_kind, compensations=compensations,
                             schedules=schedules, protect_uncompensable=args.protect_uncompensable,
-                            progress=progress):
+                            progress=progress, guards=Guards(round_to=args.round_to)):
             rows.append(run["row"])
             if run["row"]["target"] == chart_target:
                 layers[run["row"]["label"]] = run["report"]["layers"]
         result = {"kind": "compare", "model": desc.get("model"), "checkpoint": args.checkpoint, "data": data,
                   "test_images": len(test), "input_shape": list(shape),
                   "calibration": {"data": calib_data, "images": len(calibration.dataset), "seed": args.seed},
-                  "target_kind": args.target_kind, "targets": targets, "baseline_top1": base_top1, "rows": rows,
+                  "target_kind": args.target_kind, "targets": targets, "round_to": args.round_to, "baseline_top1": base_top1, "rows": rows,
                   "layers": layers if len(layers) <= 10 else {},
                   "layers_title": f"Channels per layer at {100 * chart_target:.0f} % of "
                                   f"{'MACs' if args.target_kind == 'flops' else 'parameters'} removed",

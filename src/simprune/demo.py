@@ -68,9 +68,14 @@ def _latency(baseline, pruned, shape, macs: tuple[int, int], onnx_path: Path, th
 
 def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: int | None = None,
              calib_images: int = 640, checkpoint: Path | None = None, threads: int = 2, latency_runs: int = 50,
-             progress: bool = False, command: str = "simprune demo") -> dict:
-    """Run the demo into ``out`` (written atomically) and return the report dict."""
+             round_to: int = 8, progress: bool = False, command: str = "simprune demo") -> dict:
+    """Run the demo into ``out`` (written atomically) and return the report dict.
+
+    ``round_to`` keeps every group's channel count a multiple of 8 by default: onnxruntime's CPU
+    convolutions work in blocks of 8 channels; on this project's 2-core Xeon (1 thread, batch 1) the
+    QSFM ResNet-56 at half the MACs ran 1.02x faster with odd widths and 1.31x with multiples of 8."""
     from . import api  # noqa: PLC0415
+    from .allocation import Guards  # noqa: PLC0415
     from .calibration import calibration_loader  # noqa: PLC0415
     from .counting import count  # noqa: PLC0415
     from .data import load_dataset  # noqa: PLC0415
@@ -104,7 +109,7 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
                  "params": cost.params, "flops_removed": 0.0, "params_removed": 0.0}]
         layers, kept = {}, None
         for run in run_grid(model, torch.zeros(1, *shape), SPECS, [target], calibration=calib, test=test,
-                            base_top1=base, progress=progress):
+                            base_top1=base, progress=progress, guards=Guards(round_to=round_to)):
             rows.append(run["row"])
             layers[run["row"]["label"]] = run["report"]["layers"]
             if kept is None:  # the first criterion, qsfm, is the one we keep
@@ -117,7 +122,8 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
         summary = {"kind": "demo", "model": desc.get("model"), "checkpoint": str(checkpoint), "data": data,
                    "test_images": len(test), "input_shape": list(shape),
                    "calibration": {"data": data, "images": len(calib.dataset), "seed": 0},
-                   "target_flops": target, "baseline_top1": base, "rows": rows, "layers": layers,
+                   "target_flops": target, "round_to": round_to, "baseline_top1": base, "rows": rows,
+                   "layers": layers,
                    "layers_title": f"Channels per layer at {100 * target:.0f} % of MACs removed"}
         try:
             require("onnx", "onnxruntime")
@@ -172,6 +178,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--eval-images", type=_positive, default=None, help="evaluate on the first N test images only")
     p.add_argument("--calib-images", type=_positive, default=640)
     p.add_argument("--checkpoint", default=None, help="another trained model directory instead of the shipped one")
+    p.add_argument("--round-to", type=_positive, default=8,
+                   help="keep channel counts multiples of this (8: what onnxruntime's CPU kernels need to speed up)")
     p.add_argument("--threads", type=_positive, default=2, help="threads for the latency measurement")
     p.add_argument("--latency-runs", type=_positive, default=50)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -183,6 +191,6 @@ def cmd_demo(args) -> int:
 
     summary = run_demo(Path(args.out), args.target, args.data, args.eval_images, args.calib_images,
                        Path(args.checkpoint) if args.checkpoint else None, args.threads, args.latency_runs,
-                       progress=not args.quiet and sys.stderr.isatty(), command=_command_line())
+                       args.round_to, progress=not args.quiet and sys.stderr.isatty(), command=_command_line())
     print_summary(summary, args.out)
     return 0

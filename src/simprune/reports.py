@@ -211,7 +211,9 @@ def _setup_rows(data: dict) -> list[list]:
             ["test data", f"{data.get('test_images')} images of {data.get('data')}"],
             ["calibration", f"{cal.get('images')} images of {cal.get('data')} (seed {cal.get('seed')})"],
             ["same footing", "uncompensable groups left whole, BatchNorm re-estimated on the calibration "
-                             "images, no fine-tuning"]]
+                             "images, no fine-tuning"]] + \
+        ([["channel counts", f"multiples of {data['round_to']} (onnxruntime's CPU kernels work in blocks of 8)"]]
+         if data.get("round_to", 1) > 1 else [])
 
 
 def _compare_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:

@@ -156,7 +156,8 @@ def test_command_writes_all_files(tmp_path, fake_data, capsys):
     out = tmp_path / "out"
     args = _args("--model", "resnet20", "--calib-data", "fashion-mnist", "--calib-images", 20, "--out", out)
     assert args.fn(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "redundancy.png", "similarity.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "redundancy.png", "report.html", "report.md",
+                                                     "similarity.png"]
     report = json.loads((out / "analysis.json").read_text())
     assert report["weights"] == "random" and report["checkpoint"] is None and report["model"] == "resnet20"
     assert report["input_shape"] == [1, 16, 16]  # taken from the data when there is no checkpoint

@@ -40,7 +40,8 @@ def test_prune_with_finetune_writes_a_complete_report(tmp_path, cli):
     assert ft["epochs"] == 2 and len(ft["history"]) == 2 and ft["ranks"] == 1
     assert report["accuracy"]["after"] == pytest.approx(ft["top1_after"])
     assert abs(report["reduction"]["flops"] - 0.5) <= 0.01
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "report.json", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["channels.png", "model.json", "model.safetensors", "report.html",
+                                                     "report.json", "report.md", "train.log"]
     assert "after 2 fine-tuning epochs" in stdout
     code, stdout, _ = cli("evaluate", "--checkpoint", out, "--data", "fashion-mnist", "--quiet", "--split", "test")
     assert code == 0

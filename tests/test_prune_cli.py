@@ -23,7 +23,8 @@ def test_prune_writes_model_json_and_report(cli, tmp_path):
     code, stdout, _ = cli("prune", "--model", "resnet20", "--criterion", "l1", "--target-flops", "0.5",
                           "--input", "3x32x32", "--no-latency", "--out", out)  # latency: tests/test_latency.py
     assert code == 0 and "removed" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["channels.png", "model.json", "model.safetensors", "report.html",
+                                                     "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"model", "criterion", "target", "macs", "params", "layers", "accuracy"}
     assert report["target"] == {"flops": 0.5} and report["accuracy"] is None

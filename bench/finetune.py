@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+from common import RESULTS, print_table, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "zoo" / "resnet56-fashion-mnist"
@@ -30,15 +30,28 @@ RUNS = {  # label -> extra CLI arguments
 }
 
 
+def _plain(command: str) -> list[str]:
+    """The arguments that decide the result (not how the output folder or latency step is handled)."""
+    return [c for c in command.split() if c not in ("--resume", "--overwrite", "--no-latency")][2:]
+
+
+def _finished_same(out: Path, cmd: list[str]) -> bool:
+    """True when ``out`` already holds the finished result of this very command (reused, not rerun)."""
+    report = out / "report.json"
+    if (out / "INCOMPLETE.json").exists() or not report.exists():
+        return False
+    return _plain(json.loads(report.read_text()).get("command", "")) == _plain("simprune " + " ".join(cmd[1:]))
+
+
 def run(label: str, extra: list[str], args, out: Path) -> dict:
     cmd = [str(Path(sys.executable).parent / "simprune"), "prune", "--checkpoint", str(BASELINE),
            "--target-flops", str(args.target), "--data", "fashion-mnist", "--finetune-epochs", str(args.epochs),
-           "--lr", str(args.lr), "--quiet", "--out", str(out), "--overwrite", *extra]
-    help_text = subprocess.run(cmd[:2] + ["--help"], capture_output=True, text=True).stdout
-    if "--no-latency" in help_text:  # latency is measured by bench/latency.py, not here
-        cmd.append("--no-latency")
+           "--lr", str(args.lr), "--quiet", "--out", str(out), *extra]
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    if not _finished_same(out, cmd):
+        # an interrupted run is continued (the product's --resume), anything else starts over
+        cmd.append("--resume" if (out / "INCOMPLETE.json").exists() else "--overwrite")
+        subprocess.run(cmd + ["--no-latency"], check=True)  # latency is bench/latency.py's job
     report = json.loads((out / "report.json").read_text())
     ft = report["finetune"]
     return {"run": label, "schedule": report["schedule"]["name"], "epochs": args.epochs,
@@ -48,7 +61,9 @@ def run(label: str, extra: list[str], args, out: Path) -> dict:
             "top1_before_finetune": ft.get("top1_before_finetune"),
             "top1_after": report["accuracy"]["after"],
             "change": report["accuracy"]["after"] - report["accuracy"]["before"],
-            "minutes": round((time.time() - t0) / 60, 1), "command": " ".join(cmd[1:])}
+            "minutes": round(sum(h["seconds"] for h in ft["history"]) / 60, 1),
+            "wall_minutes_this_call": round((time.time() - t0) / 60, 1),
+            "command": "simprune prune " + " ".join(_plain("simprune " + " ".join(cmd[1:])))}
 
 
 def main() -> None:
@@ -58,13 +73,17 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--runs", nargs="*", default=list(RUNS), help=f"labels among {list(RUNS)}")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-finetune"))
+    p.add_argument("--merge", action="store_true", help="keep rows of bench/results/finetune.json for other runs")
     args = p.parse_args()
     rows = []
+    previous = RESULTS / "finetune.json"
+    if args.merge and previous.exists():  # keep earlier rows of runs not repeated now
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["run"] not in args.runs]
     for label in args.runs:
         rows.append(run(label, RUNS[label], args, Path(args.out) / label.replace(" ", "-")))
         print_table(rows, ["run", "epochs", "flops_removed_pct", "params_removed_pct", "top1_baseline",
                            "top1_before_finetune", "top1_after", "change", "minutes"])
-    path = write_json("finetune", {"target": args.target, "epochs": args.epochs, "lr": args.lr, "rows": rows})
+        path = write_json("finetune", {"target": args.target, "epochs": args.epochs, "lr": args.lr, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -99,7 +99,7 @@ def soft_prune(model: nn.Module, example: torch.Tensor, criterion: Any, target: 
     """Soft pruning (see :mod:`simprune.schedules`) for ``finetune.cfg.epochs`` epochs, then removal for good.
 
     Returns (pruned model, report); the report's accuracy after removal equals the zeroed model's."""
-    from .api import resolve_criterion  # noqa: PLC0415
+    from .api import _widths, resolve_criterion  # noqa: PLC0415
     from .counting import count  # noqa: PLC0415
     from .graph import PruningGraph  # noqa: PLC0415
     from .schedules import SoftPruning, finish_soft, soft_selector  # noqa: PLC0415
@@ -112,16 +112,20 @@ def soft_prune(model: nn.Module, example: torch.Tensor, criterion: Any, target: 
                            normalization=normalization, cost_weight=cost_weight)
     hooks = SoftPruning(graph, select, kind, ratio, finetune.cfg.epochs, hold, log=finetune.log)
     widths = {g.root: g.size for g in graph.groups}
+    layers_before = _widths(model)
     history = finetune.run(model, hooks)
     removed = finish_soft(hooks)
     model.eval()
     after = count(model, example)
+    layers_after = _widths(model)
     report = {
         "criterion": crit.name, "target": dict(target), "schedule": {"name": "soft", "epochs": finetune.cfg.epochs,
                                                                      "hold": hold, "shares": hooks.shares},
         "macs": {"before": before.macs, "after": after.macs}, "params": {"before": before.params, "after": after.params},
         "reduction": {"flops": 1 - after.macs / before.macs, "params": 1 - after.params / before.params},
         "groups": [{"root": g.root, "channels_before": widths[g.root], "channels_after": g.size} for g in graph.groups],
+        "layers": [{"name": n, "channels_before": c, "channels_after": layers_after.get(n, 0)}
+                   for n, c in layers_before.items()],
         "protected_groups": hooks.protected, "compensated": False, "bn_recalibrated": False, "accuracy": None,
         "decision_fingerprint": distributed.fingerprint(removed),
         "finetune": {"epochs": finetune.cfg.epochs, "history": history, "soft": True},

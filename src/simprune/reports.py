@@ -133,8 +133,9 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
                 ("Model", [("table", ["", ""], model_rows)])]
     if data.get("latency"):
         sections.append(("Latency", _latency_blocks(data)))
-    sections.append(("Channels per layer", [("img", "channels.png",
-                                             "output channels of every conv/linear layer before (grey) and after")]))
+    if data.get("layers"):
+        sections.append(("Channels per layer", [("img", "channels.png",
+                                                 "output channels of every conv/linear layer before (grey) and after")]))
     heat = _figures(directory, "similarity*.png", "similarity of every pair of channels in each group, "
                     "measured on the unpruned model (the criterion's own statistics)")
     if heat:

@@ -82,8 +82,14 @@ def render_latency(data: dict) -> str:
                      f"{r['params_before'] / 1e6:.2f} → {r['params_after'] / 1e6:.2f}",
                      f"{r['ort_before_ms']:.2f}", f"{r['ort_after_ms']:.2f}", f"{r['speedup']:.2f}x",
                      f"{r['mac_speedup']:.2f}x", f"{r['ratio']:.2f}", agree])
-    tables = ", ".join(f"{t['model']} {t['seconds']:.0f} s ({t['configs']} distinct layers, {t['points']} widths)"
+    tables = ", ".join(f"{t['model']} {t['seconds']:.1f} s ({t['configs']} distinct layers, {t['points']} widths)"
                        for t in data["latency_tables"])
+    goal = data["edge_speedup_goal"]
+    edge = sorted((r for r in data["rows"] if r["model"] == "MobileNetV2" and r["speedup"] >= goal),
+                  key=lambda r: r["flops_removed"])
+    reached = (f" MobileNetV2 first reaches {goal}x at {100 * edge[0]['flops_removed']:.1f} % of MACs removed "
+               f"({edge[0]['pruning']}, {edge[0]['speedup']:.2f}x, top-1 agreement "
+               f"{edge[0]['top1_agreement']:.1f} %)." if edge else f" MobileNetV2 never reaches {goal}x here.")
     load = f"1-minute load average {data['load_average_at_start']:.2f} at the start"
     busy = (f" The background fine-tuning job was still running on the other core after waiting "
             f"{data['waited_minutes']:.0f} min ({load})." if data["background_busy"] else
@@ -96,7 +102,8 @@ def render_latency(data: dict) -> str:
         f"counts as the allocator leaves them; \"x{data['vector_block']}\": rounded to onnxruntime's vector block "
         f"on this CPU. Top-1 agreement: share of the {data['agreement_images']} crops (ten per photograph) of "
         f"scikit-image's photographs on which the pruned model's top-1 class equals the unpruned one's, no "
-        f"fine-tuning. Building the latency table took {tables}.{busy} {_machine(data)} `python bench/latency.py`.")
+        f"fine-tuning.{reached} Building the latency table took {tables}.{busy} {_machine(data)} "
+        "`python bench/latency.py`.")
 
 
 def render_zoo(_: dict | None = None) -> str:
@@ -110,8 +117,27 @@ def render_zoo(_: dict | None = None) -> str:
         "\n\nTop-1 on the 10,000-image test set after the last epoch, read from each `model.json`."
 
 
+def render_robustness(data: dict) -> str:
+    fuzz = _table(["file", "mutations", "inputs tried", "refused in one line", "loaded, identical",
+                   "loaded, the file's own valid content", "failures"],
+                  [[f"`{r['file']}`", r["mutations"], r["tried"], r["refused"], r["identical"], r["accepted"],
+                    r["failed"]] for r in data["fuzz"]])
+    kills = _table(["command", "kill trials (signal sent before the run ended)", "signals",
+                    "left absent / incomplete / complete", "left broken", "Ctrl-C message right",
+                    "finished identical to an uninterrupted run"],
+                   [[f"`{r['command']}`", f"{r['trials']} ({r['sent']})", r["signals"],
+                     f"{r['left absent']} / {r['left incomplete']} / {r['left complete']}", r["left broken"],
+                     f"{r['messages ok']} of {r['trials']}", f"{r['identical']} of {r['trials']}"]
+                    for r in data["interruption"]])
+    alloc = data["allocator"]
+    return (f"{fuzz}\n\n{kills}\n\nAllocator properties: {alloc['examples']} random networks (plain, residual and "
+            f"depthwise blocks), random targets, guards and ignore patterns, {alloc['failures']} failures. "
+            f"{data['per_mutation']} seeded cases per mutation. {_machine(data)} `python bench/robustness.py`.")
+
+
 RENDERERS = {"engine": render_engine, "calibration": render_calibration, "quality": render_quality,
-             "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency}
+             "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
+             "robustness": render_robustness}
 
 
 def rendered_readme(text: str) -> str:

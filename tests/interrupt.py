@@ -50,6 +50,7 @@ class Trial:
     signal: str
     delay_s: float
     when: str = "start"  # the delay counts from the start, or from the moment the run is busy
+    sent: bool = False  # False when the run had ended before the moment came
     rc: int | None = None
     after_kill: str = ""
     message_ok: bool = True
@@ -64,7 +65,8 @@ class Trial:
             and not self.leftovers
 
     def __str__(self) -> str:
-        return (f"{self.scenario} {self.signal} {self.delay_s:.2f}s after {self.when}: rc {self.rc}, left {self.after_kill}, "
+        return (f"{self.scenario} {self.signal} {self.delay_s:.3f}s after {self.when}"
+                f"{'' if self.sent else ' (never sent: the run had ended)'}: rc {self.rc}, left {self.after_kill}, "
                 f"message {'ok' if self.message_ok else 'MISSING'}, resumed {self.resumed}, identical "
                 f"{self.identical}, leftovers {self.leftovers} {self.detail}")
 
@@ -79,7 +81,7 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
 
 def run_and_signal(argv: list[str], sig: str, delay: float, ready: Callable[[], bool] | None = None
                    ) -> tuple[int, str, bool]:
-    """Start ``argv``; once ``ready()`` holds (polled every 5 ms; at once without it) wait ``delay``
+    """Start ``argv``; once ``ready()`` holds (polled every 2 ms; at once without it) wait ``delay``
     seconds and send ``sig``. Returns (exit code, stderr, whether the signal was sent)."""
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     stderr: list[str] = []
@@ -88,7 +90,7 @@ def run_and_signal(argv: list[str], sig: str, delay: float, ready: Callable[[], 
     reader = threading.Thread(target=lambda: stderr.append(p.stderr.read()), daemon=True)
     reader.start()  # drain stderr while waiting, so a chatty run never blocks on a full pipe
     while ready is not None and p.poll() is None and not ready():
-        time.sleep(0.005)
+        time.sleep(0.002)
     try:
         p.wait(timeout=delay)
         sent = False
@@ -107,13 +109,23 @@ def leftovers(out: Path) -> list[str]:
     return sorted(names)
 
 
-def reference(scenario: Scenario, workdir: Path) -> tuple[dict[str, torch.Tensor], float]:
+def reference(scenario: Scenario, workdir: Path) -> tuple[dict[str, torch.Tensor], float, float]:
+    """The uninterrupted run: its result, its duration and how long it stayed busy (writing)."""
     out = workdir / f"{scenario.name}-reference"
-    t0 = time.time()
-    done = run(scenario.start(out))
-    if done.returncode != 0:
-        raise RuntimeError(f"uninterrupted {scenario.name} failed: {done.stderr[-2000:]}")
-    return scenario.result(out), time.time() - t0
+    t0, busy_at, busy_end = time.time(), None, None
+    p = subprocess.Popen(scenario.start(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    while p.poll() is None:
+        busy = scenario.busy(out)
+        if busy and busy_at is None:
+            busy_at = time.time()
+        elif not busy and busy_at is not None and busy_end is None:
+            busy_end = time.time()
+        time.sleep(0.002)
+    seconds = time.time() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"uninterrupted {scenario.name} failed: {p.stderr.read()[-2000:]}")
+    busy_at = busy_at or time.time()
+    return scenario.result(out), seconds, (busy_end or time.time()) - busy_at
 
 
 def trial(scenario: Scenario, workdir: Path, sig: str, delay: float, ref: dict[str, torch.Tensor],
@@ -124,13 +136,16 @@ def trial(scenario: Scenario, workdir: Path, sig: str, delay: float, ref: dict[s
     t = Trial(scenario.name, sig, delay, when)
     t.rc, err, sent = run_and_signal(scenario.start(out), sig, delay,
                                      (lambda: scenario.busy(out)) if when == "busy" else None)
+    t.sent = sent
     try:
         t.after_kill = scenario.state(out)
     except Broken as exc:
         t.after_kill, t.detail = "broken", str(exc)
         return t
     lines = err.strip().splitlines()
-    if sent and sig != "SIGKILL" and t.rc != 0:
+    if t.after_kill == "complete" and t.rc in (0, 130, -SIGNALS[sig]):
+        pass  # the signal came after the work was done (e.g. while the interpreter shut down)
+    elif sent and sig != "SIGKILL":
         expected = scenario.checkpoint(out)
         t.message_ok = t.rc == 130 and bool(lines) and lines[-1].startswith("interrupted") and (
             expected is None or expected in lines[-1]) and "Traceback" not in err
@@ -228,6 +243,8 @@ def train_scenario(data: Path, epochs: int = 3, limit_batches: int = 4) -> Scena
                 "history": torch.tensor([v for h in history for v in h.values()], dtype=torch.float64)}
 
     def checkpoint(out):
+        if state(out) == "complete":
+            return "is complete"
         if (out / STATE_FILE).exists():
             return str(out / STATE_FILE)
         return "no checkpoint was written yet" if out.exists() and any(out.iterdir()) else "nothing was written"
@@ -284,7 +301,10 @@ def prune_scenario(checkpoint: Path, extra: tuple = ()) -> Scenario:
     def busy(out):  # writing the scratch directory that becomes OUT
         return any(out.parent.glob(f".{out.name}.partial-*"))
 
-    return Scenario("prune", start, resume, state, result, busy=busy)
+    def checkpoint(out):
+        return "is complete" if state(out) == "complete" else "nothing was written"
+
+    return Scenario("prune", start, resume, state, result, checkpoint, busy)
 
 
 def clean(workdir: Path) -> None:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 STATE_FILE = "train_state.safetensors"
+MARKER = "INCOMPLETE.json"  # an unfinished run's directory holds this until it completes
 
 
 def checkpoint_epoch(path: Path) -> str | None:
@@ -29,6 +30,8 @@ def last_checkpoint(out_dir: Path | str | None) -> str:
     out = Path(out_dir) if out_dir else None
     if out is None or not out.is_dir() or not any(out.iterdir()):
         return f"nothing was written to {out_dir}; rerun the same command"
+    if (out / "model.json").exists() and not (out / MARKER).exists():
+        return f"{out} is complete"
     path = out / STATE_FILE
     if not path.exists():
         return "no checkpoint was written yet; rerun with --overwrite to start again"

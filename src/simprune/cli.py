@@ -92,13 +92,6 @@ def _dataset_defaults(args, ds) -> None:
 
 
 def cmd_train(args) -> int:
-    from .training import checkpoint_on_interrupt  # noqa: PLC0415
-
-    with checkpoint_on_interrupt(Path(args.out)):  # Ctrl-C/SIGTERM anywhere: name the last checkpoint
-        return _train(args)
-
-
-def _train(args) -> int:
     from .data import load_dataset  # noqa: PLC0415
     from .models import build_model  # noqa: PLC0415
     from .files import lock_for_writing  # noqa: PLC0415
@@ -460,7 +453,7 @@ def _import_torch(hold_signals: bool) -> None:
 
 
 def _where(argv: list[str]) -> str:
-    """For a stop before the command itself started (e.g. while torch loads): what --out holds."""
+    """After Ctrl-C/SIGTERM, whenever it came: what --out holds and how to go on (the last checkpoint)."""
     outs = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
             for i, a in enumerate(argv) if a == "--out" or a.startswith("--out=")]
     if not outs or not outs[-1]:

@@ -8,7 +8,6 @@ reseeds its shuffling and augmentation from ``seed + epoch``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -24,8 +23,8 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoints import STATE_FILE, last_checkpoint
-from .errors import Interrupted, SimpruneError
+from .checkpoints import STATE_FILE
+from .errors import SimpruneError
 from .files import atomic_write_bytes, read_safetensors, save_model, tensors_bytes
 
 
@@ -133,17 +132,6 @@ def load_train_state(out_dir: Path, model: nn.Module,
     for p, buf in momentum.items():
         opt.state[p]["momentum_buffer"] = buf.clone()
     return epoch, history, hook_state
-
-
-@contextlib.contextmanager
-def checkpoint_on_interrupt(out_dir: Path | None):
-    """Turn Ctrl-C (or SIGTERM, which the CLI maps to it) into an Interrupted naming the last checkpoint."""
-    try:
-        yield
-    except Interrupted:
-        raise
-    except KeyboardInterrupt as exc:
-        raise Interrupted(last_checkpoint(out_dir)) from exc
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, sampler=None) -> DataLoader:

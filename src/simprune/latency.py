@@ -142,17 +142,20 @@ def compare_latency(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
             "threads": before.get("threads")}
 
 
-def machine_name() -> str:
-    """CPU model and core count, for saying which machine measured a latency."""
-    cpu = "unknown CPU"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return "unknown"
+
+
+def machine_name() -> str:
+    """CPU model and core count, for saying which machine measured a latency."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, threads: int = 1,

@@ -105,7 +105,7 @@ def widths(channels: int, points: int = POINTS, multiple: int = 1) -> list[int]:
 
 def _layer_graph(module: nn.Module, in_shape: tuple[int, ...], c_in: int, c_out: int) -> bytes:
     """A one-layer ONNX model (Conv+Relu or Gemm) with random weights, batch 1."""
-    onnx, = require("onnx")
+    require("onnx")
     from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
@@ -133,7 +133,7 @@ def _layer_graph(module: nn.Module, in_shape: tuple[int, ...], c_in: int, c_out:
 
 
 def _identity_graph(shape: list[int]) -> bytes:
-    onnx, = require("onnx")
+    require("onnx")
     from onnx import TensorProto, helper  # noqa: PLC0415
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",

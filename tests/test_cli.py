@@ -1,3 +1,4 @@
+import json
 import pickle
 import subprocess
 import sys
@@ -74,3 +75,18 @@ def test_train_refuses_non_empty_out_without_resume(cli, tmp_path):
     _one_line_error(*cli("train", "--model", "resnet20", "--data", "fashion-mnist", "--epochs", "1",
                          "--out", tmp_path)[::2], "--overwrite")
     assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_weights_option_is_for_torchvision_models_only(cli):
+    code, _, err = cli("info", "--model", "resnet20", "--weights", "IMAGENET1K_V1")
+    assert code == 2 and "--weights applies to torchvision:<name> models only" in err
+
+
+def test_weights_option_builds_the_pretrained_1000_class_model(cli):
+    from simprune.imagenet import weights_path
+
+    if not weights_path("mobilenet_v2", "IMAGENET1K_V1").exists():
+        pytest.skip("make weights puts torchvision's MobileNetV2 file into torch's hub cache")
+    code, out, _ = cli("info", "--model", "torchvision:mobilenet_v2", "--weights", "IMAGENET1K_V1",
+                       "--input", "3x224x224", "--json")
+    assert code == 0 and json.loads(out)["params"] == 3_504_872

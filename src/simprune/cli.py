@@ -20,12 +20,19 @@ def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="registry name (see `simprune models`) or torchvision:<name>")
     p.add_argument("--num-classes", type=int, default=None, help="default: from the data set, else 10")
     p.add_argument("--in-channels", type=int, default=None, help="default: from the data set, else 3")
+    p.add_argument("--weights", default=None, help="torchvision:<name> only: pretrained weights, e.g. "
+                                                   "IMAGENET1K_V1 (torchvision's cache, else its download)")
 
 
 def _data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="fashion-mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
     p.add_argument("--data-dir", default=None, help="where the data set files are (else $SIMPRUNE_DATA, system, cache)")
     p.add_argument("--pad-to", type=int, default=None, help="zero-pad images to this size (32 for 28x28 sets)")
+
+
+def _weights(args) -> dict:
+    """``weights=`` for build_model when --weights was given (torchvision models only)."""
+    return {"weights": args.weights} if getattr(args, "weights", None) else {}
 
 
 def _positive(text: str) -> int:
@@ -65,7 +72,8 @@ def cmd_info(args) -> int:
     else:
         if not args.model:
             raise SimpruneError("give --model NAME or --checkpoint DIR")
-        model = build_model(args.model, num_classes=args.num_classes or 10, in_channels=args.in_channels or shape[0])
+        model = build_model(args.model, num_classes=args.num_classes or (1000 if _weights(args) else 10),
+                            in_channels=args.in_channels or shape[0], **_weights(args))
     try:
         cost = count(model, torch.zeros(1, *shape))
     except RuntimeError as exc:
@@ -112,7 +120,7 @@ def cmd_train(args) -> int:
     import torch  # noqa: PLC0415
 
     torch.manual_seed(args.seed)  # before building: --seed decides the initial weights too
-    model = build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    model = build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels, **_weights(args))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, seed=args.seed, bf16=not args.fp32,
                       channels_last=not args.fp32, limit_batches=args.limit_batches)
@@ -193,8 +201,11 @@ def _load_or_build(args, shape_text: str | None):
         raise SimpruneError("give --model NAME (and optionally --checkpoint DIR)")
     shape = parse_input_shape(shape_text or "3x32x32")
     in_ch = args.in_channels or shape[0]
-    model = build_model(args.model, num_classes=args.num_classes or 10, in_channels=in_ch)
-    desc = {"model": args.model, "model_args": {"num_classes": args.num_classes or 10, "in_channels": in_ch}}
+    extra = _weights(args)
+    default_classes = 1000 if extra else 10
+    model = build_model(args.model, num_classes=args.num_classes or default_classes, in_channels=in_ch, **extra)
+    desc = {"model": args.model, "model_args": {"num_classes": args.num_classes or default_classes,
+                                                "in_channels": in_ch}}
     return model.eval(), desc, shape
 
 

@@ -75,6 +75,13 @@ def simprune(*args) -> list[str]:
     return [sys.executable, "-m", "simprune.cli", *map(str, args)]
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT/SIGTERM back to their defaults (a job started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=TIMEOUT_S)
 
@@ -83,7 +90,8 @@ def run_and_signal(argv: list[str], sig: str, delay: float, ready: Callable[[], 
                    ) -> tuple[int, str, bool]:
     """Start ``argv``; once ``ready()`` holds (polled every 2 ms; at once without it) wait ``delay``
     seconds and send ``sig``. Returns (exit code, stderr, whether the signal was sent)."""
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=_default_signals)
     stderr: list[str] = []
     import threading
 

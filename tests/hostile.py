@@ -2,7 +2,7 @@
 
 Shared by ``tests/test_fuzz_files.py`` (hypothesis picks the cases) and ``bench/robustness.py``
 (fixed seeds, more cases). One case writes a valid file set, damages one file with a named
-mutation, runs simprune's own reader under a time and memory limit, and classifies the result:
+mutation (tests/mutations.py), runs simprune's own reader under a time and memory limit, and classifies the result:
 
   refused    a one-line SimpruneError (ours)
   identical  loaded, equal to what the undamaged files give (the damage was immaterial)

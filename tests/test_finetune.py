@@ -68,7 +68,7 @@ def test_unfinished_run_is_refused_by_load_and_by_a_second_run(tmp_path, cli):
 
 
 def _finetune_cmd(src, out, *extra):
-    return [SIMPRUNE, "finetune", str(src), "--data", "fashion-mnist", "--epochs", "3", "--limit-batches", "25",
+    return [SIMPRUNE, "finetune", str(src), "--data", "fashion-mnist", "--epochs", "3", "--limit-batches", "12",
             "--eval-images", "200", "--quiet", "--out", str(out), *extra]
 
 

@@ -67,7 +67,7 @@ def _latency(baseline, pruned, shape, macs: tuple[int, int], onnx_path: Path, th
 
 
 def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: int | None = None,
-             calib_images: int = 640, checkpoint: Path | None = None, threads: int = 2, latency_runs: int = 50,
+             calib_images: int = 640, checkpoint: Path | None = None, threads: int = 1, latency_runs: int = 50,
              round_to: int = 8, progress: bool = False, command: str = "simprune demo") -> dict:
     """Run the demo into ``out`` (written atomically) and return the report dict.
 
@@ -180,7 +180,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="another trained model directory instead of the shipped one")
     p.add_argument("--round-to", type=_positive, default=8,
                    help="keep channel counts multiples of this (8: what onnxruntime's CPU kernels need to speed up)")
-    p.add_argument("--threads", type=_positive, default=2, help="threads for the latency measurement")
+    p.add_argument("--threads", type=_positive, default=1,
+                   help="intra-op threads for the latency measurement (1: steadiest with other work running)")
     p.add_argument("--latency-runs", type=_positive, default=50)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_demo)

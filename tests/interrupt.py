@@ -4,7 +4,7 @@ Shared by tests/test_interruption.py and bench/robustness.py. A :class:`Scenario
 that writes an output directory: how to start it, how to finish an interrupted one, what its
 directory looks like (absent, incomplete or complete; anything else is broken), what must equal
 an uninterrupted run, and which checkpoint a Ctrl-C must name. ``train_scenario`` and
-``prune_scenario`` are the two built here; ``finetune`` and ``export`` plug in the same way.
+``prune_scenario`` came first; ``finetune_scenario`` and ``export_scenario`` plug in the same way.
 """
 from __future__ import annotations
 
@@ -313,6 +313,93 @@ def prune_scenario(checkpoint: Path, extra: tuple = ()) -> Scenario:
         return "is complete" if state(out) == "complete" else "nothing was written"
 
     return Scenario("prune", start, resume, state, result, checkpoint, busy)
+
+
+# ---- simprune finetune ------------------------------------------------------------------------
+
+def finetune_scenario(source: Path, data_args: tuple = ("--data", "fashion-mnist"), epochs: int = 3,
+                      limit_batches: int = 2, eval_images: int = 200) -> Scenario:
+    """``simprune finetune`` of a pruned model directory; resume with --resume when a checkpoint and the
+    marker are there, else start over with --overwrite."""
+    from simprune.finetuning import MARKER
+    from simprune.training import STATE_FILE
+
+    args = ["finetune", source, *data_args, "--epochs", epochs, "--limit-batches", limit_batches,
+            "--eval-images", eval_images, "--batch-size", 32, "--seed", 0, "--quiet"]
+
+    def start(out):
+        return simprune(*args, "--out", out)
+
+    def state(out):
+        if not out.exists() or not any(out.iterdir()):
+            return "absent"
+        try:
+            if (out / MARKER).exists():
+                if (out / STATE_FILE).exists():
+                    _tensors(out / STATE_FILE)
+                return "incomplete"
+            from simprune.files import load_model
+
+            load_model(out)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the failure looked for
+            raise Broken(f"{type(exc).__name__}: {exc}") from exc
+        return "complete"
+
+    def resume(out):
+        if state(out) == "complete":
+            return None
+        go_on = (out / MARKER).exists() and (out / STATE_FILE).exists()
+        return simprune(*args, "--out", out, "--resume" if go_on else "--overwrite")
+
+    def result(out):
+        return _tensors(out / "model.safetensors")
+
+    def checkpoint(out):
+        if state(out) == "complete":
+            return "is complete"
+        if (out / STATE_FILE).exists():
+            return str(out / STATE_FILE)
+        return "no checkpoint was written yet" if out.exists() and any(out.iterdir()) else "nothing was written"
+
+    return Scenario("finetune", start, resume, state, result, checkpoint,
+                    busy=lambda out: (out / STATE_FILE).exists())
+
+
+# ---- simprune export --------------------------------------------------------------------------
+
+def export_scenario(source: Path) -> Scenario:
+    """``simprune export DIR --onnx``: OUT is a copy of the model directory ``source``, and the output is
+    OUT/model.onnx, there whole (checked, loads in onnxruntime) or not at all; a killed export is rerun.
+    The exporter is deterministic, so the result is the file's bytes."""
+    def start(out):
+        if not out.exists():
+            shutil.copytree(source, out)
+        return simprune("export", out, "--onnx")
+
+    def state(out):
+        path = out / "model.onnx"
+        if not path.exists():
+            return "absent"
+        try:
+            import onnx
+            import onnxruntime as ort
+
+            onnx.checker.check_model(onnx.load(str(path)))
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise Broken(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        return "complete"
+
+    def resume(out):
+        return None if state(out) == "complete" else start(out)
+
+    def result(out):
+        return {"model.onnx": torch.frombuffer(bytearray((out / "model.onnx").read_bytes()), dtype=torch.uint8)}
+
+    def busy(out):  # the atomic write's hidden temporary next to the output
+        return any(out.glob(".model.onnx.*.tmp"))
+
+    return Scenario("export", start, resume, state, result, lambda out: "nothing was written", busy)
 
 
 def clean(workdir: Path) -> None:

@@ -191,3 +191,23 @@ def test_second_run_into_the_same_directory_refuses(workdir, tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,delay", [("SIGINT", 0.1), ("SIGKILL", 0.3)])
+def test_finetune_killed_while_training_resumes_bit_for_bit(workdir, sig, delay):
+    data = ("--data", "mnist", "--data-dir", write_tiny_mnist(workdir / "mnist"))
+    scenario = interrupt.finetune_scenario(write_checkpoint(workdir / "ckpt"), data, limit_batches=2, eval_images=16)
+    test = test_finetune_killed_while_training_resumes_bit_for_bit
+    if not hasattr(test, "ref"):
+        test.ref = interrupt.reference(scenario, workdir)[0]
+    t = interrupt.trial(scenario, workdir, sig, delay, test.ref, when="busy")
+    assert t.ok and t.after_kill in ("incomplete", "complete"), str(t)
+
+
+@pytest.mark.slow
+def test_export_killed_leaves_no_onnx_file_then_reruns_to_the_same_bytes(workdir):
+    scenario = interrupt.export_scenario(write_checkpoint(workdir / "ckpt"))
+    ref = interrupt.reference(scenario, workdir)[0]
+    t = interrupt.trial(scenario, workdir, "SIGTERM", 2.0, ref)
+    assert t.ok and t.sent and t.after_kill == "absent" and t.resumed, str(t)

@@ -1,7 +1,9 @@
 """Robustness figures: hostile or broken files per type, kill-and-resume trials, allocator properties.
 
-    python bench/robustness.py            # ~10 fuzz cases per mutation, 9 train + 6 prune kill trials
-    python bench/robustness.py --quick    # 2 per mutation, 3 + 2 trials (a smoke run)
+    python bench/robustness.py            # ~10 fuzz cases per mutation, 12 train + 12 prune + 6 finetune
+                                          # + 4 export kill trials
+    python bench/robustness.py --quick    # 2 per mutation, fewer trials (a smoke run)
+    python bench/robustness.py --only finetune export   # those kill rows only, merged into the JSON
 
 Fixed seeds throughout; the cases are those of tests/hostile.py and tests/interrupt.py (the test
 suite runs fewer). Prints the tables and writes bench/results/robustness.json.
@@ -77,35 +79,85 @@ def allocator(examples: int) -> dict:
     return {"examples": examples, "failures": failures, "seconds": round(time.time() - t0, 1)}
 
 
+def pruned(workdir: Path) -> Path:
+    """A pruned ResNet-20 (Fashion-MNIST zoo model, half the MACs) to fine-tune."""
+    out = workdir / "pruned"
+    done = interrupt.run(interrupt.simprune("prune", "--checkpoint", ROOT / "zoo/resnet20-fashion-mnist", "--criterion",
+                                            "l1", "--target-flops", 0.5, "--no-latency", "--out", out))
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return out
+
+
+def kill_rows(names: list[str], quick: bool, work: Path) -> tuple[list[dict], list[str]]:
+    """The kill-and-resume rows named (fixed seeds per command)."""
+    data = interrupt.write_tiny_mnist(work / "mnist")
+    ckpt = interrupt.write_checkpoint(work / "ckpt")
+    plans = {"train": (lambda: interrupt.train_scenario(data, epochs=6), (1, 2) if quick else (3, 9), 1),
+             "prune": (lambda: interrupt.prune_scenario(ckpt), (1, 1) if quick else (3, 9), 2),
+             "finetune": (lambda: interrupt.finetune_scenario(pruned(work)), (1, 1) if quick else (3, 3), 3),
+             "export": (lambda: interrupt.export_scenario(ckpt), (1, 1) if quick else (3, 1), 4)}
+    rows, failed = [], []
+    for name in names:
+        make, (n_start, n_busy), seed = plans[name]
+        row, bad = kills(make(), work, n_start, n_busy, seed=seed)
+        rows.append(row)
+        failed += bad
+    return rows, failed
+
+
+KILLED = ["train", "prune", "finetune", "export"]
+COLS = ["command", "trials", "sent", "signals", "left absent", "left incomplete", "left complete", "left broken",
+        "messages ok", "resumed", "identical", "leftovers"]
+
+
+def only(names: list[str], quick: bool) -> int:
+    """Rerun some kill rows and put them into the existing robustness.json in place (the rest kept)."""
+    import json  # noqa: PLC0415
+
+    path = Path(__file__).resolve().parent / "results" / "robustness.json"
+    data = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, failed = kill_rows(names, quick, Path(tmp))
+    print_table(rows, COLS)
+    for line in failed:
+        print("FAILED", line)
+    new = {r["command"]: r for r in rows}
+    old = {r["command"]: r for r in data["interruption"]}
+    merged = [new.get(f"simprune {n}") or old[f"simprune {n}"] for n in KILLED if f"simprune {n}" in new | old]
+    kept = [f for f in data["interruption_failures"] if f.split()[0] not in names]
+    data = {k: v for k, v in data.items() if k not in ("machine", "command")}
+    print(f"wrote {write_json('robustness', {**data, 'interruption': merged, 'interruption_failures': kept + failed})}")
+    return 1 if failed else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=KILLED, help="rerun only these kill rows, merged into the JSON")
     args = ap.parse_args()
-    per, n_train, n_prune, n_alloc = (2, (1, 2), (1, 1), 50) if args.quick else (10, (3, 9), (3, 9), 300)
+    if args.only:
+        return only(args.only, args.quick)
+    per, n_alloc = (2, 50) if args.quick else (10, 300)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.time()
         fuzz_rows, fuzz_failed = fuzz(per, work / "fuzz")
         fuzz_s = time.time() - t0
-        data = interrupt.write_tiny_mnist(work / "mnist")
-        ckpt = interrupt.write_checkpoint(work / "ckpt")
-        train_row, train_failed = kills(interrupt.train_scenario(data, epochs=6), work, *n_train, seed=1)
-        prune_row, prune_failed = kills(interrupt.prune_scenario(ckpt), work, *n_prune, seed=2)
+        kill_table, kill_failed = kill_rows(KILLED, args.quick, work)
     alloc = allocator(n_alloc)
     print(f"\nHostile or broken files ({per} seeded cases per mutation, {fuzz_s:.0f} s):")
     print_table(fuzz_rows, ["file", "mutations", "tried", "refused", "identical", "accepted", "failed"])
     print("\nKilled runs, then resumed (or rerun) to the end:")
-    cols = ["command", "trials", "sent", "signals", "left absent", "left incomplete", "left complete", "left broken",
-            "messages ok", "resumed", "identical", "leftovers"]
-    print_table([train_row, prune_row], cols)
+    print_table(kill_table, COLS)
     print(f"\nAllocator properties: {alloc['examples']} random networks, {alloc['failures']} failures")
-    for line in fuzz_failed + train_failed + prune_failed:
+    for line in fuzz_failed + kill_failed:
         print("FAILED", line)
     path = write_json("robustness", {"per_mutation": per, "fuzz": fuzz_rows, "fuzz_failures": fuzz_failed,
-                                     "interruption": [train_row, prune_row],
-                                     "interruption_failures": train_failed + prune_failed, "allocator": alloc})
+                                     "interruption": kill_table, "interruption_failures": kill_failed,
+                                     "allocator": alloc})
     print(f"wrote {path}")
-    return 1 if fuzz_failed or train_failed or prune_failed or alloc["failures"] else 0
+    return 1 if fuzz_failed or kill_failed or alloc["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -250,20 +250,32 @@ def train_scenario(data: Path, epochs: int = 3, limit_batches: int = 4) -> Scena
         return {**{f"model.{k}": v for k, v in weights.items()}, **{f"state.{k}": v for k, v in state_.items()},
                 "history": torch.tensor([v for h in history for v in h.values()], dtype=torch.float64)}
 
+    return Scenario("train", start, resume, state, result, named_checkpoint(state),
+                    busy=lambda out: (out / STATE_FILE).exists())
+
+
+def named_checkpoint(state: Callable[[Path], str]) -> Callable[[Path], str]:
+    """What Ctrl-C must name for a training run (train, finetune): its state file, or that there is none."""
+    from simprune.training import STATE_FILE
+
     def checkpoint(out):
         if state(out) == "complete":
             return "is complete"
         if (out / STATE_FILE).exists():
             return str(out / STATE_FILE)
         return "no checkpoint was written yet" if out.exists() and any(out.iterdir()) else "nothing was written"
-
-    return Scenario("train", start, resume, state, result, checkpoint, busy=lambda out: (out / STATE_FILE).exists())
+    return checkpoint
 
 
 def _meta(path: Path) -> dict:
     from simprune.files import read_safetensors
 
     return read_safetensors(path)[1]
+
+
+def rerun_unless_complete(start: Callable, state: Callable) -> Callable[[Path], list[str] | None]:
+    """The resume of a one-shot command: run it again unless its output is complete."""
+    return lambda out: None if state(out) == "complete" else start(out)
 
 
 # ---- simprune prune ---------------------------------------------------------------------------
@@ -300,9 +312,6 @@ def prune_scenario(checkpoint: Path, extra: tuple = ()) -> Scenario:
             raise Broken(f"{type(exc).__name__}: {exc}") from exc
         return "complete"
 
-    def resume(out):
-        return None if state(out) == "complete" else start(out)
-
     def result(out):
         return {k: v for k, v in _tensors(out / "model.safetensors").items()}
 
@@ -312,7 +321,7 @@ def prune_scenario(checkpoint: Path, extra: tuple = ()) -> Scenario:
     def checkpoint(out):
         return "is complete" if state(out) == "complete" else "nothing was written"
 
-    return Scenario("prune", start, resume, state, result, checkpoint, busy)
+    return Scenario("prune", start, rerun_unless_complete(start, state), state, result, checkpoint, busy)
 
 
 # ---- simprune finetune ------------------------------------------------------------------------
@@ -354,14 +363,7 @@ def finetune_scenario(source: Path, data_args: tuple = ("--data", "fashion-mnist
     def result(out):
         return _tensors(out / "model.safetensors")
 
-    def checkpoint(out):
-        if state(out) == "complete":
-            return "is complete"
-        if (out / STATE_FILE).exists():
-            return str(out / STATE_FILE)
-        return "no checkpoint was written yet" if out.exists() and any(out.iterdir()) else "nothing was written"
-
-    return Scenario("finetune", start, resume, state, result, checkpoint,
+    return Scenario("finetune", start, resume, state, result, named_checkpoint(state),
                     busy=lambda out: (out / STATE_FILE).exists())
 
 
@@ -390,16 +392,14 @@ def export_scenario(source: Path) -> Scenario:
             raise Broken(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
         return "complete"
 
-    def resume(out):
-        return None if state(out) == "complete" else start(out)
-
     def result(out):
         return {"model.onnx": torch.frombuffer(bytearray((out / "model.onnx").read_bytes()), dtype=torch.uint8)}
 
     def busy(out):  # the atomic write's hidden temporary next to the output
         return any(out.glob(".model.onnx.*.tmp"))
 
-    return Scenario("export", start, resume, state, result, lambda out: "nothing was written", busy)
+    return Scenario("export", start, rerun_unless_complete(start, state), state, result,
+                    lambda out: "nothing was written", busy)
 
 
 def clean(workdir: Path) -> None:

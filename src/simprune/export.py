@@ -12,6 +12,8 @@ import copy
 import importlib
 import io
 import logging
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,15 +34,33 @@ _NOISY_LOGGERS = ("torch.onnx", "onnxscript")
 def require(*modules: str) -> list[Any]:
     """Import optional ONNX dependencies, or raise a one-line install hint."""
     found, missing = [], []
-    for name in modules:
-        try:
-            found.append(importlib.import_module(name))
-        except ImportError:
-            missing.append(name)
+    with _signals_held():  # a Ctrl-C inside an extension's init turns into ImportError ("not installed")
+        for name in modules:
+            try:
+                found.append(importlib.import_module(name))
+            except ImportError:
+                missing.append(name)
     if missing:
         raise SimpruneError(f"{' and '.join(missing)} not installed (needed for ONNX export and latency); "
                             "pip install 'simprune[onnx]'")
     return found
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer SIGINT/SIGTERM (main thread only) until the block is done, then stop as Ctrl-C would."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

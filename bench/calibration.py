@@ -30,9 +30,9 @@ CRITERIA = {"qsfm-ssim": {"ssim", "gram"}, "qsfm-psnr": {"psnr", "gram"}, "qsfm-
 def worker(name: str, n: int) -> dict:
     import torch
 
-    from simprune.calibration import calibration_loader, collect_statistics
-    from simprune.files import load_model
-    from simprune.graph import PruningGraph
+    from simprune.calibrate.calibration import calibration_loader, collect_statistics
+    from simprune.io.files import load_model
+    from simprune.graph.groups import PruningGraph
     from simprune.models import build_model
 
     if (CHECKPOINT / "model.safetensors").exists():

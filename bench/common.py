@@ -13,7 +13,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    from simprune.latency import cpu_model
+    from simprune.export.latency import cpu_model
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
@@ -34,7 +34,7 @@ def _fmt(v) -> str:
 
 
 def write_json(name: str, payload: dict) -> Path:
-    from simprune.files import atomic_write_json
+    from simprune.io.files import atomic_write_json
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

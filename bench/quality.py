@@ -1,7 +1,7 @@
 """Criteria side by side on the committed Fashion-MNIST ResNet-56, without fine-tuning.
 
 Every criterion prunes the same model to the same FLOPs targets under the same allocator
-settings (``simprune.compare.run_grid``): groups that cannot be compensated (read by the option-A
+settings (``simprune.verify.compare.run_grid``): groups that cannot be compensated (read by the option-A
 shortcut) are left whole for all, and every pruned model gets its BatchNorm statistics
 re-estimated on the same 640 calibration images (seeded). Data-driven criteria are evaluated with
 least-squares compensation, the twin fold of the method, and none. Top-1 on the 10,000-image test
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
 
 import simprune  # noqa: E402
-from simprune.calibration import calibration_loader  # noqa: E402
-from simprune.compare import Spec, run_grid  # noqa: E402
-from simprune.data import load_dataset  # noqa: E402
-from simprune.training import evaluate  # noqa: E402
+from simprune.calibrate.calibration import calibration_loader  # noqa: E402
+from simprune.verify.compare import Spec, run_grid  # noqa: E402
+from simprune.io.data import load_dataset  # noqa: E402
+from simprune.train.loop import evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = {label: Spec(label, name, options) for label, (name, options) in {

@@ -37,7 +37,7 @@ def balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generato
 
 def build_sample(source: Path, seed: int = SEED) -> dict[str, np.ndarray]:
     """The sample's arrays (images, labels, source indices per split, plus a JSON ``meta`` string)."""
-    from simprune.data import read_idx  # noqa: PLC0415 - checked IDX reader
+    from simprune.io.data import read_idx  # noqa: PLC0415 - checked IDX reader
 
     rng = np.random.default_rng(seed)
     arrays, meta = {}, {"source": "Fashion-MNIST (Xiao et al. 2017), Debian dataset-fashion-mnist", "seed": seed,
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=SEED)
     args = ap.parse_args()
 
-    from simprune.files import atomic_write_bytes  # noqa: PLC0415
+    from simprune.io.files import atomic_write_bytes  # noqa: PLC0415
 
     arrays = build_sample(args.source, args.seed)
     buf = io.BytesIO()

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simprune.data import DEBIAN_FASHION_MNIST
+from simprune.io.data import DEBIAN_FASHION_MNIST
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "zoo"
@@ -26,7 +26,7 @@ def require_fashion_mnist():
 @pytest.fixture
 def cli(capsys):
     """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    from simprune.cli import main
+    from simprune.cli.main import main
 
     def run(*argv):
         code = main([str(a) for a in argv])

@@ -102,7 +102,7 @@ def _make_model(folder: Path):
 
 
 def _load_model(folder: Path):
-    from simprune.files import load_model
+    from simprune.io.files import load_model
 
     model, _ = load_model(folder)
     with torch.no_grad():
@@ -129,7 +129,7 @@ class _Tiny(nn.Sequential):
 
 
 def _make_state(folder: Path):
-    from simprune.training import TrainConfig, make_optimizer, save_train_state
+    from simprune.train.loop import TrainConfig, make_optimizer, save_train_state
 
     torch.manual_seed(0)
     model = _Tiny()
@@ -145,7 +145,7 @@ def _make_state(folder: Path):
 
 
 def _load_state(folder: Path):
-    from simprune.training import TrainConfig, make_optimizer, load_train_state
+    from simprune.train.loop import TrainConfig, make_optimizer, load_train_state
 
     model = _Tiny()
     opt = make_optimizer(model, TrainConfig())
@@ -190,7 +190,7 @@ def _make_idx(gz: bool):
 
 def _load_data(name: str, **kw):
     def load(folder: Path):
-        from simprune.data import load_dataset
+        from simprune.io.data import load_dataset
 
         out = []
         for split in ("train", "test"):
@@ -235,7 +235,7 @@ def _make_images(folder: Path):
 
 
 def _load_images(folder: Path):
-    from simprune.data import load_dataset
+    from simprune.io.data import load_dataset
 
     ds = load_dataset(f"imagefolder:{folder}", "train", image_size=8)
     items = [ds[i] for i in range(len(ds))]

@@ -204,15 +204,15 @@ def write_tiny_mnist(folder: Path, n_train: int = 64, n_test: int = 16, seed: in
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    from simprune.files import read_safetensors
+    from simprune.io.files import read_safetensors
 
     return read_safetensors(path)[0]
 
 
 def train_scenario(data: Path, epochs: int = 3, limit_batches: int = 4) -> Scenario:
     """``simprune train`` on tiny IDX data; resume with --resume (or start over when no checkpoint was written)."""
-    from simprune.files import read_json
-    from simprune.training import STATE_FILE
+    from simprune.io.files import read_json
+    from simprune.train.loop import STATE_FILE
 
     args = ["train", "--model", "resnet20", "--data", "mnist", "--data-dir", data, "--epochs", epochs,
             "--batch-size", 16, "--limit-batches", limit_batches, "--lr", 0.05, "--seed", 0, "--quiet"]
@@ -256,7 +256,7 @@ def train_scenario(data: Path, epochs: int = 3, limit_batches: int = 4) -> Scena
 
 def named_checkpoint(state: Callable[[Path], str]) -> Callable[[Path], str]:
     """What Ctrl-C must name for a training run (train, finetune): its state file, or that there is none."""
-    from simprune.training import STATE_FILE
+    from simprune.train.loop import STATE_FILE
 
     def checkpoint(out):
         if state(out) == "complete":
@@ -268,7 +268,7 @@ def named_checkpoint(state: Callable[[Path], str]) -> Callable[[Path], str]:
 
 
 def _meta(path: Path) -> dict:
-    from simprune.files import read_safetensors
+    from simprune.io.files import read_safetensors
 
     return read_safetensors(path)[1]
 
@@ -304,7 +304,7 @@ def prune_scenario(checkpoint: Path, extra: tuple = ()) -> Scenario:
         if not {"model.json", "model.safetensors", "report.json"} <= set(names):
             raise Broken(f"{out} holds only {names}")
         try:
-            from simprune.files import load_model
+            from simprune.io.files import load_model
 
             load_model(out)
             json.loads((out / "report.json").read_text())
@@ -330,8 +330,8 @@ def finetune_scenario(source: Path, data_args: tuple = ("--data", "fashion-mnist
                       limit_batches: int = 2, eval_images: int = 200) -> Scenario:
     """``simprune finetune`` of a pruned model directory; resume with --resume when a checkpoint and the
     marker are there, else start over with --overwrite."""
-    from simprune.finetuning import MARKER
-    from simprune.training import STATE_FILE
+    from simprune.train.finetune import MARKER
+    from simprune.train.loop import STATE_FILE
 
     args = ["finetune", source, *data_args, "--epochs", epochs, "--limit-batches", limit_batches,
             "--eval-images", eval_images, "--batch-size", 32, "--seed", 0, "--quiet"]
@@ -347,7 +347,7 @@ def finetune_scenario(source: Path, data_args: tuple = ("--data", "fashion-mnist
                 if (out / STATE_FILE).exists():
                     _tensors(out / STATE_FILE)
                 return "incomplete"
-            from simprune.files import load_model
+            from simprune.io.files import load_model
 
             load_model(out)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the failure looked for

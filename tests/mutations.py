@@ -202,7 +202,7 @@ def _tensors_and_meta(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _rewrite(data: bytes, change: Callable[[dict], None], rng, keep_digest: bool | None = None) -> bytes:
     """Re-serialise the file's tensors after ``change``; a hostile writer recomputes the digest."""
-    from simprune.files import tensors_bytes
+    from simprune.io.files import tensors_bytes
 
     tensors, meta = _tensors_and_meta(data)
     change(tensors)
@@ -284,7 +284,7 @@ VALID_CONTENT = {"st_nonfinite", "st_cast", "st_reshape", "st_tensor_set", "st_i
 
 def ts_metadata(data, rng, ctx):
     """Change one metadata value of a training state, the digest recomputed (a consistent hostile file)."""
-    from simprune.files import tensors_bytes
+    from simprune.io.files import tensors_bytes
 
     tensors, meta = _tensors_and_meta(data)
     meta.pop("simprune.sha256", None)

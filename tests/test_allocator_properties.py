@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from simprune.allocation import CostModel, Guards, allocate
-from simprune.counting import count
+from simprune.allocation.allocator import CostModel, Guards, allocate
+from simprune.graph.counting import count
 from simprune.errors import SimpruneError
-from simprune.graph import PruningGraph
-from simprune.pruning import remove_channels
+from simprune.graph.groups import PruningGraph
+from simprune.graph.removal import remove_channels
 
 
 class Residual(nn.Module):

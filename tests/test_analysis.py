@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from simprune import calibration
-from simprune.analysis import add_analyze_parser, analyze, max_offdiag
+from simprune.calibrate import calibration
+from simprune.verify.analysis import add_analyze_parser, analyze, max_offdiag
 from simprune.errors import SimpruneError
-from simprune.files import save_model
+from simprune.io.files import save_model
 from simprune.models import build_model
-from simprune.plots import redundancy_bars, similarity_heatmaps, twin_order
+from simprune.verify.plots import redundancy_bars, similarity_heatmaps, twin_order
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GROUP = "layer1.0.conv1"  # a block's inner conv: its maps reach layer1.0.conv2 untouched by residual sums

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from simprune.files import save_model
+from simprune.io.files import save_model
 from simprune.models import build_model
 from tests.conftest import require_fashion_mnist
 
@@ -83,7 +83,7 @@ def test_weights_option_is_for_torchvision_models_only(cli):
 
 
 def test_weights_option_builds_the_pretrained_1000_class_model(cli):
-    from simprune.imagenet import weights_path
+    from simprune.io.imagenet import weights_path
 
     if not weights_path("mobilenet_v2", "IMAGENET1K_V1").exists():
         pytest.skip("make weights puts torchvision's MobileNetV2 file into torch's hub cache")

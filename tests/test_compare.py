@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simprune import api
-from simprune.compare import parse_fractions, parse_specs, pivot_table, schedule_options
+from simprune.verify.compare import parse_fractions, parse_specs, pivot_table, schedule_options
 from simprune.criteria import ScoreCache, get_criterion
 from simprune.errors import SimpruneError
 from simprune.models import build_model

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from simprune.counting import count, parse_input_shape
+from simprune.graph.counting import count, parse_input_shape
 from simprune.errors import SimpruneError
 from simprune.models import build_model
 

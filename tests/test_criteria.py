@@ -5,11 +5,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import simprune
-from simprune.calibration import collect_statistics, probe_members
+from simprune.calibrate.calibration import collect_statistics, probe_members
 from simprune.criteria import available_criteria
-from simprune.graph import PruningGraph
+from simprune.graph.groups import PruningGraph
 from simprune.models import build_model
-from simprune.statistics import ChannelStats
+from simprune.stats.channel_stats import ChannelStats
 
 
 def _batches(n=48, channels=1, seed=0):
@@ -76,7 +76,7 @@ def test_uncompensable_groups_are_protected_when_compensating():
 
 
 def test_batchnorm_recalibration_matches_the_calibration_statistics():
-    from simprune.calibration import recalibrate_batchnorm
+    from simprune.calibrate.calibration import recalibrate_batchnorm
 
     model = build_model("resnet20", in_channels=1).eval()
     x = next(iter(_batches(16)))[0]

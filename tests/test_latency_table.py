@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 import simprune
-from simprune.allocation import CostModel, Guards, allocate
-from simprune.cli import main
-from simprune.counting import count
+from simprune.allocation.allocator import CostModel, Guards, allocate
+from simprune.cli.main import main
+from simprune.graph.counting import count
 from simprune.criteria import get_criterion
-from simprune.graph import PruningGraph
-from simprune.latency_table import LayerLatency, LatencyTable, build_latency_table, monotone, next_guess, widths
+from simprune.graph.groups import PruningGraph
+from simprune.schedules.latency import LayerLatency, LatencyTable, build_latency_table, monotone, next_guess, widths
 from simprune.models import build_model
 
 

@@ -7,7 +7,7 @@ import torch
 
 import simprune
 from simprune.errors import SimpruneError
-from simprune.files import save_model
+from simprune.io.files import save_model
 from simprune.models import build_model
 
 

@@ -4,14 +4,14 @@ import torch
 
 import simprune
 from simprune import api
-from simprune.counting import count
-from simprune.allocation import Guards
+from simprune.graph.counting import count
+from simprune.allocation.allocator import Guards
 from simprune.criteria import get_criterion
-from simprune.data import DatasetInfo, ImageTensorDataset
-from simprune.graph import PruningGraph
+from simprune.io.data import DatasetInfo, ImageTensorDataset
+from simprune.graph.groups import PruningGraph
 from simprune.models import build_model
-from simprune.schedules import SoftPruning, finish_soft, iterative, soft_selector, soft_shares, step_targets, zero_exact
-from simprune.training import TrainConfig, train
+from simprune.schedules.soft import SoftPruning, finish_soft, iterative, soft_selector, soft_shares, step_targets, zero_exact
+from simprune.train.loop import TrainConfig, train
 
 
 def test_step_targets_remove_equal_shares_of_what_is_left():

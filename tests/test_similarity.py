@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from simprune.errors import SimpruneError
-from simprune.similarity import (
+from simprune.stats.similarity import (
     C1,
     C2,
     SIMILARITIES,

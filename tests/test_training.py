@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from simprune.data import DatasetInfo, ImageTensorDataset, load_dataset
+from simprune.io.data import DatasetInfo, ImageTensorDataset, load_dataset
 from simprune.errors import SimpruneError
-from simprune.files import load_model, save_model
+from simprune.io.files import load_model, save_model
 from simprune.models import build_model
-from simprune.training import TrainConfig, evaluate, lr_at, train
+from simprune.train.loop import TrainConfig, evaluate, lr_at, train
 from tests.conftest import require_fashion_mnist
 
 

@@ -13,15 +13,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import distributed
-from .allocation import CostModel, Guards, allocate
-from .calibration import check_calibration, recalibrate_batchnorm
-from .counting import count
-from .criteria import get_criterion
-from .errors import SimpruneError
-from .files import atomic_output_dir, atomic_write_json, load_model, save_model
-from .graph import PruningGraph
-from .pruning import get_structure, remove_channels
+from simprune import distributed
+from simprune.allocation.allocator import CostModel, Guards, allocate
+from simprune.calibrate.calibration import check_calibration, recalibrate_batchnorm
+from simprune.graph.counting import count
+from simprune.criteria import get_criterion
+from simprune.errors import SimpruneError
+from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
+from simprune.graph.groups import PruningGraph
+from simprune.graph.removal import get_structure, remove_channels
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
@@ -84,7 +84,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
         if schedule != "iterative":
             raise SimpruneError(f"schedule {schedule!r} is not one-shot pruning; use 'oneshot' or 'iterative' "
                                 "here and simprune.finetuning.soft_prune for 'soft'")
-        from .schedules import iterative  # noqa: PLC0415
+        from simprune.schedules.soft import iterative  # noqa: PLC0415
 
         return iterative(model, example_input, crit, target, steps, prune, between, calibration=calibration,
                          guards=guards, ignore=ignore, normalization=normalization, cost_weight=cost_weight,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import SimpruneError
+from simprune.errors import SimpruneError
 
 
 def init_from_env() -> bool:

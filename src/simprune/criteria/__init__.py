@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import SimpruneError
+from simprune.errors import SimpruneError
 
 
 @dataclass
@@ -77,8 +77,8 @@ class ScoreCache:
 
 
 def _load_builtin() -> None:
-    from . import weights  # noqa: F401, PLC0415
+    from simprune.criteria import weights  # noqa: F401, PLC0415
     try:
-        from . import features  # noqa: F401, PLC0415
+        from simprune.criteria import features  # noqa: F401, PLC0415
     except ImportError:
         pass

@@ -12,13 +12,13 @@ import math
 
 import torch
 
-from ..calibration import Probe, collect_statistics, mean_similarity
-from ..errors import SimpruneError
-from ..graph import PruningGraph
-from ..similarity import FILTER_METRICS, SIMILARITIES, filter_similarity_matrix, redundancy_order
-from ..statistics import fit_compensation
-from . import CriterionResult, register
-from .weights import producer_filters
+from simprune.calibrate.calibration import Probe, collect_statistics, mean_similarity
+from simprune.errors import SimpruneError
+from simprune.graph.groups import PruningGraph
+from simprune.stats.similarity import FILTER_METRICS, SIMILARITIES, filter_similarity_matrix, redundancy_order
+from simprune.stats.channel_stats import fit_compensation
+from simprune.criteria import CriterionResult, register
+from simprune.criteria.weights import producer_filters
 
 PSNR_CAP = 100.0
 

@@ -9,11 +9,11 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import SimpruneError
-from .cifar_mobilenetv2 import CifarMobileNetV2
-from .cifar_resnet import CifarResNet, ZeroPadShortcut
-from .cifar_vgg import CifarVGG
-from .torchvision_models import build_torchvision
+from simprune.errors import SimpruneError
+from simprune.models.cifar_mobilenetv2 import CifarMobileNetV2
+from simprune.models.cifar_resnet import CifarResNet, ZeroPadShortcut
+from simprune.models.cifar_vgg import CifarVGG
+from simprune.models.torchvision_models import build_torchvision
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
 

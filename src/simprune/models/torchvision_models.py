@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..compat import import_torchvision
-from ..errors import SimpruneError
+from simprune.compat import import_torchvision
+from simprune.errors import SimpruneError
 
 
 def classification_model_names() -> list[str]:

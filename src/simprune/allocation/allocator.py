@@ -1,0 +1,294 @@
+"""Allocation under a global target: which channels to remove so MACs or params drop by R.
+
+Per-channel importance scores (from any criterion) are made comparable across
+groups (normalised), weighed by what a channel costs, and one global ranking
+decides; removal stops as soon as the target holds. Costs come from an exact
+analytic model of each layer's MACs/params as a function of the kept widths, so
+no trial pruning is needed; a measured latency per layer (``latency_table``) can be
+plugged in as a third cost. The allocator knows nothing about feature maps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from simprune.graph.counting import Cost
+from simprune.errors import SimpruneError
+from simprune.graph.groups import PARAM_LAYERS, ChannelGroup, is_depthwise
+
+
+@dataclass
+class LayerCost:
+    name: str
+    macs: float
+    weight_params: float  # scales with kept in x kept out (kept out only for depthwise)
+    other_params: float  # bias, BN: scales with kept out
+    out_ch: int
+    in_ch: int
+    depthwise: bool
+    out_links: list[tuple[int, float]]  # (group index, channels of this layer per group channel)
+    in_links: list[tuple[int, float]]
+    latency: Callable[[float, float], float] | None = None  # ms at kept fractions (in, out)
+
+    def fractions(self, removed: list[int]) -> tuple[float, float]:
+        """Kept fraction of this layer's (input, output) channels."""
+        f_out = 1.0 - sum(removed[g] * k for g, k in self.out_links) / self.out_ch if self.out_ch else 1.0
+        f_in = 1.0 - sum(removed[g] * k for g, k in self.in_links) / self.in_ch if self.in_ch else 1.0
+        return f_in, f_out
+
+    def cost(self, removed: list[int]) -> tuple[float, float]:
+        f_in, f_out = self.fractions(removed)
+        f_w = f_out if self.depthwise else f_out * f_in
+        return self.macs * f_w, self.weight_params * f_w + self.other_params * f_out
+
+    def costs(self, removed: list[int]) -> tuple[float, float, float]:
+        """(MACs, params, latency ms); latency is 0 without a latency table."""
+        macs, params = self.cost(removed)
+        return macs, params, self.latency(*self.fractions(removed)) if self.latency is not None else 0.0
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+        n = getattr(module, "num_features", None) or getattr(module, "num_channels", None) or \
+            module.normalized_shape[0]
+        return n, 0
+    return module.out_channels, module.in_channels
+
+
+KINDS = ("flops", "params", "latency")  # index into the cost tuples
+
+
+class CostModel:
+    """MACs and params (and, with a latency table, latency) of the model as a function of how many
+    channels each group loses.
+
+    ``latency`` maps layer names to ``ms(f_in, f_out)`` at kept fractions and ``base_latency_ms`` is
+    the measured latency of the whole unpruned model; what the layers do not explain is fixed.
+    """
+
+    def __init__(self, groups: list[ChannelGroup], base: Cost,
+                 latency: dict[str, Callable[[float, float], float]] | None = None,
+                 base_latency_ms: float | None = None):
+        if (latency is None) != (base_latency_ms is None):
+            raise SimpruneError("a latency cost needs both per-layer latencies and the whole model's latency")
+        self.groups = groups
+        layers: dict[str, LayerCost] = {}
+        for gi, group in enumerate(groups):
+            for m in group.members:
+                if not isinstance(m.module, PARAM_LAYERS + (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm,
+                                                            nn.GroupNorm)):
+                    continue
+                if m.name not in layers:
+                    out_ch, in_ch = _dims(m.module)
+                    c = base.per_layer.get(m.name, {"macs": 0, "params": 0})
+                    w = getattr(m.module, "weight", None)
+                    w_params = w.numel() if isinstance(m.module, PARAM_LAYERS) and w is not None else 0
+                    layers[m.name] = LayerCost(m.name, c["macs"], w_params, c["params"] - w_params, out_ch, in_ch,
+                                               is_depthwise(m.module), [], [])
+                link = (gi, len(m.idxs) / group.size)
+                (layers[m.name].out_links if m.dim == "out" else layers[m.name].in_links).append(link)
+        self.layers = list(layers.values())
+        self.by_group: list[list[int]] = [[] for _ in groups]
+        for li, layer in enumerate(self.layers):
+            for g, _ in layer.out_links + layer.in_links:
+                if li not in self.by_group[g]:
+                    self.by_group[g].append(li)
+        for layer in self.layers:
+            layer.latency = (latency or {}).get(layer.name)
+        zero = [0] * len(groups)
+        modeled = [layer.cost(zero) for layer in self.layers]
+        self.fixed_macs = base.macs - sum(m for m, _ in modeled)
+        self.fixed_params = base.params - sum(p for _, p in modeled)
+        self.base_macs, self.base_params = base.macs, base.params
+        self.has_latency = latency is not None
+        self.base_latency = float(base_latency_ms or 0.0)
+        self.fixed_latency = self.base_latency - sum(layer.costs(zero)[2] for layer in self.layers)
+
+    def base(self, kind: str) -> float:
+        return (self.base_macs, self.base_params, self.base_latency)[KINDS.index(kind)]
+
+    def totals(self, removed: list[int]) -> tuple[float, float, float]:
+        """(MACs, params, latency ms) of the model with ``removed[g]`` channels gone from group g."""
+        out = [self.fixed_macs, self.fixed_params, self.fixed_latency]
+        for layer in self.layers:
+            for i, v in enumerate(layer.costs(removed)):
+                out[i] += v
+        return out[0], out[1], out[2]
+
+    def total(self, removed: list[int]) -> tuple[float, float]:
+        macs, params = self.fixed_macs, self.fixed_params
+        for layer in self.layers:
+            m, p = layer.cost(removed)
+            macs, params = macs + m, params + p
+        return macs, params
+
+    def channel_cost(self, kind: str) -> list[float]:
+        """What removing one channel of each group saves first (MACs, params or latency ms)."""
+        zero = [0] * len(self.groups)
+        k = KINDS.index(kind)
+        out = []
+        for gi in range(len(self.groups)):
+            one = list(zero)
+            one[gi] = 1
+            before = [self.layers[li].costs(zero) for li in self.by_group[gi]]
+            after = [self.layers[li].costs(one) for li in self.by_group[gi]]
+            out.append(sum(b[k] - a[k] for b, a in zip(before, after)))
+        return out
+
+
+@dataclass
+class Guards:
+    min_channels: int = 4
+    max_layer_ratio: float = 0.9
+    round_to: int = 1
+
+    def max_removable(self, size: int) -> int:
+        floor = max(1, min(size, self.min_channels), math.ceil(size * (1 - self.max_layer_ratio)))
+        removable = size - floor
+        if self.round_to > 1:  # kept count must stay a multiple of round_to (or the whole group)
+            kept = size - removable
+            kept = min(size, math.ceil(kept / self.round_to) * self.round_to)
+            removable = size - kept
+        return max(0, removable)
+
+
+def normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Make one group's importance comparable with other groups'."""
+    s = scores.double()
+    if how == "none":
+        return s
+    if how == "mean":
+        return s / (s.abs().mean() + 1e-12)
+    if how == "max":
+        return s / (s.abs().max() + 1e-12)
+    if how == "rank":
+        return (torch.argsort(torch.argsort(s)).double() + 1) / len(s)
+    raise SimpruneError(f"unknown normalisation {how!r}; use none, mean, max or rank")
+
+
+@dataclass
+class Allocation:
+    remove: dict[str, list[int]]  # group root -> channel indices to remove
+    macs: float
+    params: float
+    reduction: float  # achieved fraction of the target quantity removed
+
+
+def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: CostModel, target: dict[str, float],
+             guards: Guards, normalization: str = "mean", cost_weight: float = 0.0,
+             overshoot: float = 0.005) -> Allocation:
+    """Remove the globally least important units until the MAC/param (or latency) reduction reaches
+    the target.
+
+    A unit that would overshoot the target by more than ``overshoot`` (a fraction of the
+    total) is passed over in favour of cheaper ones, so the result lands within the band. Where
+    only a big unit could reach the target (coarse networks), removed units are given back, the
+    most important first, for as long as the target still holds.
+    A latency target needs a cost model built with a latency table; its costs are predicted ms.
+    """
+    kind, ratio = _check_target(target)
+    if kind == "latency" and not cost.has_latency:
+        raise SimpruneError("a latency target needs a cost model with a latency table; use --target-latency, "
+                            "which builds one")
+    k = KINDS.index(kind)
+    base = cost.base(kind)
+    unit_cost = cost.channel_cost(kind)
+    mean_cost = sum(unit_cost) / max(1, len(unit_cost)) or 1.0
+    units = []  # (priority, group index, channel indices)
+    for gi, group in enumerate(groups):
+        s = scores.get(group.root)
+        if s is None:
+            continue
+        if len(s) != group.size or not torch.isfinite(s).all():
+            raise SimpruneError(f"criterion gave {len(s)} scores (or non-finite ones) for group {group.root} "
+                                f"of {group.size} channels")
+        pri = normalize(s, normalization)
+        if cost_weight and unit_cost[gi] > 0:
+            pri = pri / (unit_cost[gi] / mean_cost) ** cost_weight
+        order = torch.argsort(pri, stable=True).tolist()
+        n_remove = guards.max_removable(group.size)
+        step = max(1, guards.round_to)
+        first = (group.size - (group.size - n_remove)) % step or step
+        i = 0
+        while i < n_remove:
+            size = first if i == 0 else step
+            chunk = order[i:i + size]
+            units.append((float(pri[chunk].max()), gi, chunk))
+            i += size
+    units.sort(key=lambda u: u[0])
+    removed = [0] * len(groups)
+    chosen: dict[int, list[int]] = {}
+    committed: dict[int, list[tuple[float, list[int]]]] = {}  # per group, in removal order
+    per_layer = [layer.costs(removed) for layer in cost.layers]
+    current = cost.totals(removed)
+    goal, slack = base * (1 - ratio), base * overshoot
+
+    def trial(gi: int, n: int) -> tuple[tuple[float, ...], dict[int, tuple[float, ...]]]:
+        removed[gi] += n
+        new = {li: cost.layers[li].costs(removed) for li in cost.by_group[gi]}  # only this group's layers change
+        removed[gi] -= n
+        return tuple(c + sum(v[i] - per_layer[li][i] for li, v in new.items()) for i, c in enumerate(current)), new
+
+    def commit(gi: int, chunk: list[int], totals, new, priority: float) -> None:
+        nonlocal current
+        removed[gi] += len(chunk)
+        chosen.setdefault(gi, []).extend(chunk)
+        committed.setdefault(gi, []).append((priority, chunk))
+        for li, v in new.items():
+            per_layer[li] = v
+        current = totals
+
+    def give_back(gi: int, totals, new) -> None:
+        nonlocal current
+        _, chunk = committed[gi].pop()
+        removed[gi] -= len(chunk)
+        chosen[gi] = chosen[gi][:-len(chunk)]
+        for li, v in new.items():
+            per_layer[li] = v
+        current = totals
+
+    skipped = []
+    for unit in units:
+        if current[k] <= goal:
+            break
+        priority, gi, chunk = unit
+        totals, new = trial(gi, len(chunk))
+        if totals[k] < goal - slack:  # this unit alone would overshoot the target: try cheaper ones first
+            skipped.append(unit)
+            continue
+        commit(gi, chunk, totals, new, priority)
+    if current[k] > goal and skipped:  # nothing cheaper was left: take the skipped unit that overshoots least
+        options = [(trial(gi, len(chunk)), gi, chunk, priority) for priority, gi, chunk in skipped]
+        (totals, new), gi, chunk, priority = max(options, key=lambda o: o[0][0][k])
+        commit(gi, chunk, totals, new, priority)
+    while current[k] < goal - slack:  # overshot the band: give back the most important unit that keeps the target
+        backs = [(stack[-1][0], gi, *trial(gi, -len(stack[-1][1]))) for gi, stack in committed.items() if stack]
+        backs = [b for b in backs if b[2][k] <= goal]
+        if not backs:
+            break
+        _, gi, totals, new = max(backs, key=lambda b: b[0])
+        give_back(gi, totals, new)
+    reduction = 1 - current[k] / base
+    if current[k] > goal + 1e-9:
+        raise SimpruneError(f"target {kind} reduction {ratio:.1%} cannot be reached under the guards; the largest "
+                            f"reachable is {reduction:.1%} (lower the target, --min-channels or raise "
+                            "--max-layer-ratio, or drop --ignore patterns)")
+    return Allocation({groups[g].root: sorted(ch) for g, ch in chosen.items() if ch}, current[0], current[1],
+                      reduction)
+
+
+def _check_target(target: dict[str, float]) -> tuple[str, float]:
+    if not isinstance(target, dict) or len(target) != 1:
+        raise SimpruneError("give exactly one target: --target-flops R or --target-params R")
+    kind, ratio = next(iter(target.items()))
+    if kind not in KINDS:
+        raise SimpruneError(f"unknown target {kind!r}; use flops, params or latency")
+    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise SimpruneError(f"target {kind} must be a fraction removed strictly between 0 and 1, got {ratio}")
+    return kind, float(ratio)

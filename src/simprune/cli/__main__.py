@@ -1,0 +1,4 @@
+"""``python -m simprune.cli`` (torchrun uses this form)."""
+from simprune.cli.main import main
+
+raise SystemExit(main())

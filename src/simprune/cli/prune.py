@@ -1,0 +1,173 @@
+"""`simprune prune`: load or build a model, prune it to a target (any schedule, optional fine-tuning),
+measure and write the pruned model with its report. A thin shell over :func:`simprune.prune`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from simprune.cli.main import _check_compatible, _command_line, _data_options, _load_or_build, _model_options, _positive
+from simprune.errors import SimpruneError
+
+
+def _target(args) -> dict[str, float]:
+    given = {k: v for k, v in (("flops", args.target_flops), ("params", args.target_params),
+                               ("latency", getattr(args, "target_latency", None))) if v is not None}
+    if len(given) != 1:
+        raise SimpruneError("give exactly one of --target-flops R, --target-params R or --target-latency R "
+                            "(fraction removed, 0 < R < 1)")
+    kind, ratio = next(iter(given.items()))
+    if not 0 < ratio < 1:
+        raise SimpruneError(f"--target-{kind} {ratio} is outside (0, 1); give the fraction to remove, e.g. 0.5")
+    return given
+
+
+def cmd_prune(args) -> int:
+    import torch  # noqa: PLC0415
+
+    from simprune import api  # noqa: PLC0415
+    from simprune.allocation.allocator import Guards  # noqa: PLC0415
+    from simprune.criteria import ScoreCache, get_criterion  # noqa: PLC0415
+    from simprune.verify.reports import prune_report_writer, refresh_prune_report  # noqa: PLC0415
+
+    from simprune import distributed  # noqa: PLC0415
+    from simprune.train.finetune import prune_with_schedule  # noqa: PLC0415
+
+    target = _target(args)
+    from simprune.cli.deploy import check_latency_options  # noqa: PLC0415
+
+    check_latency_options(args)  # before any work: onnxruntime is there when latency was asked for
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
+    options = {"similarity": args.similarity} if args.similarity else {}
+    criterion = ScoreCache(get_criterion(args.criterion, **options))  # keeps the scores for the report
+    model, desc, shape = _load_or_build(args, args.input)
+    example = torch.zeros(1, *shape)
+    calibration = None
+    if getattr(criterion, "needs_data", False) and not args.calib_data:
+        raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
+    if args.calib_data:
+        from simprune.calibrate.calibration import calibration_loader  # noqa: PLC0415
+
+        calibration = calibration_loader(args.calib_data, args.calib_images, data_dir=args.data_dir,
+                                         pad_to=args.pad_to if args.pad_to is not None else
+                                         (desc.get("data") or {}).get("pad_to"), seed=args.seed)
+    guards = Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio, round_to=args.round_to)
+    eval_ds = _eval_dataset(args, desc)
+    acc_before = _accuracy(model, eval_ds)
+    new_desc = {**{k: v for k, v in desc.items() if k in ("model", "model_args", "data")},
+                "input_shape": list(shape), "command": _command_line(),
+                "pruning": {"criterion": args.criterion, "target": target, "schedule": args.schedule,
+                            "source": str(args.checkpoint or "")}}
+    prune_options = {"ignore": args.ignore or (), "normalization": args.normalization,
+                     "cost_weight": args.cost_weight, "compensate": args.compensate,
+                     "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn}
+    if "latency" in target:
+        from simprune.cli.deploy import prune_latency_target  # noqa: PLC0415
+
+        pruned, report = prune_latency_target(args, model, example, criterion, target["latency"],
+                                              calibration=calibration, guards=guards, prune_options=prune_options)
+        worked_in_out = False
+    else:
+        pruned, report, worked_in_out = prune_with_schedule(
+            args, model, example, criterion, target, calibration=calibration, guards=guards, desc=desc,
+            new_desc=new_desc, command=_command_line(), prune_options=prune_options)
+    report["model"] = desc.get("model")
+    report["accuracy"] = None if eval_ds is None else {"before": acc_before, "after": _accuracy(pruned, eval_ds)}
+    report["command"] = _command_line()
+    if distributed.is_main():
+        from simprune.train.finetune import _keep_log, finish  # noqa: PLC0415
+
+        api.save(out, pruned, new_desc, report, overwrite=args.overwrite or worked_in_out,
+                 extra=prune_report_writer(report, new_desc, criterion, also=_keep_log(out) if worked_in_out else None))
+        finish(out)
+    if not distributed.is_main():
+        return 0
+    red = report["reduction"]
+    print(f"MACs {report['macs']['before'] / 1e6:.2f} M -> {report['macs']['after'] / 1e6:.2f} M "
+          f"({red['flops']:.1%} removed), params {report['params']['before'] / 1e6:.3f} M -> "
+          f"{report['params']['after'] / 1e6:.3f} M ({red['params']:.1%} removed)")
+    if report["accuracy"]:
+        how = (f"after {report['finetune']['epochs']} fine-tuning epochs" if report.get("finetune")
+               else "no fine-tuning")
+        print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
+    print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
+    from simprune.cli.deploy import latency_step  # noqa: PLC0415
+
+    latency_step(args, out)
+    refresh_prune_report(out)  # again, now with the latency keys
+    return 0
+
+
+def _eval_dataset(args, desc):
+    if not getattr(args, "data", None):
+        return None
+    from simprune.io.data import load_dataset  # noqa: PLC0415
+
+    pad_to = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
+    ds = load_dataset(args.data, "test", args.data_dir, pad_to)
+    _check_compatible(None, desc, ds)
+    if args.eval_images:
+        from torch.utils.data import Subset  # noqa: PLC0415
+
+        ds = Subset(ds, range(min(args.eval_images, len(ds))))
+    return ds
+
+
+def _accuracy(model, ds) -> float | None:
+    if ds is None:
+        return None
+    from simprune.train.loop import evaluate  # noqa: PLC0415
+
+    return evaluate(model, ds)["top1"]
+
+
+def add_prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model to a FLOPs or parameter target")
+    _model_options(p, required=False)
+    p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture)")
+    p.add_argument("--criterion", default="l1", help="see `simprune criteria`")
+    p.add_argument("--similarity", default=None, help="similarity metric for qsfm / filter-similarity")
+    p.add_argument("--target-flops", type=float, default=None, help="fraction of MACs to remove, e.g. 0.5")
+    p.add_argument("--target-params", type=float, default=None, help="fraction of parameters to remove")
+    from simprune.cli.deploy import add_prune_latency_options  # noqa: PLC0415
+
+    add_prune_latency_options(p)
+    p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else 3x32x32)")
+    p.add_argument("--min-channels", type=_positive, default=4, help="never keep fewer channels in a group")
+    p.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this share of a group")
+    p.add_argument("--round-to", type=_positive, default=1, help="keep channel counts multiples of this")
+    p.add_argument("--ignore", action="append", metavar="LAYER_PATTERN", help="glob of layers never pruned")
+    p.add_argument("--normalization", choices=["none", "mean", "max", "rank"], default=None,
+                   help="how scores are made comparable across layers (default: the criterion's)")
+    p.add_argument("--cost-weight", type=float, default=0.0,
+                   help="rank by importance / cost^W (0: importance alone; 1: most MACs saved per importance lost)")
+    p.add_argument("--compensate", nargs="?", const=True, default=None, choices=[True, "lstsq", "twin"],
+                   help="fold removed channels into the next layer: lstsq (default) or twin; "
+                        "on by default for qsfm and feature-stats")
+    p.add_argument("--no-compensate", dest="compensate", action="store_false")
+    p.add_argument("--protect-uncompensable", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave groups read by parameter-free layers (option-A shortcut) whole "
+                        "(default: on when compensating)")
+    p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-estimate BatchNorm statistics on the calibration images after pruning "
+                        "(default: on with --calib-data)")
+    p.add_argument("--calib-data", default=None, help="calibration data set for data-driven criteria")
+    p.add_argument("--calib-images", type=_positive, default=640)
+    _data_options(p, required=False)
+    p.add_argument("--eval-images", type=_positive, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", choices=["oneshot", "iterative", "soft"], default="oneshot",
+                   help="oneshot (default); iterative: --steps K re-scored steps; soft: zero, train, re-select "
+                        "each epoch for --finetune-epochs, then remove")
+    p.add_argument("--steps", type=_positive, default=1, help="steps of --schedule iterative")
+    p.add_argument("--epochs-between", type=int, default=0, help="fine-tuning epochs between iterative steps")
+    p.add_argument("--soft-hold", type=int, default=0,
+                   help="soft: last N epochs train with the final selection frozen and zeroed (beyond the papers)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune N epochs on --data after pruning")
+    from simprune.train.finetune import add_training_options  # noqa: PLC0415
+
+    add_training_options(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_prune)

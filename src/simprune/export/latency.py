@@ -1,0 +1,211 @@
+"""Wall-clock inference latency of PyTorch models and ONNX files on the CPU.
+
+Each measurement is the distribution of at least 30 timed forward passes
+(``time.perf_counter``) after a warm-up, at a fixed batch size and thread count,
+summarised by median and spread. Models compared with each other are timed
+interleaved (one run of each in turn), so that load from other processes hits
+them alike and before/after ratios stay honest on a busy machine.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from simprune.errors import SimpruneError
+from simprune.export.onnx import require
+
+MIN_RUNS = 30
+ENGINES = ("onnxruntime", "torch")
+
+
+def _check(input_shape: Sequence[int], batch: int, threads: int, runs: int, warmup: int) -> tuple[int, ...]:
+    """Validate the common arguments; return the full input shape (batch first)."""
+    if runs < MIN_RUNS:
+        raise SimpruneError(f"runs must be at least {MIN_RUNS} for a meaningful median, got {runs}")
+    if warmup < 0:
+        raise SimpruneError(f"warmup must be 0 or more, got {warmup}")
+    if batch < 1 or threads < 1:
+        raise SimpruneError(f"batch and threads must be positive, got batch={batch}, threads={threads}")
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or min(shape) < 1:
+        raise SimpruneError(f"input shape {input_shape!r} must be positive sizes without the batch, e.g. (3, 32, 32)")
+    return (batch, *shape)
+
+
+def summarize(times_s: np.ndarray) -> dict[str, Any]:
+    """Median, 10th/90th percentile and inter-quartile range of run times, in milliseconds."""
+    p10, p25, median, p75, p90 = np.percentile(np.asarray(times_s) * 1e3, [10, 25, 50, 75, 90])
+    return {"median_ms": float(median), "p10_ms": float(p10), "p90_ms": float(p90), "iqr_ms": float(p75 - p25),
+            "runs": int(len(times_s))}
+
+
+def time_calls(fns: Sequence[Callable[[], Any]], runs: int, warmup: int) -> list[np.ndarray]:
+    """Warm each of ``fns`` up ``warmup`` times, then time ``runs`` rounds of one call each, in turn (seconds)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = np.empty((len(fns), runs))
+    for i in range(runs):
+        for j, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[j, i] = time.perf_counter() - start
+    return list(times)
+
+
+def _input(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def measure_torch_many(models: Sequence[nn.Module], input_shape: Sequence[int], batch: int, threads: int,
+                       runs: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
+    """Latency of each model (interleaved) in eval mode under ``torch.inference_mode`` with ``threads`` threads.
+
+    The previous thread count and the models' train/eval modes are restored afterwards.
+    """
+    shape = _check(input_shape, batch, threads, runs, warmup)
+    x = _input(shape)
+    previous, modes = torch.get_num_threads(), [m.training for m in models]
+    try:
+        torch.set_num_threads(threads)
+        for m in models:
+            m.eval()
+        with torch.inference_mode():
+            times = time_calls([lambda m=m: m(x) for m in models], runs, warmup)
+    finally:
+        torch.set_num_threads(previous)
+        for m, was_training in zip(models, modes):
+            m.train(was_training)
+    return [{**summarize(t), "batch": batch, "threads": threads} for t in times]
+
+
+def measure_torch(model: nn.Module, input_shape: Sequence[int], batch: int, threads: int, runs: int = 30,
+                  warmup: int = 5) -> dict[str, Any]:
+    """Latency of one model in PyTorch eager (see :func:`measure_torch_many`)."""
+    return measure_torch_many([model], input_shape, batch, threads, runs, warmup)[0]
+
+
+def ort_session(path: str | Path, threads: int):
+    """An onnxruntime CPU session with ``threads`` intra-op threads, one inter-op thread, all graph optimizations."""
+    (ort,) = require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        source = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise SimpruneError(f"cannot load ONNX model {'<bytes>' if isinstance(path, bytes) else path}: "
+                            f"{str(exc).splitlines()[0][:160]}") from exc
+
+
+def measure_onnx_many(paths: Sequence[str | Path], input_shape: Sequence[int], batch: int, threads: int,
+                      runs: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
+    """Latency of each ONNX file (interleaved) in onnxruntime on the CPU (see :func:`ort_session`)."""
+    shape = _check(input_shape, batch, threads, runs, warmup)
+    require("onnxruntime")
+    sessions = [ort_session(p, threads) for p in paths]
+    x = _input(shape).numpy()
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    try:
+        times = time_calls([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs, warmup)
+    except Exception as exc:
+        raise SimpruneError(f"onnxruntime failed on input {shape}: {str(exc).splitlines()[0][:160]}") from exc
+    return [{**summarize(t), "batch": batch, "threads": threads} for t in times]
+
+
+def measure_onnx(path: str | Path, input_shape: Sequence[int], batch: int, threads: int, runs: int = 30,
+                 warmup: int = 5) -> dict[str, Any]:
+    """Latency of one ONNX file in onnxruntime (see :func:`measure_onnx_many`)."""
+    return measure_onnx_many([path], input_shape, batch, threads, runs, warmup)[0]
+
+
+def compare_latency(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Speedup of ``after`` over ``before`` (ratio of medians; > 1 means faster), refusing unlike settings."""
+    for key in ("batch", "threads"):
+        if before.get(key) != after.get(key):
+            raise SimpruneError(f"latencies measured with different {key} ({before.get(key)} vs {after.get(key)}) "
+                                "cannot be compared; measure both with the same settings")
+    if not after["median_ms"] > 0:
+        raise SimpruneError(f"after median is {after['median_ms']} ms; cannot compute a speedup")
+    return {"before_ms": before["median_ms"], "after_ms": after["median_ms"],
+            "speedup": before["median_ms"] / after["median_ms"], "batch": before.get("batch"),
+            "threads": before.get("threads")}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine_name() -> str:
+    """CPU model and core count, for saying which machine measured a latency."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, threads: int = 1,
+              batches: Sequence[int] = (1, 8), runs: int = 30, warmup: int = 5,
+              engines: Sequence[str] = ENGINES, onnx_files: Sequence[str | Path] | None = None
+              ) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Time every model in every engine at every batch size, models interleaved within each setting.
+
+    Returns ``{(engine, batch): [stats per model]}``. ONNX files are exported (and verified) into a
+    temporary folder unless ``onnx_files`` are given, one per model.
+    """
+    unknown = set(engines) - set(ENGINES)
+    if unknown or not engines:
+        raise SimpruneError(f"unknown engine(s) {sorted(unknown)}; use {' and/or '.join(ENGINES)}")
+    shape = tuple(int(s) for s in input_shape)
+    for b in batches:
+        _check(shape, b, threads, runs, warmup)
+    out: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="simprune-bench-") as tmp:
+        files = list(onnx_files or [])
+        if "onnxruntime" in engines and not files:
+            from simprune.export.onnx import export_onnx  # noqa: PLC0415
+
+            for i, m in enumerate(models):
+                files.append(export_onnx(m, _input((1, *shape)), Path(tmp) / f"m{i}.onnx")["path"])
+        for engine in engines:
+            for b in batches:
+                if engine == "onnxruntime":
+                    out[(engine, b)] = measure_onnx_many(files, shape, b, threads, runs, warmup)
+                else:
+                    out[(engine, b)] = measure_torch_many(models, shape, b, threads, runs, warmup)
+    return out
+
+
+def latency_report(timings: dict[tuple[str, int], list[dict[str, Any]]], macs_before: float, macs_after: float,
+                   threads: int, runs: int, before: int = 0, after: int = 1) -> dict[str, Any]:
+    """The report keys ``latency_ms``, ``speedup`` and ``latency`` from :func:`benchmark`'s timings.
+
+    The headline is onnxruntime at batch 1 (torch eager at batch 1 when onnxruntime was not timed);
+    ``speedup.ratio`` is the measured speed-up over the MAC speed-up (1.0: latency fell as MACs did).
+    """
+    rows = []
+    for (engine, batch), stats in timings.items():
+        b, a = stats[before], stats[after]
+        rows.append({"engine": engine, "batch": batch, "before_ms": b["median_ms"], "after_ms": a["median_ms"],
+                     "before_spread_ms": b["iqr_ms"], "after_spread_ms": a["iqr_ms"],
+                     "speedup": b["median_ms"] / a["median_ms"]})
+    head = next((r for r in rows if r["engine"] == "onnxruntime" and r["batch"] == 1), None) or \
+        next((r for r in rows if r["batch"] == 1), rows[0])
+    mac_speedup = macs_before / macs_after
+    return {"latency_ms": {"before": head["before_ms"], "after": head["after_ms"]},
+            "speedup": {"measured": head["speedup"], "macs": mac_speedup, "ratio": head["speedup"] / mac_speedup},
+            "latency": {"threads": threads, "runs": runs, "machine": machine_name(), "rows": rows}}

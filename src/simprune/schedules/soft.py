@@ -1,0 +1,189 @@
+"""Pruning schedules: one-shot, iterative (hard) and soft.
+
+- ``oneshot``: score once, remove once (``api.prune``).
+- ``iterative``: K steps; step k removes channels until ``1 - (1 - R)^(k/K)`` of the original cost is
+  gone (the same share of what is left each time), re-scoring the smaller model each step, with an
+  optional fine-tuning callback between steps.
+- ``soft`` (SFP, and the filter-similarity paper's soft mode): the network keeps its full width while
+  it fine-tunes; after each epoch the selected filters are zeroed and may recover in the next epoch,
+  and the zeroed share rises linearly to the target. For the last ``hold`` epochs (beyond the papers,
+  default 0) the final selection is frozen and kept fully zeroed after every step. At the end the
+  selected channels are zeroed everywhere they act (filters, norms, readers' input weights) and then
+  removed for good: the outputs before and after removal are identical.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from simprune.allocation.allocator import CostModel, Guards
+from simprune.graph.counting import count
+from simprune.errors import SimpruneError
+from simprune.graph.groups import PARAM_LAYERS, ChannelGroup, PruningGraph
+from simprune.graph.removal import remove_channels
+from simprune.train.loop import TrainHooks
+
+SCHEDULES = ("oneshot", "iterative", "soft")
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+def step_targets(ratio: float, steps: int) -> list[float]:
+    """Cumulative reductions after each of ``steps`` steps: equal shares of what is left each time."""
+    if steps < 1:
+        raise SimpruneError(f"--steps must be >= 1, got {steps}")
+    return [1 - (1 - ratio) ** (k / steps) for k in range(1, steps + 1)]
+
+
+def soft_shares(ratio: float, epochs: int, hold: int = 0) -> list[float]:
+    """Zeroed share after each epoch: linear rise to ``ratio`` by epoch ``epochs - hold``, then flat."""
+    if epochs < 1 or not 0 <= hold < epochs:
+        raise SimpruneError(f"soft pruning needs >= 1 epoch and 0 <= --soft-hold < epochs, got {epochs}, {hold}")
+    ramp = epochs - hold
+    return [ratio * min(1.0, e / ramp) for e in range(1, epochs + 1)]
+
+
+def _channel_slices(member, group_size: int, channels: list[int]) -> list[int]:
+    """Module indices of group channels ``channels`` for one member (flatten readers map 1 -> k)."""
+    per = max(1, len(member.idxs) // group_size)
+    return [member.idxs[c * per + j] for c in channels for j in range(per)]
+
+
+@torch.no_grad()
+def zero_channels(group: ChannelGroup, channels: list[int], full: bool) -> None:
+    """Zero ``channels`` of ``group`` in place. Filters (and biases) of the producers always; with
+    ``full`` also the norms' affine parameters and the readers' input weights, which makes the
+    channels inert everywhere, so removing them afterwards changes no output."""
+    if not channels:
+        return
+    for m in group.members:
+        idx = torch.as_tensor(_channel_slices(m, group.size, channels))
+        mod = m.module
+        if isinstance(mod, PARAM_LAYERS) and m.dim == "out":
+            mod.weight.index_fill_(0, idx, 0.0)
+            if mod.bias is not None:
+                mod.bias.index_fill_(0, idx, 0.0)
+        elif full and isinstance(mod, PARAM_LAYERS) and m.dim == "in":
+            mod.weight.index_fill_(1, idx, 0.0)
+        elif full and isinstance(mod, NORMS) and getattr(mod, "weight", None) is not None:
+            mod.weight.index_fill_(0, idx, 0.0)
+            mod.bias.index_fill_(0, idx, 0.0)
+
+
+def zero_exact(group: ChannelGroup) -> bool:
+    """False when a parameter-free layer both writes into and reads from the group (a CIFAR option-A
+    shortcut between two stages): its channels carry values no zeroing can stop, so soft pruning
+    would not be output-preserving there and leaves the group whole."""
+    free = [m for m in group.members if not isinstance(m.module, PARAM_LAYERS + NORMS)
+            and m.name != "?"]  # "?": Torch-Pruning's own element-wise/slice/reshape nodes
+    return not ({m.dim for m in free} >= {"in", "out"})
+
+
+class SoftPruning(TrainHooks):
+    """Train-loop hooks for soft pruning: re-select and zero after each epoch, optionally hold at the end."""
+
+    def __init__(self, graph: PruningGraph, select: Callable[[dict[str, float], list[str]], Any],
+                 kind: str, ratio: float, epochs: int, hold: int = 0, log: Callable[[str], None] = print):
+        self.graph, self.select, self.kind, self.log = graph, select, kind, log
+        self.shares = soft_shares(ratio, epochs, hold)
+        self.final_epoch = epochs - hold
+        self.selected: dict[str, list[int]] = {}
+        self.frozen = False
+        self.protected = [g.root for g in graph.groups if not zero_exact(g)]
+        self.by_root = {g.root: g for g in graph.groups}
+
+    def _apply(self, full: bool) -> None:
+        for root, chans in self.selected.items():
+            zero_channels(self.by_root[root], chans, full)
+
+    def on_step(self, model: nn.Module) -> None:
+        if self.frozen:
+            self._apply(full=True)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        if not self.frozen:
+            share = self.shares[epoch - 1]
+            alloc = self.select({self.kind: share}, self.protected)
+            self.selected = {k: list(v) for k, v in alloc.remove.items()}
+            self.frozen = epoch >= self.final_epoch
+            self.log(f"soft pruning: epoch {epoch}, {share:.1%} {self.kind} zeroed"
+                     f"{' (final selection)' if self.frozen else ''}")
+        self._apply(full=self.frozen)
+
+    def state(self) -> dict:
+        return {"selected": self.selected, "frozen": self.frozen}
+
+    def load_state(self, state: dict) -> None:
+        selected, frozen = state.get("selected", {}), state.get("frozen", False)
+        if not isinstance(selected, dict) or any(k not in self.by_root for k in selected):
+            raise SimpruneError("the training state's soft-pruning selection does not match this model; "
+                                "resume with the same model and command")
+        self.selected = {k: [int(i) for i in v] for k, v in selected.items()}
+        self.frozen = bool(frozen)
+
+
+def finish_soft(hooks: SoftPruning) -> dict[str, list[int]]:
+    """Make the final selection inert and remove it for good; returns what was removed."""
+    if not hooks.frozen:
+        raise SimpruneError("soft pruning ended before its final selection; resume the run with --resume")
+    hooks._apply(full=True)
+    remove_channels(hooks.graph, hooks.selected)
+    return hooks.selected
+
+
+def iterative(model: nn.Module, example: torch.Tensor, criterion: Any, target: dict[str, float], steps: int,
+              prune_step: Callable[..., tuple[nn.Module, dict]],
+              between: Callable[[nn.Module, int], None] | None = None, **options) -> tuple[nn.Module, dict]:
+    """Hard iterative pruning: ``steps`` one-shot prunes toward the cumulative targets, re-scoring each time;
+    ``between(model, k)`` (e.g. a fine-tuning epoch) runs after every step but the last."""
+    kind, ratio = next(iter(target.items()))
+    key = "macs" if kind == "flops" else "params"
+    base = count(model, example)
+    base_value = getattr(base, key)
+    reports = []
+    for k, cumulative in enumerate(step_targets(ratio, steps), start=1):
+        current = getattr(count(model, example), key)
+        step_ratio = 1 - base_value * (1 - cumulative) / current
+        if step_ratio <= 0:
+            continue
+        model, rep = prune_step(model, example, criterion, {kind: step_ratio}, inplace=True, **options)
+        rep["step"], rep["cumulative_target"] = k, cumulative
+        reports.append(rep)
+        if between is not None and k < steps:
+            between(model, k)
+    if not reports:
+        raise SimpruneError("iterative pruning removed nothing; raise the target")
+    final = copy.deepcopy(reports[-1])
+    after = count(model, example)
+    final["macs"]["before"], final["params"]["before"] = base.macs, base.params
+    final["macs"]["after"], final["params"]["after"] = after.macs, after.params
+    final["reduction"] = {"flops": 1 - after.macs / base.macs, "params": 1 - after.params / base.params}
+    final["target"] = dict(target)
+    final["schedule"] = {"name": "iterative", "steps": [
+        {"step": r["step"], "cumulative_target": r["cumulative_target"], "macs_after": r["macs"]["after"],
+         "params_after": r["params"]["after"], "decision_fingerprint": r.get("decision_fingerprint")}
+        for r in reports]}
+    groups_before = {g["root"]: g["channels_before"] for g in reports[0]["groups"]}
+    final["groups"] = [{**g, "channels_before": groups_before.get(g["root"], g["channels_before"])}
+                       for g in final["groups"]]
+    layers_before = {g["name"]: g["channels_before"] for g in reports[0]["layers"]}
+    final["layers"] = [{**g, "channels_before": layers_before.get(g["name"], g["channels_before"])}
+                       for g in final["layers"]]
+    return model, final
+
+
+def soft_selector(graph: PruningGraph, crit: Any, example: torch.Tensor, *, calibration=None,
+                  guards: Guards | None = None, normalization: str | None = None, cost_weight: float = 0.0):
+    """A ``select(target, protected)`` function over the full-width model for :class:`SoftPruning`."""
+    from simprune.api import select_channels  # noqa: PLC0415 - api imports this module's users
+
+    cost = CostModel(graph.groups, count(graph.model, example))
+
+    def select(target: dict[str, float], protected: list[str]):
+        alloc, _, _ = select_channels(graph, crit, target, cost, calibration=calibration, guards=guards,
+                                      normalization=normalization, cost_weight=cost_weight, protected=protected)
+        return alloc
+
+    return select

@@ -1,0 +1,436 @@
+"""Human-readable reports: ``report.md`` and a self-contained ``report.html`` beside each command's JSON.
+
+A report is a list of sections built from the dict that ``prune``, ``analyze``, ``compare`` or ``demo``
+writes as JSON; it is rendered twice: Markdown that links the PNG files in the same folder, and
+one HTML file with inline CSS and every PNG embedded (base64), which opens anywhere on its own.
+Each file is written atomically; the commands write them inside their atomic output folders.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+from simprune.errors import SimpruneError
+from simprune.io.files import atomic_write_bytes
+
+KINDS = ("prune", "analyze", "compare", "demo")
+PACKAGES = ("simprune", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "numpy")
+Block = tuple  # ("p", text) | ("cards", [(value, label)]) | ("table", header, rows) | ("img", file, caption) | ("code", text)
+
+
+def environment_versions() -> dict[str, str]:
+    """Python and the versions of the packages a result depends on ("-" when not installed)."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+# ---- number formatting ----------------------------------------------------------------------
+
+def _millions(n: float, digits: int = 2) -> str:
+    return f"{n / 1e6:.{digits}f} M"
+
+
+def _pct(frac: float) -> str:
+    return f"{100 * frac:.1f} %"
+
+
+def _ms(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f} ms"
+
+
+def _title_target(target: dict) -> str:
+    kind, ratio = next(iter(target.items()))
+    return f"{100 * ratio:.0f} % of {'MACs' if kind == 'flops' else 'parameters'} removed"
+
+
+# ---- sections shared by the kinds -----------------------------------------------------------
+
+def _latency_blocks(data: dict) -> list[Block]:
+    """The deployment keys (latency_ms, speedup, latency.rows), when a command measured them."""
+    lat = data.get("latency") or {}
+    blocks: list[Block] = []
+    if lat.get("rows"):
+        rows = [[r["engine"], r["batch"], _ms(r["before_ms"]), _ms(r["after_ms"]), f"{r['speedup']:.2f}x"]
+                for r in lat["rows"]]
+        blocks.append(("table", ["engine", "batch", "before (median)", "after (median)", "speedup"], rows))
+    speed = data.get("speedup") or {}
+    if speed.get("measured") is not None:
+        head = "onnxruntime at batch 1" if any(r["engine"] == "onnxruntime" and r["batch"] == 1
+                                               for r in lat.get("rows", [])) else "Measured"
+        text = f"{head}: {speed['measured']:.2f}x faster"
+        if speed.get("macs"):
+            text += f" for {speed['macs']:.2f}x fewer MACs (ratio {speed['measured'] / speed['macs']:.2f})"
+        where = ", ".join(s for s in (f"{lat['threads']} thread(s)" if lat.get("threads") else "",
+                                      f"{lat['runs']} runs each" if lat.get("runs") else "",
+                                      lat.get("machine") or "",
+                                      f"load average {lat['load_average']:.1f} while timing (other processes "
+                                      "share the cores)" if lat.get("load_average", 0) >= 1 else "") if s)
+        blocks.append(("p", text + (f"; {where}." if where else ".")))
+    return blocks
+
+
+def _provenance(data: dict, versions: dict | None) -> tuple[str, list[Block]]:
+    blocks: list[Block] = []
+    if data.get("command"):
+        blocks.append(("code", data["command"]))
+    versions = versions or data.get("versions") or environment_versions()
+    blocks.append(("table", ["package", "version"], [[k, v] for k, v in versions.items()]))
+    return "Reproduce", blocks
+
+
+def network_order(matrices: dict) -> dict:
+    """Group matrices sorted by layer name, numbers numerically (layer2.10 after layer2.9)."""
+    return dict(sorted(matrices.items(), key=lambda kv: _natural(kv[0])))
+
+
+def _figures(directory: Path, pattern: str, caption: str) -> list[Block]:
+    return [("img", p.name, caption) for p in sorted(directory.glob(pattern), key=lambda p: _natural(p.name))]
+
+
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+# ---- prune ----------------------------------------------------------------------------------
+
+def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:
+    desc = context.get("desc") or {}
+    acc, lat = data.get("accuracy"), data.get("latency_ms")
+    red = data["reduction"]
+    title = f"Pruning report: {data.get('model')} with {data['criterion']}, {_title_target(data['target'])}"
+    cards = [(f"-{_pct(red['flops'])}", "MACs"), (f"-{_pct(red['params'])}", "parameters")]
+    if acc:
+        cards.append((f"{acc['after'] - acc['before']:+.2f}", "top-1 points"))
+    if lat and lat.get("after"):
+        cards.append((f"{lat['before'] / lat['after']:.2f}x", "faster (onnxruntime, batch 1)"))
+    rows = [["MACs", _millions(data["macs"]["before"]), _millions(data["macs"]["after"]), f"-{_pct(red['flops'])}"],
+            ["parameters", _millions(data["params"]["before"], 3), _millions(data["params"]["after"], 3),
+             f"-{_pct(red['params'])}"]]
+    if acc:
+        rows.append(["top-1", f"{acc['before']:.2f} %", f"{acc['after']:.2f} %",
+                     f"{acc['after'] - acc['before']:+.2f} points"])
+    ft = data.get("finetune") or {}
+    if ft.get("top1_before_finetune") is not None:
+        rows.append(["top-1 before fine-tuning", "", f"{ft['top1_before_finetune']:.2f} %", ""])
+    if lat and lat.get("after"):
+        rows.append(["latency (onnxruntime, batch 1)", _ms(lat["before"]), _ms(lat["after"]),
+                     f"{lat['before'] / lat['after']:.2f}x faster"])
+    model_rows = [["model", data.get("model")], ["pruned from", (desc.get("pruning") or {}).get("source") or "-"],
+                  ["input", "x".join(map(str, desc.get("input_shape") or [])) or "-"],
+                  ["data", (desc.get("data") or {}).get("name") or "-"],
+                  ["prunable groups", len(data.get("groups", []))]]
+    sections = [("Summary", [("cards", cards), ("table", ["", "before", "after", "change"], rows)]),
+                ("Model", [("table", ["", ""], model_rows)])]
+    if data.get("latency"):
+        sections.append(("Latency", _latency_blocks(data)))
+    if data.get("layers"):
+        sections.append(("Channels per layer", [("img", "channels.png",
+                                                 "output channels of every conv/linear layer before (grey) and after")]))
+    heat = _figures(directory, "similarity*.png", "similarity of every pair of channels in each group, "
+                    "measured on the unpruned model (the criterion's own statistics)")
+    if heat:
+        sections.append(("Channel similarity", heat))
+    settings = [["criterion", data["criterion"]], ["target", _title_target(data["target"])],
+                ["compensation", data.get("compensated") or "none"],
+                ["groups left whole (uncompensable)", len(data.get("protected_groups") or [])],
+                ["BatchNorm re-estimated", "yes" if data.get("bn_recalibrated") else "no"]]
+    if data.get("schedule"):
+        settings.append(["schedule", ", ".join(f"{k}={v}" for k, v in data["schedule"].items())])
+    if ft.get("epochs") is not None:
+        settings.append(["fine-tuning epochs", ft["epochs"]])
+    seconds = data.get("seconds") or {}
+    if seconds:
+        settings.append(["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())])
+    sections.append(("Settings", [("table", ["", ""], settings)]))
+    return title, sections
+
+
+# ---- analyze --------------------------------------------------------------------------------
+
+def _analyze_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:
+    net = data["network"]
+    cal = data.get("calibration") or {}
+    weights = "random weights" if data.get("weights") == "random" else (data.get("checkpoint") or "checkpoint")
+    title = f"Redundancy analysis: {data.get('model')} ({weights})"
+    keys = list(net["twins"])
+    low = keys[0]  # the most inclusive threshold
+    cards = [(f"{100 * net['twin_share'][low]:.1f} %", f"of channels have a twin above {low}"),
+             (str(net["groups"]), "channel groups"), (str(net["channels"]), "channels"),
+             (str(net["dead_channels"]), "dead channels")]
+    rows = [[f"> {k}", net["twins"][k], _pct(net["twin_share"][k]), net["removable"][k]] for k in keys]
+    model_rows = [["model", data.get("model")], ["weights", weights],
+                  ["input", "x".join(map(str, data.get("input_shape") or []))],
+                  ["calibration", f"{cal.get('images')} images of {cal.get('data')} (seed {cal.get('seed')})"],
+                  ["similarity", net["similarity"]]]
+    top = sorted(data["groups"], key=lambda g: -(g.get("mean_max_similarity") or float("-inf")))[:10]
+    top_rows = [[g["group"], g["channels"], "yes" if g["residual"] else "",
+                 "" if g.get("mean_max_similarity") is None else f"{g['mean_max_similarity']:.3f}"]
+                + [g["twins"][k] for k in keys] + [g["dead_channels"]] for g in top]
+    sections = [
+        ("Summary", [("cards", cards), ("table", ["max similarity", "channels with a twin", "share",
+                                                  "removable as twins"], rows)]),
+        ("Model", [("table", ["", ""], model_rows)]),
+        ("Redundancy per group", _figures(directory, "redundancy.png", "share of channels with a twin per group "
+                                          "(top) and the spread of each channel's highest similarity (bottom)")),
+        ("Most redundant groups", [("table", ["group", "channels", "residual", "mean max similarity"]
+                                   + [f"twins > {k}" for k in keys] + ["dead"], top_rows),
+                                  ("p", "The ten groups whose channels are, on average, most similar to their "
+                                        "closest other channel.")]),
+        ("Channel similarity", _figures(directory, "similarity*.png", "similarity of every pair of channels in "
+                                        "each group")),
+    ]
+    return title, sections
+
+
+# ---- compare and demo -----------------------------------------------------------------------
+
+def _results_table(rows: list[dict], baseline: float | None = None, target: bool = True) -> Block:
+    """One line per run (the unpruned model first when ``baseline`` is given)."""
+    out = [["unpruned"] + [""] * target + ["", "", f"{baseline:.2f}", ""]] if baseline is not None else []
+    for r in rows:
+        out.append([r["label"]] + [_pct(r["target"])] * target + [
+            _pct(r["flops_removed"]), _pct(r["params_removed"]), f"{r['top1']:.2f}", f"{r['change']:+.2f}"])
+    return ("table", ["criterion"] + ["target"] * target + ["MACs removed", "params removed", "top-1 %", "change"], out)
+
+
+def _setup_rows(data: dict) -> list[list]:
+    cal = data.get("calibration") or {}
+    ckpt = data.get("checkpoint")
+    if ckpt and Path(ckpt).resolve().is_relative_to(Path(__file__).resolve().parents[1]):
+        ckpt = f"{Path(ckpt).name} (shipped with simprune)"
+    return [["model", data.get("model")], ["checkpoint", ckpt or "random weights"],
+            ["test data", f"{data.get('test_images')} images of {data.get('data')}"],
+            ["calibration", f"{cal.get('images')} images of {cal.get('data')} (seed {cal.get('seed')})"],
+            ["same footing", "uncompensable groups left whole, BatchNorm re-estimated on the calibration "
+                             "images, no fine-tuning"]] + \
+        ([["channel counts", f"multiples of {data['round_to']} (onnxruntime's CPU kernels work in blocks of 8)"]]
+         if data.get("round_to", 1) > 1 else [])
+
+
+def _compare_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:
+    from simprune.verify.compare import pivot_table  # noqa: PLC0415
+
+    title = f"Criteria compared: {data.get('model')} on {data.get('data')}"
+    header, rows = pivot_table(data["rows"], data.get("target_kind", "flops"))
+    middle = min(data["targets"], key=lambda t: abs(t - 0.5))
+    best = max((r for r in data["rows"] if r["target"] == middle), key=lambda r: r["top1"])
+    cards = [(f"{data['baseline_top1']:.2f} %", "unpruned top-1"), (str(len(data["rows"])), "pruned models"),
+             (best["label"], f"best at {_pct(middle)}: {best['top1']:.2f} % ({best['change']:+.2f})")]
+    sections = [("Summary", [("cards", cards), ("table", header, rows),
+                             ("p", f"Top-1 on {data.get('test_images')} test images (change against the unpruned "
+                                   f"{data['baseline_top1']:.2f} %); targets are the share of "
+                                   f"{'MACs' if data.get('target_kind', 'flops') == 'flops' else 'parameters'} removed.")]),
+                ("Accuracy against MACs removed", [("img", "accuracy_vs_flops.png",
+                                                    "one line per criterion; dashed: the unpruned model")]),
+                ("Setup", [("table", ["", ""], _setup_rows(data))])]
+    if data.get("layers"):
+        sections.append(("Channels per layer", [("img", "channels.png", data.get("layers_caption", ""))]))
+    sections.append(("All runs", [_results_table(data["rows"])]))
+    return title, sections
+
+
+def _demo_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:
+    rows = [r for r in data["rows"] if r["criterion"] != "unpruned"]
+    base = data["baseline_top1"]
+    first = rows[0]
+    title = f"simprune demo: {data.get('model')} on {data.get('data')}, {_title_target({'flops': data['target_flops']})}"
+    cards = [(f"-{_pct(first['flops_removed'])}", "MACs"), (f"{first['change']:+.2f}", f"top-1 points ({first['label']})")]
+    if rows[1:]:
+        runner = max(rows[1:], key=lambda r: r["top1"])
+        cards.append((f"{first['top1'] - runner['top1']:+.2f}", f"points ahead of the next best ({runner['label']})"))
+    lat = data.get("latency_ms")
+    if lat and lat.get("after"):
+        cards.append((f"{lat['before'] / lat['after']:.2f}x", "faster (onnxruntime, batch 1)"))
+    sections = [
+        ("Summary", [("cards", cards), _results_table(rows, base, target=False),
+                     ("p", "Each criterion prunes the same trained model to the same MAC target in one shot, "
+                           "without fine-tuning. qsfm removes channels whose feature maps duplicate a kept "
+                           "channel's (SSIM) and folds them into the next layer (least squares on the "
+                           "calibration maps); l1 removes the filters of smallest weight norm; random is the floor.")]),
+        ("Setup", [("table", ["", ""], _setup_rows(data))]),
+    ]
+    if data.get("latency"):
+        onnx = data.get("onnx") or {}
+        blocks = _latency_blocks(data)
+        if onnx:
+            blocks.append(("p", f"{first['label']} model exported to {onnx.get('path')} (opset {onnx.get('opset')}, "
+                                f"{onnx.get('bytes', 0) / 2**20:.1f} MiB, verified in onnxruntime: max difference "
+                                f"{onnx.get('max_abs_diff', 0):.1e})."))
+        sections.append(("Latency", blocks))
+    sections.append(("Channels per layer", [("img", "channels.png", "output channels of every layer before "
+                                             "(grey bars) and kept by each criterion (lines)")]))
+    heat = _figures(directory, "similarity*.png", f"similarity of every pair of channels in each group of the "
+                    f"unpruned model ({first['label']} statistics)")
+    if heat:
+        sections.append(("Channel similarity", heat))
+    return title, sections
+
+
+BUILDERS = {"prune": _prune_sections, "analyze": _analyze_sections, "compare": _compare_sections,
+            "demo": _demo_sections}
+
+
+# ---- rendering ------------------------------------------------------------------------------
+
+def _md_cell(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list, rows: list[list]) -> str:
+    """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
+
+
+def render_markdown(title: str, sections: list) -> str:
+    lines = [f"# {title}", ""]
+    for name, blocks in sections:
+        lines += [f"## {name}", ""]
+        for block in blocks:
+            kind = block[0]
+            if kind == "p":
+                lines += [block[1], ""]
+            elif kind == "cards":
+                lines += [" · ".join(f"**{v}** {label}" for v, label in block[1]), ""]
+            elif kind == "table":
+                lines += [markdown_table(block[1], block[2]), ""]
+            elif kind == "img":
+                lines += [f"![{Path(block[1]).stem}]({block[1]})", ""] + ([f"*{block[2]}*", ""] if block[2] else [])
+            elif kind == "code":
+                lines += ["```", block[1], "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#1f2328;
+background:#f6f7f9;margin:0}
+main{max-width:1160px;margin:0 auto;padding:28px 36px 48px;background:#fff;min-height:100vh;box-sizing:border-box}
+h1{font-size:24px;margin:0 0 4px;line-height:1.3}
+.sub{color:#59636e;margin:0 0 20px;font-size:13px}
+h2{font-size:18px;margin:32px 0 10px;padding-bottom:4px;border-bottom:1px solid #d1d9e0}
+p{margin:8px 0 12px;max-width:900px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
+th,td{padding:5px 12px;border-bottom:1px solid #e5e8eb;text-align:left;vertical-align:top}
+th{background:#f6f8fa;font-weight:600;border-bottom:2px solid #d1d9e0}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tbody tr:hover{background:#f9fafb}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0 16px}
+.card{border:1px solid #d1d9e0;border-radius:8px;padding:10px 16px;min-width:130px;background:#fbfcfd}
+.card b{display:block;font-size:22px;line-height:1.2;color:#0b5cad}
+.card span{font-size:12px;color:#59636e}
+figure{margin:12px 0 20px}
+figure img{max-width:100%;height:auto;border:1px solid #e5e8eb;border-radius:4px}
+figcaption{font-size:13px;color:#59636e;margin-top:4px}
+pre{background:#f6f8fa;border:1px solid #e5e8eb;border-radius:6px;padding:10px 12px;font-size:13px;
+white-space:pre-wrap;word-break:break-all}
+"""
+_NUMERIC = re.compile(r"^[-+]?\d[\d,.]*\s?(%|M|ms|x|points|x faster|\([-+]\d[\d.]*\))?$")
+
+
+def _html_cell(v: Any, tag: str = "td", align: bool = True) -> str:
+    text = str(v)
+    cls = ' class="num"' if tag == "td" and align and _NUMERIC.match(text.strip()) else ""
+    return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
+
+
+def render_html(title: str, sections: list, directory: Path, subtitle: str = "") -> str:
+    """One HTML page; PNGs referenced by the sections are read from ``directory`` and embedded."""
+    out = [f"<h1>{html.escape(title)}</h1>"]
+    if subtitle:
+        out.append(f'<p class="sub">{html.escape(subtitle)}</p>')
+    for name, blocks in sections:
+        out.append(f"<h2>{html.escape(name)}</h2>")
+        for block in blocks:
+            kind = block[0]
+            if kind == "p":
+                out.append(f"<p>{html.escape(block[1])}</p>")
+            elif kind == "cards":
+                cards = "".join(f'<div class="card"><b>{html.escape(str(v))}</b><span>{html.escape(label)}</span></div>'
+                                for v, label in block[1])
+                out.append(f'<div class="cards">{cards}</div>')
+            elif kind == "table":
+                header, rows = block[1], block[2]
+                head = "".join(_html_cell(h, "th") for h in header) if any(header) else ""
+                body = "".join("<tr>" + "".join(_html_cell(c, align=bool(head)) for c in r) + "</tr>" for r in rows)
+                out.append(f"<table>{f'<thead><tr>{head}</tr></thead>' if head else ''}<tbody>{body}</tbody></table>")
+            elif kind == "img":
+                data = base64.b64encode((directory / block[1]).read_bytes()).decode()
+                cap = f"<figcaption>{html.escape(block[2])}</figcaption>" if block[2] else ""
+                out.append(f'<figure><img alt="{html.escape(block[2] or block[1])}" '
+                           f'src="data:image/png;base64,{data}">{cap}</figure>')
+            elif kind == "code":
+                out.append(f"<pre>{html.escape(block[1])}</pre>")
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n"
+            + "\n".join(out) + "\n</main></body></html>\n")
+
+
+def write_report(directory: str | Path, kind: str, data: dict, context: dict | None = None) -> list[Path]:
+    """Write ``report.md`` and ``report.html`` for a ``kind`` command's JSON ``data`` into ``directory``.
+
+    Draws ``channels.png`` from the layer lists; embeds the PNGs already in the folder (heat maps,
+    redundancy bars, accuracy plot). ``context``: {"desc": model.json of a pruned model,
+    "versions": {...}}. Returns the two paths.
+    """
+    if kind not in BUILDERS:
+        raise SimpruneError(f"unknown report kind {kind!r}; one of {', '.join(KINDS)}")
+    from simprune.verify.plots import channels_chart  # noqa: PLC0415 - matplotlib only when a report is written
+
+    directory, context = Path(directory), context or {}
+    layers = data.get("layers")
+    if kind == "prune" and layers:
+        channels_chart({data["criterion"]: layers}, directory / "channels.png",
+                       f"Channels per layer: {data.get('model')}, {data['criterion']}, {_title_target(data['target'])}")
+    elif kind in ("compare", "demo") and layers:
+        channels_chart(layers, directory / "channels.png", data.get("layers_title", "Channels per layer"))
+    title, sections = BUILDERS[kind](data, directory, context)
+    sections = [s for s in sections if s[1]] + [_provenance(data, context.get("versions"))]
+    versions = context.get("versions") or data.get("versions") or environment_versions()
+    subtitle = f"simprune {versions.get('simprune', '')} {kind} report"
+    md = render_markdown(title, sections)
+    page = render_html(title, sections, directory, subtitle)
+    atomic_write_bytes(directory / "report.md", md.encode())
+    atomic_write_bytes(directory / "report.html", page.encode())
+    return [directory / "report.md", directory / "report.html"]
+
+
+def write_prune_report(directory: Path, report: dict, desc: dict, criterion=None) -> list[Path]:
+    """The ``simprune prune`` report; heat maps when ``criterion`` (a ScoreCache) kept similarity matrices."""
+    result = getattr(criterion, "result", None)
+    if result is not None and result.similarity:
+        from simprune.verify.plots import similarity_heatmaps  # noqa: PLC0415
+
+        similarity_heatmaps(network_order(result.similarity), Path(directory) / "similarity.png",
+                            label=getattr(criterion, "similarity", None) or "similarity")
+    return write_report(directory, "prune", report, {"desc": desc})
+
+
+def prune_report_writer(report: dict, desc: dict, criterion=None, also=None):
+    """An ``api.save(extra=...)`` callback: runs ``also`` (another callback), then writes the report
+    into the temporary folder, so that it appears together with the model or not at all."""
+    def extra(directory: Path) -> None:
+        if also is not None:
+            also(directory)
+        write_prune_report(directory, report, desc, criterion)
+    return extra
+
+
+def refresh_prune_report(directory: str | Path) -> list[Path]:
+    """Render a pruned model folder's report again from its report.json and model.json (e.g. after
+    ``simprune bench`` added the latency keys); keeps the heat maps already there."""
+    from simprune.io.files import read_json  # noqa: PLC0415
+
+    directory = Path(directory)
+    return write_report(directory, "prune", read_json(directory / "report.json"),
+                        {"desc": read_json(directory / "model.json")})

@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
-
 import simprune  # noqa: E402
+from common import print_table, write_json  # noqa: E402
 from simprune.calibrate.calibration import calibration_loader  # noqa: E402
-from simprune.verify.compare import Spec, run_grid  # noqa: E402
 from simprune.io.data import load_dataset  # noqa: E402
 from simprune.train.loop import evaluate  # noqa: E402
+from simprune.verify.compare import Spec, run_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = {label: Spec(label, name, options) for label, (name, options) in {

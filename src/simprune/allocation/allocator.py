@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from simprune.graph.counting import Cost
 from simprune.errors import SimpruneError
+from simprune.graph.counting import Cost
 from simprune.graph.groups import PARAM_LAYERS, ChannelGroup, is_depthwise
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from simprune import distributed
 from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph, is_depthwise
+from simprune.io.data import load_dataset
 from simprune.stats.channel_stats import ChannelStats
 
 
@@ -44,8 +45,6 @@ def calibration_loader(name: str, n_images: int = 640, data_dir: str | None = No
     """Calibration batches from a named data set's training split (no augmentation).
 
     Under torchrun each rank gets its own shard of the same seeded subset."""
-    from simprune.io.data import load_dataset  # noqa: PLC0415
-
     ds = load_dataset(name, split, data_dir, pad_to, augment=False)
     subset = calibration_subset(ds, n_images, seed)
     if distributed.active():

@@ -14,16 +14,19 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from simprune.allocation.allocator import Guards
+from simprune.cli.common import positive
 from simprune.errors import SimpruneError
+from simprune.export.latency import benchmark, latency_report
+from simprune.export.onnx import export_onnx, require
+from simprune.graph.counting import count
+from simprune.io.files import atomic_write_json, load_model, read_json
+from simprune.models import build_model
+from simprune.schedules.latency import prune_to_latency, vector_block
 
 DEFAULT_BATCH = 8
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def onnxruntime_available() -> bool:
@@ -31,8 +34,6 @@ def onnxruntime_available() -> bool:
 
 
 def _example(shape) -> Any:
-    import torch  # noqa: PLC0415
-
     return torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
 
 
@@ -45,8 +46,6 @@ def _input_shape(desc: dict, source: Path) -> tuple[int, ...]:
 
 def original_model(directory: Path, desc: dict) -> tuple[Any, str]:
     """The model ``directory`` was pruned from, and a phrase saying which one it is."""
-    from simprune.io.files import load_model  # noqa: PLC0415
-    from simprune.models import build_model  # noqa: PLC0415
 
     source = (desc.get("pruning") or {}).get("source") or ""
     if source and Path(source).exists():
@@ -63,10 +62,6 @@ def bench_dir(directory: str | Path, *, threads: int = 1, batch: int = DEFAULT_B
               warmup: int = 5, engines: tuple[str, ...] = ("onnxruntime", "torch"),
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time original vs pruned model of ``directory``; write latency.json and update report.json."""
-    from simprune.graph.counting import count  # noqa: PLC0415
-    from simprune.export.onnx import require  # noqa: PLC0415
-    from simprune.io.files import atomic_write_json, load_model, read_json  # noqa: PLC0415
-    from simprune.export.latency import benchmark, latency_report  # noqa: PLC0415
 
     directory = Path(directory)
     if "onnxruntime" in engines:
@@ -74,7 +69,6 @@ def bench_dir(directory: str | Path, *, threads: int = 1, batch: int = DEFAULT_B
     pruned, desc = load_model(directory)
     shape = _input_shape(desc, directory / "model.json")
     original, which = original_model(directory, desc)
-    import torch  # noqa: PLC0415
 
     x = torch.zeros(1, *shape)
     macs_before, macs_after = count(original, x).macs, count(pruned, x).macs
@@ -110,9 +104,6 @@ def _print_rows(keys: dict, log: Callable[[str], None]) -> None:
 # ---- export -----------------------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
-    from simprune.export.onnx import export_onnx, require  # noqa: PLC0415
-    from simprune.io.files import load_model  # noqa: PLC0415
-
     if not args.onnx:
         raise SimpruneError("choose an export format: --onnx (the only one so far)")
     require("onnx", "onnxruntime")
@@ -151,15 +142,15 @@ def cmd_bench(args) -> int:
 
 
 def _timing_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive, default=1, help="intra-op threads for both engines (default 1)")
+    p.add_argument("--threads", type=positive, default=1, help="intra-op threads for both engines (default 1)")
 
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="latency of the original vs the pruned model (onnxruntime and PyTorch)")
     p.add_argument("directory", metavar="DIR", help="a pruned model directory")
     _timing_options(p)
-    p.add_argument("--batch", type=_positive, default=DEFAULT_BATCH, help="the larger batch size (batch 1 always)")
-    p.add_argument("--runs", type=_positive, default=30, help="timed runs per setting (at least 30)")
+    p.add_argument("--batch", type=positive, default=DEFAULT_BATCH, help="the larger batch size (batch 1 always)")
+    p.add_argument("--runs", type=positive, default=30, help="timed runs per setting (at least 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
     p.add_argument("--engine", action="append", choices=["onnxruntime", "torch"],
                    help="time only this engine (repeatable; default both)")
@@ -179,8 +170,6 @@ def add_prune_latency_options(p: argparse.ArgumentParser) -> None:
 def prune_latency_target(args, model, example, criterion, ratio: float, *, calibration, guards,
                          prune_options: dict) -> tuple[Any, dict]:
     """`simprune prune --target-latency R`: one-shot pruning to a measured latency reduction."""
-    from simprune.allocation.allocator import Guards  # noqa: PLC0415
-    from simprune.schedules.latency import prune_to_latency, vector_block  # noqa: PLC0415
 
     if getattr(args, "schedule", "oneshot") != "oneshot" or getattr(args, "finetune_epochs", None) \
             or getattr(args, "epochs_between", None):
@@ -205,8 +194,6 @@ def prune_latency_target(args, model, example, criterion, ratio: float, *, calib
 def check_latency_options(args) -> None:
     """Fail early (before pruning) when latency was asked for and onnx/onnxruntime are missing."""
     if args.latency or args.target_latency is not None:
-        from simprune.export.onnx import require  # noqa: PLC0415
-
         require("onnx", "onnxruntime")
 
 

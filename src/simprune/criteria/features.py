@@ -13,12 +13,17 @@ import math
 import torch
 
 from simprune.calibrate.calibration import Probe, collect_statistics, mean_similarity
-from simprune.errors import SimpruneError
-from simprune.graph.groups import PruningGraph
-from simprune.stats.similarity import FILTER_METRICS, SIMILARITIES, filter_similarity_matrix, redundancy_order
-from simprune.stats.channel_stats import fit_compensation
 from simprune.criteria import CriterionResult, register
 from simprune.criteria.weights import producer_filters
+from simprune.errors import SimpruneError
+from simprune.graph.groups import PruningGraph
+from simprune.stats.channel_stats import fit_compensation
+from simprune.stats.similarity import (
+    FILTER_METRICS,
+    SIMILARITIES,
+    filter_similarity_matrix,
+    redundancy_order,
+)
 
 PSNR_CAP = 100.0
 

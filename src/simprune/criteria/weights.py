@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from simprune.graph.groups import ChannelGroup, PruningGraph, is_depthwise
 from simprune.criteria import CriterionResult, register
+from simprune.graph.groups import ChannelGroup, PruningGraph, is_depthwise
 
 
 def producer_filters(group: ChannelGroup) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from simprune.errors import SimpruneError
-from simprune.export.onnx import require
+from simprune.export.onnx import export_onnx, require
 
 MIN_RUNS = 30
 ENGINES = ("onnxruntime", "torch")
@@ -177,8 +177,6 @@ def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, thread
     with tempfile.TemporaryDirectory(prefix="simprune-bench-") as tmp:
         files = list(onnx_files or [])
         if "onnxruntime" in engines and not files:
-            from simprune.export.onnx import export_onnx  # noqa: PLC0415
-
             for i, m in enumerate(models):
                 files.append(export_onnx(m, _input((1, *shape)), Path(tmp) / f"m{i}.onnx")["path"])
         for engine in engines:

@@ -8,8 +8,8 @@ Two shortcut options for the blocks that change width:
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class ZeroPadShortcut(nn.Module):

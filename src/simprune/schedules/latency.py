@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 from simprune.allocation.allocator import CostModel
-from simprune.graph.counting import Cost
 from simprune.criteria import ScoreCache
 from simprune.errors import SimpruneError
-from simprune.export.onnx import require
-from simprune.graph.groups import ChannelGroup, PruningGraph, is_depthwise
 from simprune.export.latency import measure_onnx_many, ort_session, time_calls
+from simprune.export.onnx import export_onnx, require
+from simprune.graph.counting import Cost, count
+from simprune.graph.groups import ChannelGroup, PruningGraph, is_depthwise
+from simprune.schedules.oneshot import prune_oneshot, resolve_criterion
 
 POINTS = 8  # widths timed per channel axis
 OPSET, IR_VERSION = 17, 8
@@ -269,16 +270,12 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
     Builds the latency table (unless given), allocates with it, exports and measures the pruned
     model against the original (interleaved), and re-aims the allocator until the measured reduction
     is within ``tolerance``. Returns the closest pruned model and its report, whose ``latency_target``
-    lists every iteration. ``prune_options`` go to :func:`simprune.api.prune`.
+    lists every iteration. ``prune_options`` go to :func:`simprune.schedules.oneshot.prune_oneshot`.
     """
-    from simprune import api  # noqa: PLC0415
-    from simprune.graph.counting import count  # noqa: PLC0415
-    from simprune.export.onnx import export_onnx  # noqa: PLC0415
-
     if not 0 < ratio < 1:
         raise SimpruneError(f"--target-latency {ratio} is outside (0, 1); give the fraction of latency to remove")
     log = log or (lambda _line: None)
-    crit = ScoreCache(api.resolve_criterion(criterion, prune_options.pop("criterion_options", None),
+    crit = ScoreCache(resolve_criterion(criterion, prune_options.pop("criterion_options", None),
                                             prune_options.get("calibration")), reuse=True)
     shape = tuple(example_input.shape[1:])
     x = example_input[:1]
@@ -298,7 +295,8 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
         guess = ratio
         for it in range(max_iterations):
             try:
-                pruned, report = api.prune(model, x, crit, {"latency": guess}, latency_table=table, **prune_options)
+                pruned, report = prune_oneshot(copy.deepcopy(model), x, crit, {"latency": guess}, latency_table=table,
+                                               **prune_options)
             except SimpruneError as exc:
                 if not iterations:
                     raise

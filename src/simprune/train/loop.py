@@ -23,9 +23,15 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from simprune import distributed
-from simprune.io.checkpoints import STATE_FILE
 from simprune.errors import SimpruneError
-from simprune.io.files import atomic_write_bytes, read_safetensors, save_model, tensors_bytes
+from simprune.io.checkpoints import STATE_FILE
+from simprune.io.files import (
+    atomic_write_bytes,
+    load_weights_into,
+    read_safetensors,
+    save_model,
+    tensors_bytes,
+)
 
 
 @dataclass
@@ -112,8 +118,6 @@ def load_train_state(out_dir: Path, model: nn.Module,
     except (KeyError, ValueError, RecursionError) as exc:
         raise SimpruneError(f"{path} lacks valid epoch/history metadata; it is not a simprune training state, "
                             "start again with --overwrite") from exc
-    from simprune.io.files import load_weights_into  # noqa: PLC0415
-
     unknown = sorted(k for k in tensors if not k.startswith(("model.", "optim.")))
     if unknown:
         raise SimpruneError(f"{path}: unexpected entries {unknown[:3]}; it is not a simprune training state")

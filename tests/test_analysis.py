@@ -8,10 +8,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from simprune.calibrate import calibration
+from simprune.cli.analyze import add_analyze_parser
 from simprune.errors import SimpruneError
 from simprune.io.files import save_model
 from simprune.models import build_model
-from simprune.cli.analyze import add_analyze_parser
 from simprune.verify.analysis import analyze, max_offdiag
 from simprune.verify.plots import redundancy_bars, similarity_heatmaps, twin_order
 

@@ -17,7 +17,7 @@ from simprune import distributed
 from simprune.allocation.allocator import CostModel, Guards, allocate
 from simprune.calibrate.calibration import check_calibration, recalibrate_batchnorm
 from simprune.graph.counting import count
-from simprune.criteria import get_criterion
+from simprune.criteria import get_criterion, set_calib_precision
 from simprune.errors import SimpruneError
 from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
 from simprune.graph.groups import PruningGraph
@@ -62,7 +62,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
           compensate: bool | str | None = None, protect_uncompensable: bool | None = None,
           recalibrate_bn: bool | None = None, inplace: bool = False,
           criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
-          between: Callable[[nn.Module, int], None] | None = None, latency_table=None) -> tuple[nn.Module, dict]:
+          between: Callable[[nn.Module, int], None] | None = None, latency_table=None,
+          calib_precision: str | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
@@ -75,9 +76,15 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     fine-tuning epoch) after each but the last; the soft schedule trains, so it lives in
     :func:`simprune.finetuning.soft_prune`. A ``{"latency": R}`` target needs ``latency_table`` (a
     :class:`simprune.latency_table.LatencyTable`); :func:`simprune.latency_table.prune_to_latency` makes one.
+    ``calibration`` may be any iterable of batches (a one-shot one is kept in memory: it is read several
+    times); ``calib_precision`` ("fp32" or "bf16") sets a data criterion's calibration forward pass.
     """
     target = target or {"flops": 0.5}
     crit = resolve_criterion(criterion, criterion_options, calibration)
+    if calib_precision is not None:
+        set_calib_precision(crit, calib_precision)
+    if calibration is not None:
+        calibration = check_calibration(calibration, example_input)
     if not inplace:
         model = copy.deepcopy(model)
     if schedule != "oneshot":
@@ -91,8 +98,6 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
                          compensate=compensate, protect_uncompensable=protect_uncompensable,
                          recalibrate_bn=recalibrate_bn)
     model.eval()
-    if calibration is not None:
-        check_calibration(calibration, example_input)
     t0 = time.perf_counter()
     before = count(model, example_input)
     widths_before = _widths(model)

@@ -26,7 +26,7 @@ def cmd_prune(args) -> int:
 
     from simprune import api  # noqa: PLC0415
     from simprune.allocation.allocator import Guards  # noqa: PLC0415
-    from simprune.criteria import ScoreCache, get_criterion  # noqa: PLC0415
+    from simprune.criteria import ScoreCache, get_criterion, set_calib_precision  # noqa: PLC0415
     from simprune.verify.reports import prune_report_writer, refresh_prune_report  # noqa: PLC0415
 
     from simprune import distributed  # noqa: PLC0415
@@ -41,6 +41,8 @@ def cmd_prune(args) -> int:
         raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
     options = {"similarity": args.similarity} if args.similarity else {}
     criterion = ScoreCache(get_criterion(args.criterion, **options))  # keeps the scores for the report
+    if args.calib_precision:
+        set_calib_precision(criterion, args.calib_precision, "--calib-precision")
     model, desc, shape = _load_or_build(args, args.input)
     example = torch.zeros(1, *shape)
     calibration = None
@@ -154,6 +156,8 @@ def add_prune_parser(sub) -> None:
                         "(default: on with --calib-data)")
     p.add_argument("--calib-data", default=None, help="calibration data set for data-driven criteria")
     p.add_argument("--calib-images", type=_positive, default=640)
+    p.add_argument("--calib-precision", choices=["fp32", "bf16"], default=None,
+                   help="forward pass of a data criterion's calibration (default: the criterion's, bf16)")
     _data_options(p, required=False)
     p.add_argument("--eval-images", type=_positive, default=None, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)

@@ -232,8 +232,9 @@ class ChannelStats:
         return S.fill_diagonal_(self.options["psnr_cap"] if metric == "psnr" else 1.0)
 
     def null_similarity(self, metric: str) -> torch.Tensor:
-        """(C, C) similarity of unrelated maps (channel i of one image, j of the previous), symmetrised:
-        the chance level of ``similarity(metric)``. Zero when fewer than two images were seen."""
+        """(C, C) similarity of unrelated maps (channel i of one image, j of the previous; the upper
+        triangle mirrored, not averaged with the lower one, which would halve its variance): the chance
+        level of ``similarity(metric)``. Zero when fewer than two images were seen."""
         self._need("null")
         self._need(metric)
         pairs = self._state["null_images"]
@@ -246,7 +247,8 @@ class ChannelStats:
             cross = self._state["cross"] / pairs - torch.outer(mom.mean, mom.mean)
             S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cross,
                                         **self._kw())
-        return (S + S.T) / 2
+        upper = torch.triu(S, diagonal=1)  # one shifted pair per channel pair: symmetric, same variance as S
+        return upper + upper.T + torch.diag(S.diagonal())
 
     def mstd(self) -> torch.Tensor:
         """(C,) mean over images of each channel's spatial std (DFS's M-std); pooled: std over images."""

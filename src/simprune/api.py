@@ -28,7 +28,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
           compensate: bool | str | None = None, protect_uncompensable: bool | None = None,
           recalibrate_bn: bool | None = None, inplace: bool = False,
           criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
-          between: Callable[[nn.Module, int], None] | None = None, latency_table=None) -> tuple[nn.Module, dict]:
+          between: Callable[[nn.Module, int], None] | None = None, latency_table=None,
+          calib_precision: str | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
@@ -40,13 +41,16 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     ``schedule="iterative"`` prunes in ``steps`` re-scored steps, calling ``between(model, k)`` (e.g. a
     fine-tuning epoch) after each but the last; the soft schedule trains, so it lives in
     :func:`simprune.schedules.soft.soft_prune`. A ``{"latency": R}`` target needs ``latency_table`` (a
-    :class:`simprune.latency_table.LatencyTable`); :func:`simprune.latency_table.prune_to_latency` makes one.
+    :class:`simprune.schedules.latency.LatencyTable`); :func:`simprune.schedules.latency.prune_to_latency` makes one.
+    ``calibration`` may be any iterable of batches (a one-shot one is kept in memory: it is read several
+    times); ``calib_precision`` ("fp32" or "bf16") sets a data criterion's calibration forward pass.
     """
     return run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
                         between=between, inplace=inplace, criterion_options=criterion_options,
                         latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,
                         normalization=normalization, cost_weight=cost_weight, compensate=compensate,
-                        protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn)
+                        protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn,
+                        calib_precision=calib_precision)
 
 
 def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any], report: dict | None = None,

@@ -33,7 +33,7 @@ from simprune.cli.deploy import (
     latency_step,
     prune_latency_target,
 )
-from simprune.criteria import ScoreCache, get_criterion
+from simprune.criteria import ScoreCache, get_criterion, set_calib_precision
 from simprune.errors import SimpruneError
 from simprune.graph.removal import get_structure
 from simprune.io.data import load_dataset
@@ -71,6 +71,8 @@ def cmd_prune(args) -> int:
         raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
     options = {"similarity": args.similarity} if args.similarity else {}
     criterion = ScoreCache(get_criterion(args.criterion, **options))  # keeps the scores for the report
+    if args.calib_precision:
+        set_calib_precision(criterion, args.calib_precision, "--calib-precision")
     model, desc, shape = load_or_build(args, args.input)
     example = torch.zeros(1, *shape)
     calibration = None
@@ -172,6 +174,8 @@ def add_prune_parser(sub) -> None:
                         "(default: on with --calib-data)")
     p.add_argument("--calib-data", default=None, help="calibration data set for data-driven criteria")
     p.add_argument("--calib-images", type=positive, default=640)
+    p.add_argument("--calib-precision", choices=["fp32", "bf16"], default=None,
+                   help="forward pass of a data criterion's calibration (default: the criterion's, bf16)")
     data_options(p, required=False)
     p.add_argument("--eval-images", type=positive, default=None, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)

@@ -70,7 +70,7 @@ def prune_oneshot(model: nn.Module, example_input: torch.Tensor, crit, target: d
     crit = resolve_criterion(crit, None, calibration)
     model.eval()
     if calibration is not None:
-        check_calibration(calibration, example_input)
+        calibration = check_calibration(calibration, example_input)
     t0 = time.perf_counter()
     before, widths_before = count(model, example_input), layer_widths(model)
     graph = PruningGraph(model, example_input, ignore=ignore)

@@ -87,7 +87,8 @@ def analyze(model: nn.Module, example_input: torch.Tensor, calibration_batches, 
     if len({_key(t) for t in thresholds}) != len(thresholds):
         raise SimpruneError(f"thresholds must be distinct, got {list(thresholds)}")
     graph = PruningGraph(model, example_input)
-    probes = collect_statistics(model, graph, calibration_batches, {similarity, "mstd"}, bf16=bf16,
+    probes = collect_statistics(model, graph, calibration_batches, {similarity, "mstd"},
+                                precision="bf16" if bf16 else "fp32",
                                 progress=progress)
     order = _module_order(model)
     groups, matrices, images = [], {}, 0

@@ -135,6 +135,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
         "groups": [{"root": g.root, "channels_before": g.size + len(alloc.remove.get(g.root, [])),
                     "channels_after": g.size} for g in graph.groups],
         "accuracy": None,
+        "round_to": alloc.round_to,
         "protected_groups": protected,
         "bn_recalibrated": bool(recalibrate_bn),
         "decision_fingerprint": distributed.fingerprint(alloc.remove),

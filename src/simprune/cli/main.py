@@ -17,11 +17,13 @@ def _command_line() -> str:
 
 
 def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="registry name (see `simprune models`) or torchvision:<name>")
-    p.add_argument("--num-classes", type=int, default=None, help="default: from the data set, else 10")
+    p.add_argument("--model", required=required, help="registry name (see `simprune models`), torchvision:<name>, "
+                                                      "timm:<name>, or your builder pkg.module:factory / file.py:factory")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="default: from the data set, else the architecture's own (registry models: 10)")
     p.add_argument("--in-channels", type=int, default=None, help="default: from the data set, else 3")
-    p.add_argument("--weights", default=None, help="torchvision:<name> only: pretrained weights, e.g. "
-                                                   "IMAGENET1K_V1 (torchvision's cache, else its download)")
+    p.add_argument("--weights", default=None, help="torchvision:/timm: models only: pretrained weights, e.g. "
+                                                   "IMAGENET1K_V1 (the library's cache, else its download)")
 
 
 def _data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -46,15 +48,17 @@ def _positive(text: str) -> int:
 
 def cmd_models(args) -> int:
     from simprune.models import available_models  # noqa: PLC0415
-    from simprune.models.torchvision_models import classification_model_names  # noqa: PLC0415
+    from simprune.models.torchvision_models import classification_model_names, segmentation_model_names  # noqa: PLC0415
 
     for name, desc in available_models().items():
         print(f"{name:14s} {desc}")
     if args.torchvision:
-        for name in classification_model_names():
+        for name in classification_model_names() + segmentation_model_names():
             print(f"torchvision:{name}")
     else:
-        print("torchvision:<name>  any torchvision classification model (list them with --torchvision)")
+        print("torchvision:<name>  any torchvision classification or segmentation model (list them with --torchvision)")
+        print("timm:<name>         any timm model (pip install 'simprune[timm]')")
+        print("pkg.module:factory  your own builder (or path/to/file.py:factory)")
     return 0
 
 
@@ -68,12 +72,12 @@ def cmd_info(args) -> int:
     if args.checkpoint:
         from simprune.io.files import load_model  # noqa: PLC0415
 
-        model, _ = load_model(args.checkpoint)
+        model, _ = load_model(args.checkpoint, builder=args.model)
     else:
         if not args.model:
             raise SimpruneError("give --model NAME or --checkpoint DIR")
-        model = build_model(args.model, num_classes=args.num_classes or (1000 if _weights(args) else 10),
-                            in_channels=args.in_channels or shape[0], **_weights(args))
+        model = build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels or shape[0],
+                            **_weights(args))
     try:
         cost = count(model, torch.zeros(1, *shape))
     except RuntimeError as exc:
@@ -177,7 +181,7 @@ def _check_compatible(model, desc, ds) -> None:
     if hasattr(ds, "in_channels") and args.get("in_channels", 3) != ds.in_channels:
         raise SimpruneError(f"the model takes {args.get('in_channels', 3)}-channel images but the data set has "
                             f"{ds.in_channels}; use matching data or a model trained for it")
-    if hasattr(ds, "num_classes") and args.get("num_classes", 10) < ds.num_classes:
+    if hasattr(ds, "num_classes") and args.get("num_classes", ds.num_classes) < ds.num_classes:
         raise SimpruneError(f"the model predicts {args.get('num_classes')} classes but the data set has "
                             f"{ds.num_classes}")
 
@@ -189,7 +193,7 @@ def _load_or_build(args, shape_text: str | None):
     from simprune.models import build_model  # noqa: PLC0415
 
     if args.checkpoint:
-        model, desc = load_model(args.checkpoint)
+        model, desc = load_model(args.checkpoint, builder=args.model)
         if args.model and args.model != desc.get("model"):
             raise SimpruneError(f"--model {args.model} but {args.checkpoint} holds a {desc.get('model')}; "
                                 "drop --model or pass the matching checkpoint")
@@ -201,11 +205,8 @@ def _load_or_build(args, shape_text: str | None):
         raise SimpruneError("give --model NAME (and optionally --checkpoint DIR)")
     shape = parse_input_shape(shape_text or "3x32x32")
     in_ch = args.in_channels or shape[0]
-    extra = _weights(args)
-    default_classes = 1000 if extra else 10
-    model = build_model(args.model, num_classes=args.num_classes or default_classes, in_channels=in_ch, **extra)
-    desc = {"model": args.model, "model_args": {"num_classes": args.num_classes or default_classes,
-                                                "in_channels": in_ch}}
+    model = build_model(args.model, num_classes=args.num_classes, in_channels=in_ch, **_weights(args))
+    desc = dict(model.simprune_source)  # name and arguments, as build_model recorded them
     return model.eval(), desc, shape
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,9 @@ from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, 
 from simprune.graph.groups import PruningGraph
 from simprune.graph.removal import remove_channels
 from simprune.models import SOURCE_ATTR
+
+
+MISS_TOLERANCE = 0.02  # achieved vs asked reduction beyond which prune warns (the cost model is exact)
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
@@ -125,6 +129,10 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     after = count(model, example_input)
     widths_after = _widths(model)
     kind, ratio = next(iter(target.items()))
+    achieved = 1 - (after.macs / before.macs if kind == "flops" else after.params / before.params)
+    if kind in ("flops", "params") and abs(achieved - ratio) > MISS_TOLERANCE:
+        warnings.warn(f"target {kind} {ratio:.1%} missed: {achieved:.1%} removed (the cost model predicted "
+                      f"{alloc.reduction:.1%}); please report the model", RuntimeWarning, stacklevel=2)
     report = {
         "schedule": {"name": "oneshot"},
         "model": (getattr(model, SOURCE_ATTR, None) or {}).get("model") or type(model).__name__,
@@ -139,6 +147,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
                     "channels_after": g.size} for g in graph.groups],
         "accuracy": None,
         "round_to": alloc.round_to,
+        "target_met": abs(achieved - ratio) <= MISS_TOLERANCE if kind in ("flops", "params") else None,
         "protected_groups": protected,
         "bn_recalibrated": bool(recalibrate_bn),
         "decision_fingerprint": distributed.fingerprint(alloc.remove),

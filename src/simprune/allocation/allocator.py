@@ -246,13 +246,12 @@ def allocate_aligned(groups: list[ChannelGroup], scores: dict[str, torch.Tensor]
         pri = normalize(s, normalization)
         if cost_weight and unit_cost[gi] > 0:
             pri = pri / (unit_cost[gi] / mean_cost) ** cost_weight
-        g = group.channel_groups
-        per = group.size // g  # channels per group of a grouped conv: one position = one channel in each
-        pos_pri = pri.view(g, per).mean(0) if g > 1 else pri
-        order = torch.argsort(pos_pri, stable=True).tolist()
-        for positions in guards.units(group.size, order, g):
-            chunk = [p + k * per for p in positions for k in range(g)]
-            units.append((float(pos_pri[positions].max()), gi, chunk))
+        classes = group.classes  # channels that go together (a grouped conv's groups, fed-back channels)
+        cls_pri = torch.stack([pri[c].mean() for c in classes]) if group.tied is not None else pri
+        order = torch.argsort(cls_pri, stable=True).tolist()
+        for picked in guards.units(group.size, order, group.channel_groups):
+            chunk = [ch for c in picked for ch in classes[c]]
+            units.append((float(cls_pri[picked].max()), gi, chunk))
     units.sort(key=lambda u: u[0])
     removed = [0] * len(groups)
     chosen: dict[int, list[int]] = {}

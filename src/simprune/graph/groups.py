@@ -91,7 +91,13 @@ class ChannelGroup:
     root: str
     size: int
     members: list[Member] = field(default_factory=list)
-    channel_groups: int = 1  # G > 1: a grouped conv reads/writes these channels; remove the same k of each G
+    channel_groups: int = 1  # channels per tied class (G of a grouped conv; 2 where a channel is fed back, GhostNet)
+    tied: list[list[int]] | None = None  # classes of channels that only go together (None: each alone)
+
+    @property
+    def classes(self) -> list[list[int]]:
+        """Removal classes: channel indices that go together, all of ``channel_groups`` channels."""
+        return self.tied if self.tied is not None else [[i] for i in range(self.size)]
 
 
     @property
@@ -251,11 +257,56 @@ class PruningGraph:
         root = members[0]
         if len(root.idxs) <= 1 or not any(m.dim == "in" and isinstance(m.module, PARAM_LAYERS) for m in members):
             return None  # a single channel, or channels nothing reads but the model's output
-        if len(root.idxs) % channel_groups:
+        size = len(root.idxs)
+        if size % channel_groups:
             layer = next(m for m in members if is_grouped(m.module) or isinstance(m.module, nn.GroupNorm))
-            raise SimpruneError(f"layer {layer.name!r} ({type(layer.module).__name__}) splits {len(root.idxs)} "
+            raise SimpruneError(f"layer {layer.name!r} ({type(layer.module).__name__}) splits {size} "
                                 f"channels into {channel_groups} groups unevenly; --ignore {root.name}")
-        return ChannelGroup(root.name, len(root.idxs), members, channel_groups)
+        tied = self._tied_classes(root, size, channel_groups)
+        if tied is None:
+            return ChannelGroup(root.name, size, members, channel_groups)
+        class_size = len(tied[0])
+        if any(len(c) != class_size for c in tied) or len(tied) < 2:
+            return None  # channels tied unevenly (or all together): kept whole
+        return ChannelGroup(root.name, size, members, class_size, tied)
+
+    def _removed_with(self, root: Member, idx: int) -> set[int]:
+        """The root layer's channels Torch-Pruning removes along with channel ``idx`` (itself, unless the
+        group feeds back into its own root, as a GhostNet module's concat of x and dwconv(x) does)."""
+        handler = self.dg.get_pruner_of_module(root.module).prune_out_channels
+        out = set()
+        for item in self.dg.get_pruning_group(root.module, handler, [idx]):
+            if item.dep.target.module is root.module and self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                out.update(int(i) for i in item.idxs)
+        return out
+
+    def _tied_classes(self, root: Member, size: int, channel_groups: int) -> list[list[int]] | None:
+        """Classes of root channels that can only go together: a grouped conv's G groups lose the same
+        positions, and channels coupled back to their own root are removed together. None: each alone."""
+        parent = list(range(size))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        per = size // channel_groups
+        for p in range(per):
+            for k in range(1, channel_groups):
+                parent[find(p + k * per)] = find(p)
+        coupled = any(self._removed_with(root, i) != {i} for i in {0, size - 1})
+        if coupled:  # ask for every channel (only for the few groups that feed back into themselves)
+            for i in range(size):
+                for j in self._removed_with(root, i):
+                    if j < size:
+                        parent[find(j)] = find(i)
+        if channel_groups == 1 and not coupled:
+            return None
+        classes: dict[int, list[int]] = {}
+        for i in range(size):
+            classes.setdefault(find(i), []).append(i)
+        return sorted(classes.values())
 
     def group(self, layer: str) -> ChannelGroup:
         """The group rooted at ``layer``, else the group whose outputs ``layer`` produces."""

@@ -46,6 +46,8 @@ def build_timm(name: str, num_classes: int | None = None, in_channels: int | Non
     except TypeError as exc:
         raise SimpruneError(f"timm:{name} does not take {sorted(options)}: {exc}") from exc
     except (OSError, RuntimeError) as exc:
+        if not weights:
+            raise
         raise SimpruneError(f"could not load timm weights for {name}: {str(exc).splitlines()[0][:150]}; "
                             "place them in the Hugging Face cache or drop --weights") from exc
 

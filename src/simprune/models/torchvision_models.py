@@ -50,6 +50,8 @@ def build_torchvision(name: str, num_classes: int | None = None, in_channels: in
     except TypeError as exc:
         raise SimpruneError(f"torchvision:{name} does not take {sorted(options)}: {exc}") from exc
     except (OSError, RuntimeError) as exc:  # urllib errors derive from OSError
+        if not weights:
+            raise
         raise SimpruneError(
             f"could not load weights {weights!r} for {name}: {str(exc).splitlines()[0]}; "
             "place the file in torch's hub cache (torch.hub.get_dir()/checkpoints) or drop --weights"

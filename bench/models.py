@@ -5,6 +5,7 @@ outputs, export to ONNX (verified by onnxruntime).
     python bench/models.py                 # all; prints a table, writes bench/results/models.json
     python bench/models.py --only torchvision:resnext50_32x4d timm:ghostnet_100
     python bench/models.py --family timm   # timm only (torchvision, timm)
+    python bench/models.py --resume        # keep the rows already in the JSON, run the others
 
 Transformers (vit, swin, maxvit) are not convolutional networks and are not tried; simprune refuses
 them in one line. Small inputs (64x64; Inception-v3 at 299) keep the run short: the architecture is
@@ -13,7 +14,7 @@ the same at any size.
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import sys
 import tempfile
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+from common import RESULTS, print_table, write_json  # noqa: E402
 
 import simprune  # noqa: E402
 from simprune.models.torchvision_models import (TRANSFORMERS, classification_model_names,  # noqa: E402
@@ -91,10 +92,14 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="these models only")
     ap.add_argument("--family", choices=["torchvision", "timm"], default=None)
     ap.add_argument("--no-export", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of bench/results/models.json, run the rest")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for name in args.only or model_names(args.family):
+    if args.resume and (RESULTS / "models.json").exists():
+        rows = json.loads((RESULTS / "models.json").read_text())["rows"]
+    done = {r["model"] for r in rows}
+    for name in [n for n in args.only or model_names(args.family) if n not in done]:
         t0 = time.perf_counter()
         try:
             row = {**check_model(name, export=not args.no_export), "outcome": "ok"}
@@ -109,6 +114,7 @@ def main() -> None:
         ok = sum(r["outcome"] == "ok" for r in rows)
         write_json("models", {"target_flops": TARGET, "within": WITHIN, "onnx": not args.no_export, "ok": ok,
                               "tried": len(rows), "rows": rows})  # after every row: a long run keeps what it did
+    ok = sum(r["outcome"] == "ok" for r in rows)
     print_table(rows, ["model", "input", "removed", "round_to", "onnx_diff", "outcome", "seconds"])
     print(f"{ok}/{len(rows)} pruned to {TARGET:.0%} MACs within {WITHIN * 100:.1f} points, reloaded identical"
           f"{'' if args.no_export else ', exported to ONNX'}")

@@ -268,7 +268,9 @@ def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source
             if not torch.isfinite(value).all():
                 raise SimpruneError(f"{source}: {key} contains NaN or inf (as {own[key].dtype}); the weights are corrupt")
         converted[key] = value
-    model.load_state_dict(converted, strict=True)
+    state = type(own)(converted)
+    state._metadata = getattr(own, "_metadata", None)  # module versions (MNASNet refuses a state without them)
+    model.load_state_dict(state, strict=True)
     return model
 
 

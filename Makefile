@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-0.2
 
 .PHONY: demo test test-fast lint bench clean weights
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU wheels; an unpinned torch would pull several GB of CUDA packages.

@@ -12,13 +12,8 @@ import torch
 from torch import nn
 
 from simprune.allocation.allocator import Guards
-from simprune.graph.removal import get_structure
-from simprune.io.files import (
-    atomic_output_dir,
-    atomic_write_json,
-    load_model,
-    save_model,
-)
+from simprune.io.description import check_loadable, describe
+from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
 from simprune.schedules.run import run_schedule
 
 
@@ -53,13 +48,19 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
                         calib_precision=calib_precision)
 
 
-def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any], report: dict | None = None,
-         overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` (+ ``report.json``) into ``out_dir`` atomically."""
-    structure = get_structure(model)
-    desc = dict(description)
-    if structure:
-        desc["structure"] = structure
+def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any] | None = None,
+         report: dict | None = None, overwrite: bool = False, extra: Callable[[Path], None] | None = None,
+         verify: bool = True) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` (+ ``report.json``) into ``out_dir`` atomically.
+
+    The description is taken from the model (what ``build_model`` built, the input shape ``prune``
+    saw, the pruned structure); ``description`` adds or overrides keys. With ``verify`` the
+    description is rebuilt first and one that would not load back is refused. Without a model
+    name, load it with ``load(dir, MyNet())``.
+    """
+    desc = describe(model, description)
+    if verify:
+        check_loadable(model, desc)
     with atomic_output_dir(Path(out_dir), overwrite=overwrite) as tmp:
         save_model(tmp, model, desc)
         if report is not None:
@@ -69,10 +70,14 @@ def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any], rep
     return Path(out_dir)
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a saved (pruned) model from its directory; never unpickles. Pass ``model`` for
-    architectures outside the registry (a freshly built, unpruned instance)."""
-    loaded, desc = load_model(path, model)
+def load(path: str | Path, model: nn.Module | str | None = None, *, builder: str | None = None) -> nn.Module:
+    """Rebuild a saved (pruned) model from its directory; never unpickles.
+
+    ``model``: a freshly built, unpruned instance for your own architecture (``load(dir, MyNet())``),
+    or the ``pkg.module:factory`` that built it (your code runs only when you name it, also as ``builder``).
+    """
+    if isinstance(model, str):
+        model, builder = None, model
+    loaded, desc = load_model(path, model, builder=builder)
     loaded.simprune_description = desc
     return loaded
-

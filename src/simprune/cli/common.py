@@ -26,11 +26,13 @@ def command_line() -> str:
 
 
 def model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="registry name (see `simprune models`) or torchvision:<name>")
-    p.add_argument("--num-classes", type=int, default=None, help="default: from the data set, else 10")
+    p.add_argument("--model", required=required, help="registry name (see `simprune models`), torchvision:<name>, "
+                                                      "timm:<name>, or your builder pkg.module:factory / file.py:factory")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="default: from the data set, else the architecture's own (registry models: 10)")
     p.add_argument("--in-channels", type=int, default=None, help="default: from the data set, else 3")
-    p.add_argument("--weights", default=None, help="torchvision:<name> only: pretrained weights, e.g. "
-                                                   "IMAGENET1K_V1 (torchvision's cache, else its download)")
+    p.add_argument("--weights", default=None, help="torchvision:/timm: models only: pretrained weights, e.g. "
+                                                   "IMAGENET1K_V1 (the library's cache, else its download)")
 
 
 def data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -63,7 +65,7 @@ def check_compatible(model, desc, ds) -> None:
     if hasattr(ds, "in_channels") and args.get("in_channels", 3) != ds.in_channels:
         raise SimpruneError(f"the model takes {args.get('in_channels', 3)}-channel images but the data set has "
                             f"{ds.in_channels}; use matching data or a model trained for it")
-    if hasattr(ds, "num_classes") and args.get("num_classes", 10) < ds.num_classes:
+    if hasattr(ds, "num_classes") and args.get("num_classes", ds.num_classes) < ds.num_classes:
         raise SimpruneError(f"the model predicts {args.get('num_classes')} classes but the data set has "
                             f"{ds.num_classes}")
 
@@ -72,7 +74,7 @@ def load_or_build(args, shape_text: str | None):
     """Model from --checkpoint (its JSON names the architecture) or a fresh --model; plus the input shape."""
 
     if args.checkpoint:
-        model, desc = load_model(args.checkpoint)
+        model, desc = load_model(args.checkpoint, builder=args.model)
         if args.model and args.model != desc.get("model"):
             raise SimpruneError(f"--model {args.model} but {args.checkpoint} holds a {desc.get('model')}; "
                                 "drop --model or pass the matching checkpoint")
@@ -84,11 +86,8 @@ def load_or_build(args, shape_text: str | None):
         raise SimpruneError("give --model NAME (and optionally --checkpoint DIR)")
     shape = parse_input_shape(shape_text or "3x32x32")
     in_ch = args.in_channels or shape[0]
-    extra = weights_kwargs(args)
-    default_classes = 1000 if extra else 10
-    model = build_model(args.model, num_classes=args.num_classes or default_classes, in_channels=in_ch, **extra)
-    desc = {"model": args.model, "model_args": {"num_classes": args.num_classes or default_classes,
-                                                "in_channels": in_ch}}
+    model = build_model(args.model, num_classes=args.num_classes, in_channels=in_ch, **weights_kwargs(args))
+    desc = dict(model.simprune_source)  # name and arguments, as build_model recorded them
     return model.eval(), desc, shape
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from simprune.allocation.allocator import Guards
+from simprune.allocation.rounding import vector_block
 from simprune.cli.common import positive
 from simprune.errors import SimpruneError
 from simprune.export.latency import benchmark, latency_report
@@ -24,7 +25,7 @@ from simprune.export.onnx import export_onnx, require
 from simprune.graph.counting import count
 from simprune.io.files import atomic_write_json, load_model, read_json
 from simprune.models import build_model
-from simprune.schedules.latency import prune_to_latency, vector_block
+from simprune.schedules.latency import prune_to_latency
 
 DEFAULT_BATCH = 8
 

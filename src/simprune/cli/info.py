@@ -11,29 +11,31 @@ from simprune.errors import SimpruneError
 from simprune.graph.counting import count, parse_input_shape
 from simprune.io.files import load_model
 from simprune.models import available_models, build_model
-from simprune.models.torchvision_models import classification_model_names
+from simprune.models.torchvision_models import classification_model_names, segmentation_model_names
 
 
 def cmd_models(args) -> int:
     for name, desc in available_models().items():
         print(f"{name:14s} {desc}")
     if args.torchvision:
-        for name in classification_model_names():
+        for name in classification_model_names() + segmentation_model_names():
             print(f"torchvision:{name}")
     else:
-        print("torchvision:<name>  any torchvision classification model (list them with --torchvision)")
+        print("torchvision:<name>  any torchvision classification or segmentation model (list them with --torchvision)")
+        print("timm:<name>         any timm model (pip install 'simprune[timm]')")
+        print("pkg.module:factory  your own builder (or path/to/file.py:factory)")
     return 0
 
 
 def cmd_info(args) -> int:
     shape = parse_input_shape(args.input)
     if args.checkpoint:
-        model, _ = load_model(args.checkpoint)
+        model, _ = load_model(args.checkpoint, builder=args.model)
     else:
         if not args.model:
             raise SimpruneError("give --model NAME or --checkpoint DIR")
-        model = build_model(args.model, num_classes=args.num_classes or (1000 if weights_kwargs(args) else 10),
-                            in_channels=args.in_channels or shape[0], **weights_kwargs(args))
+        model = build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels or shape[0],
+                            **weights_kwargs(args))
     try:
         cost = count(model, torch.zeros(1, *shape))
     except RuntimeError as exc:

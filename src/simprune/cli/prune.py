@@ -156,7 +156,9 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else 3x32x32)")
     p.add_argument("--min-channels", type=positive, default=4, help="never keep fewer channels in a group")
     p.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this share of a group")
-    p.add_argument("--round-to", type=positive, default=1, help="keep channel counts multiples of this")
+    p.add_argument("--round-to", type=positive, default=None,
+                   help="keep channel counts multiples of this (default: the CPU's vector block, 16 with AVX-512, "
+                        "relaxed where the target needs it; 1: as ranked)")
     p.add_argument("--ignore", action="append", metavar="LAYER_PATTERN", help="glob of layers never pruned")
     p.add_argument("--normalization", choices=["none", "mean", "max", "rank"], default=None,
                    help="how scores are made comparable across layers (default: the criterion's)")

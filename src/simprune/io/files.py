@@ -11,7 +11,6 @@ import errno
 import glob
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -27,14 +26,14 @@ from torch import nn
 
 from simprune.errors import SimpruneError
 from simprune.graph.removal import apply_structure
-from simprune.models import build_model
+from simprune.io.description import _check_names, _input_shape, _model_args, _precheck_names, _trusted, build_described
+from simprune.models.external import is_builder_spec
 
 FORMAT = "simprune-model/1"
 PICKLE_MAGIC = (b"\x80",)  # protocol 2+ pickles start with PROTO
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save archives
 MAX_JSON_BYTES = 16 * 2**20
 DIGEST_KEY = "simprune.sha256"  # safetensors metadata: sha256 of the tensors and the other metadata
-MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # C*H*W of a recorded input shape (loading runs one image through)
 
 
 def versions() -> dict[str, str]:
@@ -250,14 +249,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _check_names(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: Path) -> None:
-    missing = sorted(set(own) - set(tensors))
-    extra = sorted(set(tensors) - set(own))
-    if missing or extra:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise SimpruneError(f"{source} does not match the model ({what}); check --model and its arguments")
-
-
 def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> nn.Module:
     """Copy ``tensors`` into ``model`` requiring the exact same keys, shapes, kinds and finite values
     (floats are converted to the model's dtype, and must stay finite there)."""
@@ -276,37 +267,10 @@ def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source
             if not torch.isfinite(value).all():
                 raise SimpruneError(f"{source}: {key} contains NaN or inf (as {own[key].dtype}); the weights are corrupt")
         converted[key] = value
-    model.load_state_dict(converted, strict=True)
+    state = type(own)(converted)
+    state._metadata = getattr(own, "_metadata", None)  # module versions (MNASNet refuses a state without them)
+    model.load_state_dict(state, strict=True)
     return model
-
-
-def _precheck_names(name: str, args: dict[str, int], tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Compare the file's tensors with the architecture built on the meta device (no memory), so that a
-    description naming a huge model next to small weights is refused before that model is built."""
-    try:
-        with torch.device("meta"):
-            own = build_model(name, **args).state_dict()
-    except SimpruneError:
-        raise
-    except Exception:  # noqa: BLE001 - a builder that cannot run on meta: the full check follows anyway
-        return
-    _check_names(own, tensors, source)
-    for key, value in tensors.items():  # a pruned model is never wider than the registry's
-        if value.dim() != own[key].dim() or any(a > b for a, b in zip(value.shape, own[key].shape)):
-            raise SimpruneError(f"{source}: {key} has shape {tuple(value.shape)}, larger than the model's "
-                                f"{tuple(own[key].shape)}; the weights belong to another model")
-
-
-def _input_shape(desc: dict[str, Any], source: Path) -> tuple[int, int, int] | None:
-    shape = desc.get("input_shape")
-    if shape is None:
-        return None
-    if not (isinstance(shape, list) and len(shape) == 3 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
-            and math.prod(shape) <= MAX_INPUT_ELEMENTS):
-        raise SimpruneError(f"{source}: input_shape must be [C, H, W], positive integers with C*H*W <= "
-                            f"{MAX_INPUT_ELEMENTS}, got {json.dumps(shape)[:60]}")
-    return tuple(shape)
 
 
 def check_runs(model: nn.Module, shape: tuple[int, ...], source: Path) -> None:
@@ -323,26 +287,14 @@ def check_runs(model: nn.Module, shape: tuple[int, ...], source: Path) -> None:
                             "are corrupt")
 
 
-def _model_args(desc: dict[str, Any], source: Path) -> tuple[str, dict[str, int]]:
-    name, args = desc.get("model"), desc.get("model_args", {})
-    if not isinstance(name, str) or not isinstance(args, dict):
-        raise SimpruneError(f"{source}: 'model' must be a string and 'model_args' an object")
-    for key in ("num_classes", "in_channels"):
-        if key in args and (not isinstance(args[key], int) or isinstance(args[key], bool) or not 0 < args[key] <= 100_000):
-            raise SimpruneError(f"{source}: model_args.{key} must be a positive integer, got {args[key]!r}")
-    unknown = set(args) - {"num_classes", "in_channels"}
-    if unknown:
-        raise SimpruneError(f"{source}: unexpected model_args {sorted(unknown)}")
-    return name, args
-
-
-def load_model(path: str | Path, model: nn.Module | None = None,
-               allow_incomplete: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: str | Path, model: nn.Module | None = None, allow_incomplete: bool = False,
+               builder: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model (from the registry, or into ``model``) and load its weights.
 
     Returns ``(model, description)``; the model is in eval mode. A directory of an unfinished run
     (``INCOMPLETE.json``) is refused unless ``allow_incomplete`` (resuming it).
     """
+
     weights_path, json_path = resolve_model_path(path)
     if not allow_incomplete and (weights_path.parent / "INCOMPLETE.json").exists():
         raise SimpruneError(f"{weights_path.parent} is an unfinished run (INCOMPLETE.json); finish it by rerunning "
@@ -354,8 +306,10 @@ def load_model(path: str | Path, model: nn.Module | None = None,
     name, args = _model_args(desc, json_path)
     shape = _input_shape(desc, json_path)
     if model is None:
-        _precheck_names(name, args, tensors, weights_path)
-        model = build_model(name, **args)
+    
+        if name is not None and (not is_builder_spec(name) or _trusted(name, builder)):
+            _precheck_names(name, args, tensors, weights_path)
+        model = build_described(name, args, json_path, builder, desc.get("architecture"))
     if desc.get("structure"):
         apply_structure(model, desc["structure"], json_path, desc.get("input_shape"))
     load_weights_into(model, tensors, weights_path)

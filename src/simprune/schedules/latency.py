@@ -333,15 +333,3 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
                                 "met": abs(step["measured"] - ratio) <= tolerance, "iterations": iterations,
                                 "table": table.summary()}
     return pruned, report
-
-
-def vector_block() -> int:
-    """Channels per vector block of onnxruntime's CPU conv kernels (NCHWc): 16 with AVX-512, else 8.
-
-    Channel counts are padded up to a multiple of it, so pruning that does not cross a block
-    boundary saves MACs but no time."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return 8
-    return 16 if " avx512f" in flags else 8

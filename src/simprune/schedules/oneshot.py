@@ -19,7 +19,9 @@ from simprune.errors import SimpruneError
 from simprune.graph.counting import count, layer_widths
 from simprune.graph.groups import PruningGraph
 from simprune.graph.removal import remove_channels
-from simprune.schedules.report import prune_report
+from simprune.io.description import INPUT_ATTR
+from simprune.models import SOURCE_ATTR
+from simprune.schedules.report import prune_report, target_met
 
 
 def resolve_criterion(criterion: str | Any, options: dict | None = None, calibration=None):
@@ -89,15 +91,18 @@ def prune_oneshot(model: nn.Module, example_input: torch.Tensor, crit, target: d
     if compensate:
         result.compensator(graph, alloc.remove, compensate if isinstance(compensate, str) else None)
     remove_channels(graph, alloc.remove)
+    setattr(model, INPUT_ATTR, list(example_input.shape[1:]))  # what save records for load
     if recalibrate_bn:
         recalibrate_batchnorm(model, calibration)
+    after = count(model, example_input)
     report = prune_report(
-        model_name=getattr(model, "simprune_name", type(model).__name__), criterion=crit.name, target=target,
-        schedule={"name": "oneshot"}, before=before, after=count(model, example_input),
+        model_name=(getattr(model, SOURCE_ATTR, None) or {}).get("model") or type(model).__name__,
+        criterion=crit.name, target=target, schedule={"name": "oneshot"}, before=before, after=after,
         layers_before=widths_before, layers_after=layer_widths(model), groups=graph.groups,
         groups_before=groups_before, removed=alloc.remove, protected=protected,
         compensated=(compensate if isinstance(compensate, str) else bool(compensate)) if compensate else False,
         bn_recalibrated=recalibrate_bn, decision_fingerprint_per_rank=alloc.fingerprints,
+        round_to=alloc.round_to, target_met=target_met(target, before, after, alloc.reduction),
         seconds={"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                  "removal": time.perf_counter() - t_alloc})
     return model, report

@@ -194,8 +194,8 @@ def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: 
     """
     kind, ratio = _check_target(target)
     if kind == "latency" and not cost.has_latency:
-        raise SimpruneError("a latency target needs a cost model with a latency table; use --target-latency, "
-                            "which builds one")
+        raise SimpruneError("a latency target needs a cost model with a latency table; use "
+                            "simprune.schedules.latency.prune_to_latency, which builds one")
     k = KINDS.index(kind)
     base = cost.base(kind)
     unit_cost = cost.channel_cost(kind)
@@ -277,15 +277,15 @@ def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: 
     reduction = 1 - current[k] / base
     if current[k] > goal + 1e-9:
         raise SimpruneError(f"target {kind} reduction {ratio:.1%} cannot be reached under the guards; the largest "
-                            f"reachable is {reduction:.1%} (lower the target, --min-channels or raise "
-                            "--max-layer-ratio, or drop --ignore patterns)")
+                            f"reachable is {reduction:.1%}; lower the target or min_channels=, raise "
+                            "max_layer_ratio=, or drop ignore= patterns")
     return Allocation({groups[g].root: sorted(ch) for g, ch in chosen.items() if ch}, current[0], current[1],
                       reduction)
 
 
 def _check_target(target: dict[str, float]) -> tuple[str, float]:
     if not isinstance(target, dict) or len(target) != 1:
-        raise SimpruneError("give exactly one target: --target-flops R or --target-params R")
+        raise SimpruneError("give exactly one target: {'flops': R} or {'params': R}")
     kind, ratio = next(iter(target.items()))
     if kind not in KINDS:
         raise SimpruneError(f"unknown target {kind!r}; use flops, params or latency")

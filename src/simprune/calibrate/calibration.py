@@ -110,7 +110,7 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     if reduce is not None:
         seen, varied = (int(v) for v in reduce(torch.tensor([float(seen), float(varied)], dtype=torch.float64)))
     if seen == 0:
-        raise SimpruneError("no calibration images were seen; check --calib-data and --calib-images")
+        raise SimpruneError("no calibration images were seen; pass calibration= batches of images")
     if varied == 0:
         raise SimpruneError(f"all {seen} calibration images are constant (no pixel differs), so every feature-map "
                             "similarity ties; calibrate on real images")
@@ -127,7 +127,8 @@ def _forward(model: nn.Module, x: torch.Tensor) -> None:
         model(x)
     except RuntimeError as exc:  # wrong channel count or size: torch's own message, in one line
         raise SimpruneError(f"the model cannot read calibration images of shape {tuple(x.shape[1:])} "
-                            f"({str(exc).splitlines()[0][:120]}); pick matching --calib-data/--pad-to") from exc
+                            f"({str(exc).splitlines()[0][:120]}); give calibration= images of the model's input "
+                            "shape (pad_to=)") from exc
 
 
 def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
@@ -143,7 +144,7 @@ def check_calibration(batches, example_input: torch.Tensor) -> None:
         if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
             want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
             raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
-                                "pick matching --calib-data/--pad-to or --input")
+                                "give calibration= images of that shape (pad_to=) or another example_input=")
         return
 
 

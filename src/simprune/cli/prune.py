@@ -141,6 +141,16 @@ def _accuracy(model, ds) -> float | None:
     return evaluate(model, ds)["top1"]
 
 
+COMPENSATE_MODES = ("lstsq", "twin")
+
+
+def compensation_mode(text: str) -> str:
+    """--compensate MODE: one of :data:`COMPENSATE_MODES` (a bare --compensate means the criterion's default)."""
+    if text not in COMPENSATE_MODES:
+        raise argparse.ArgumentTypeError(f"choose {' or '.join(COMPENSATE_MODES)}, got {text!r}")
+    return text
+
+
 def add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model to a FLOPs or parameter target")
     model_options(p, required=False)
@@ -160,7 +170,7 @@ def add_prune_parser(sub) -> None:
                    help="how scores are made comparable across layers (default: the criterion's)")
     p.add_argument("--cost-weight", type=float, default=0.0,
                    help="rank by importance / cost^W (0: importance alone; 1: most MACs saved per importance lost)")
-    p.add_argument("--compensate", nargs="?", const=True, default=None, choices=[True, "lstsq", "twin"],
+    p.add_argument("--compensate", nargs="?", const=True, default=None, type=compensation_mode, metavar="MODE",
                    help="fold removed channels into the next layer: lstsq (default) or twin; "
                         "on by default for qsfm and feature-stats")
     p.add_argument("--no-compensate", dest="compensate", action="store_false")

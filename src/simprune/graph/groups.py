@@ -87,8 +87,8 @@ class PruningGraph:
             matched = [m for n, m in model.named_modules() if n and fnmatch.fnmatch(n, pattern)
                        and isinstance(m, PARAM_LAYERS)]
             if not matched:
-                raise SimpruneError(f"--ignore {pattern!r} matches no conv/linear layer; "
-                                    "use `simprune info --per-layer` to see the layer names")
+                raise SimpruneError(f"ignore={pattern!r} matches no conv/linear layer; the layer names are "
+                                    "model.named_modules() (`simprune info --per-layer`)")
             ignored_layers += matched
         was_training = model.training
         model.eval()
@@ -98,7 +98,7 @@ class PruningGraph:
                     model, example_inputs=example_input, customized_pruners=CUSTOM_PRUNERS, verbose=False)
         except Exception as exc:  # noqa: BLE001 - tracing failures come in many types
             raise SimpruneError(f"cannot trace the model for pruning ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); check --input") from exc
+                                f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); check example_input=") from exc
         finally:
             model.train(was_training)
         self.groups: list[ChannelGroup] = []
@@ -116,7 +116,7 @@ class PruningGraph:
         self.ignored = {names[m] for m in ignored_layers}
         if not self.groups:
             raise SimpruneError("the model has no prunable channel group (no conv/linear layer outside the "
-                                "classifier and --ignore); nothing to prune")
+                                "classifier and ignore=); nothing to prune")
 
     def group(self, layer: str) -> ChannelGroup:
         """The group rooted at ``layer``, else the group whose outputs ``layer`` produces."""

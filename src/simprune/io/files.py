@@ -108,9 +108,10 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise SimpruneError(f"output {out} is a file, not a directory; pick another --out")
+        raise SimpruneError(f"output {out} is a file, not a directory; pick another out_dir=")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
+        raise SimpruneError(f"output directory {out} already exists and is not empty; pass overwrite=True or pick "
+                            "another")
     out.parent.mkdir(parents=True, exist_ok=True)
     for kind in ("partial", "old"):
         remove_stale(out.parent, f".{out.name}.{kind}-")
@@ -134,7 +135,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
             raise SimpruneError(f"cannot create {out}: {exc.strerror}") from exc
     if not overwrite:
         raise SimpruneError(f"output directory {out} was written by another run meanwhile; kept it and discarded "
-                            "this run's result (pass --overwrite to replace it)")
+                            "this run's result (pass overwrite=True to replace it)")
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     os.rename(out, old / "out")
     os.rename(tmp, out)
@@ -191,10 +192,14 @@ def save_model(out_dir: Path, model: nn.Module, description: dict[str, Any]) -> 
 def resolve_model_path(path: str | Path) -> tuple[Path, Path]:
     """Accept a model directory or its ``.safetensors`` file; return (weights, json)."""
     p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
     if not p.exists():
         raise SimpruneError(f"checkpoint {path} does not exist; give a model directory or its .safetensors file")
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file() or p.suffix != ".safetensors":
+        what = "folder holds no model.safetensors" if Path(path).is_dir() else "file is not a .safetensors file"
+        raise SimpruneError(f"{path} is not a simprune model (the {what}); give a directory that simprune train, "
+                            "prune or save() wrote")
     return p, p.with_suffix(".json")
 
 
@@ -255,7 +260,7 @@ def _check_names(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise SimpruneError(f"{source} does not match the model ({what}); check --model and its arguments")
+        raise SimpruneError(f"{source} does not match the model ({what}); check the model name and its arguments")
 
 
 def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> nn.Module:

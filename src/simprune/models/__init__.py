@@ -53,7 +53,7 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs
         raise SimpruneError(f"unknown model {name!r}; run `simprune models` to list the names "
                             "(or use torchvision:<name>)")
     if kwargs:
-        hint = "; --weights applies to torchvision:<name> models only" if "weights" in kwargs else ""
+        hint = "; weights= applies to torchvision:<name> models only" if "weights" in kwargs else ""
         raise SimpruneError(f"model {name!r} takes no options {sorted(kwargs)}{hint}")
     return _REGISTRY[name][0](num_classes=num_classes, in_channels=in_channels)
 

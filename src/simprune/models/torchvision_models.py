@@ -32,7 +32,7 @@ def build_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3, 
     except (OSError, RuntimeError) as exc:  # urllib errors derive from OSError
         raise SimpruneError(
             f"could not load weights {weights!r} for {name}: {str(exc).splitlines()[0]}; "
-            "place the file in torch's hub cache (torch.hub.get_dir()/checkpoints) or drop --weights"
+            "place the file in torch's hub cache (torch.hub.get_dir()/checkpoints) or drop weights="
         ) from exc
     if weights and num_classes != 1000:
         _replace_classifier(model, num_classes)

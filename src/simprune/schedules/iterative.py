@@ -19,7 +19,7 @@ from simprune.schedules.report import merge_steps
 def step_targets(ratio: float, steps: int) -> list[float]:
     """Cumulative reductions after each of ``steps`` steps: equal shares of what is left each time."""
     if steps < 1:
-        raise SimpruneError(f"steps must be >= 1 (the CLI's --steps), got {steps}")
+        raise SimpruneError(f"steps={steps} must be 1 or more")
     return [1 - (1 - ratio) ** (k / steps) for k in range(1, steps + 1)]
 
 

@@ -273,7 +273,7 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
     lists every iteration. ``prune_options`` go to :func:`simprune.schedules.oneshot.prune_oneshot`.
     """
     if not 0 < ratio < 1:
-        raise SimpruneError(f"--target-latency {ratio} is outside (0, 1); give the fraction of latency to remove")
+        raise SimpruneError(f"latency target {ratio} is outside (0, 1); give the fraction of latency to remove, e.g. 0.3")
     log = log or (lambda _line: None)
     crit = ScoreCache(resolve_criterion(criterion, prune_options.pop("criterion_options", None),
                                             prune_options.get("calibration")), reuse=True)

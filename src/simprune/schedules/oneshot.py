@@ -26,8 +26,7 @@ def resolve_criterion(criterion: str | Any, options: dict | None = None, calibra
     """A criterion object from its registry name (or the object itself); refuses data criteria without data."""
     crit = get_criterion(criterion, **(options or {})) if isinstance(criterion, str) else criterion
     if getattr(crit, "needs_data", False) and calibration is None:
-        raise SimpruneError(f"criterion {crit.name!r} needs calibration data; pass calibration= "
-                            "(the CLI's --calib-data)")
+        raise SimpruneError(f"criterion {crit.name!r} scores feature maps and needs images; pass calibration=")
     return crit
 
 
@@ -56,8 +55,8 @@ def _repair_options(crit, compensate, protect_uncompensable, recalibrate_bn, cal
     if recalibrate_bn is None:
         recalibrate_bn = calibration is not None
     if recalibrate_bn and calibration is None:
-        raise SimpruneError("BatchNorm re-estimation needs calibration data; pass calibration= "
-                            "(the CLI's --calib-data) or recalibrate_bn=False")
+        raise SimpruneError("BatchNorm re-estimation needs calibration images; pass calibration= "
+                            "or recalibrate_bn=False")
     return compensate, protect_uncompensable, recalibrate_bn
 
 
@@ -85,7 +84,7 @@ def prune_oneshot(model: nn.Module, example_input: torch.Tensor, crit, target: d
                                              protected=protected)
     t_alloc = time.perf_counter()
     if compensate and result.compensator is None:
-        raise SimpruneError(f"criterion {crit.name!r} has no compensation; drop compensate (--compensate)")
+        raise SimpruneError(f"criterion {crit.name!r} has no compensation; pass compensate=False")
     if compensate:
         result.compensator(graph, alloc.remove, compensate if isinstance(compensate, str) else None)
     remove_channels(graph, alloc.remove)

@@ -29,7 +29,8 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 def soft_shares(ratio: float, epochs: int, hold: int = 0) -> list[float]:
     """Zeroed share after each epoch: linear rise to ``ratio`` by epoch ``epochs - hold``, then flat."""
     if epochs < 1 or not 0 <= hold < epochs:
-        raise SimpruneError(f"soft pruning needs >= 1 epoch and 0 <= --soft-hold < epochs, got {epochs}, {hold}")
+        raise SimpruneError(f"soft pruning needs at least 1 epoch and hold= below the epochs; got {epochs} "
+                            f"epoch(s), hold={hold}")
     ramp = epochs - hold
     return [ratio * min(1.0, e / ramp) for e in range(1, epochs + 1)]
 
@@ -116,7 +117,7 @@ class SoftPruning(TrainHooks):
 def finish_soft(hooks: SoftPruning) -> dict[str, list[int]]:
     """Make the final selection inert and remove it for good; returns what was removed."""
     if not hooks.frozen:
-        raise SimpruneError("soft pruning ended before its final selection; resume the run with --resume")
+        raise SimpruneError("soft pruning ended before its final selection; resume the run with resume=True")
     hooks._apply(full=True)
     remove_channels(hooks.graph, hooks.selected)
     return hooks.selected

@@ -104,7 +104,7 @@ def load_train_state(out_dir: Path, model: nn.Module,
     count, one history record per epoch), names, shapes and finite values."""
     path = out_dir / STATE_FILE
     if not path.exists():
-        raise SimpruneError(f"--resume: {path} does not exist; nothing to resume, drop --resume")
+        raise SimpruneError(f"resume=True but {path} does not exist; nothing to resume, drop resume=True")
     tensors, meta = read_safetensors(path)
     try:
         text = meta["epoch"]
@@ -117,7 +117,7 @@ def load_train_state(out_dir: Path, model: nn.Module,
             raise ValueError("unexpected types")
     except (KeyError, ValueError, RecursionError) as exc:
         raise SimpruneError(f"{path} lacks valid epoch/history metadata; it is not a simprune training state, "
-                            "start again with --overwrite") from exc
+                            "start again with overwrite=True") from exc
     unknown = sorted(k for k in tensors if not k.startswith(("model.", "optim.")))
     if unknown:
         raise SimpruneError(f"{path}: unexpected entries {unknown[:3]}; it is not a simprune training state")
@@ -235,7 +235,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, l
         hooks.on_step(model)
         if not torch.isfinite(loss):
             raise SimpruneError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower the learning "
-                                "rate (lr=, the CLI's --lr)")
+                                "rate lr=")
         sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
                              dtype=torch.float64)
         bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")

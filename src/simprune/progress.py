@@ -1,0 +1,153 @@
+"""Stage messages, progress bars and warnings: the library reports through here, the application decides
+where they go.
+
+Library code calls :func:`stage` ("scoring channels"), :func:`bar` (around a long loop), :func:`note`
+(a result worth a line, e.g. one iterative step) and :func:`warn`. Without a reporter installed
+(library use) stages, bars and notes are silent and warnings go through :mod:`warnings`. The CLI
+installs a :class:`StderrReporter` with :func:`reporting`: a stage is announced on stderr only once it
+has run for a second, bars are tqdm bars on a terminal and a few plain lines when stderr is piped,
+and ``--quiet`` silences all but warnings.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+import threading
+import time
+import warnings
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+ANNOUNCE_AFTER_S = 1.0  # stages and bars shorter than this stay silent
+PIPED_EVERY_S = 30.0  # without a terminal, a bar prints one line at most this often
+
+
+class SimpruneWarning(UserWarning):
+    """A result that holds but may not mean what the user expects (tiny calibration set, target missed, ...)."""
+
+
+class Reporter:
+    """The silent reporter of library use: stages, bars and notes vanish, warnings go to :mod:`warnings`."""
+
+    def stage(self, text: str) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+    def bar(self, iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
+        return iterable
+
+    def warn(self, text: str) -> None:
+        warnings.warn(text, SimpruneWarning, stacklevel=4)
+
+    def close(self) -> None:
+        pass
+
+
+class StderrReporter(Reporter):
+    """Stage lines, bars and warnings on stderr (the CLI's). ``quiet`` keeps only the warnings; ``mute``
+    (the other ranks of a torchrun job) drops everything."""
+
+    def __init__(self, quiet: bool = False, mute: bool = False):
+        self.quiet, self.mute = quiet or mute, mute
+        self.start = time.perf_counter()
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def _print(self, text: str) -> None:
+        with self._lock:
+            print(text, file=sys.stderr, flush=True)
+
+    def _stamp(self, text: str) -> str:
+        return f"[{time.perf_counter() - self.start:6.1f}s] {text}"
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def stage(self, text: str) -> None:
+        """Announce ``text`` if it is still the current stage after :data:`ANNOUNCE_AFTER_S`."""
+        self._cancel()
+        if self.quiet:
+            return
+        self._timer = threading.Timer(ANNOUNCE_AFTER_S, lambda: self._print(self._stamp(f"{text} ...")))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def note(self, text: str) -> None:
+        self._cancel()
+        if not self.quiet:
+            self._print(self._stamp(text))
+
+    def warn(self, text: str) -> None:
+        if not self.mute:
+            self._print(f"warning: {text}")
+
+    def bar(self, iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
+        self._cancel()
+        if self.quiet:
+            return iterable
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        if sys.stderr.isatty():
+            return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, delay=ANNOUNCE_AFTER_S,
+                        file=sys.stderr, dynamic_ncols=True)
+        return self._piped(iterable, desc, total, unit)
+
+    def _piped(self, iterable: Iterable[T], desc: str, total: int | None, unit: str) -> Iterator[T]:
+        """A bar for a log file: a line after a second, one every :data:`PIPED_EVERY_S`, and one at the end."""
+        t0 = last = time.perf_counter()
+        shown, done = False, 0
+        of = f"/{total}" if total else ""
+        for item in iterable:
+            yield item
+            done += 1
+            now = time.perf_counter()
+            if (not shown and now - t0 > ANNOUNCE_AFTER_S) or (shown and now - last > PIPED_EVERY_S):
+                self._print(self._stamp(f"{desc}: {done}{of} {unit} ({now - t0:.0f} s)"))
+                shown, last = True, now
+        if shown:
+            self._print(self._stamp(f"{desc}: {done}{of} {unit} done in {time.perf_counter() - t0:.1f} s"))
+
+    def close(self) -> None:
+        self._cancel()
+
+
+_current: contextvars.ContextVar[Reporter] = contextvars.ContextVar("simprune_reporter", default=Reporter())
+
+
+@contextlib.contextmanager
+def reporting(reporter: Reporter) -> Iterator[Reporter]:
+    """Send the library's stages, bars, notes and warnings to ``reporter`` inside the block."""
+    token = _current.set(reporter)
+    try:
+        yield reporter
+    finally:
+        reporter.close()
+        _current.reset(token)
+
+
+def stage(text: str) -> None:
+    """A step is starting (announced by the CLI when it lasts over a second)."""
+    _current.get().stage(text)
+
+
+def note(text: str) -> None:
+    """A line worth showing now (one iterative step's result)."""
+    _current.get().note(text)
+
+
+def warn(text: str) -> None:
+    """A result that holds but may mislead: printed by the CLI as ``warning: ...``."""
+    _current.get().warn(text)
+
+
+def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
+        enabled: bool = True) -> Iterable[T]:
+    """``iterable`` with a progress bar when a reporter shows bars and ``enabled``."""
+    return _current.get().bar(iterable, desc, total, unit) if enabled else iterable

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -50,13 +50,15 @@ class Reporter:
 
 class StderrReporter(Reporter):
     """Stage lines, bars and warnings on stderr (the CLI's). ``quiet`` keeps only the warnings; ``mute``
-    (the other ranks of a torchrun job) drops everything."""
+    (the other ranks of a torchrun job) drops everything; ``wording`` rewrites warnings (the CLI's flags
+    for the library's keyword names)."""
 
-    def __init__(self, quiet: bool = False, mute: bool = False):
-        self.quiet, self.mute = quiet or mute, mute
+    def __init__(self, quiet: bool = False, mute: bool = False, wording: Callable[[str], str] = str):
+        self.quiet, self.mute, self.wording = quiet or mute, mute, wording
         self.start = time.perf_counter()
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
+        self._warned: set[str] = set()  # each warning once (a compare grid repeats them per run)
 
     def _print(self, text: str) -> None:
         with self._lock:
@@ -85,8 +87,10 @@ class StderrReporter(Reporter):
             self._print(self._stamp(text))
 
     def warn(self, text: str) -> None:
-        if not self.mute:
-            self._print(f"warning: {text}")
+        self._cancel()
+        if not self.mute and text not in self._warned:
+            self._warned.add(text)
+            self._print(f"warning: {self.wording(text)}")
 
     def bar(self, iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
         self._cancel()

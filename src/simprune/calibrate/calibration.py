@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from simprune import distributed
 from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph, is_depthwise
 from simprune.io.data import load_dataset
+from simprune.progress import bar as progress_bar
 from simprune.stats.channel_stats import ChannelStats
 
 
@@ -97,7 +97,7 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     seen = varied = 0
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for batch in tqdm(batches, desc="calibration", leave=False, disable=not (progress and distributed.is_main())):
+            for batch in progress_bar(batches, "calibration statistics", unit="batches", enabled=progress):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 _forward(model, x)
                 seen += x.shape[0]
@@ -166,7 +166,7 @@ def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.M
         m.train()
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for batch in batches:
+            for batch in progress_bar(batches, "BatchNorm re-estimation", unit="batches"):
                 _forward(model, batch[0] if isinstance(batch, (list, tuple)) else batch)
         distributed.average_buffers(model)  # each rank saw its own shard
         for m, (mean, var) in trained.items():

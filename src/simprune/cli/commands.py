@@ -12,8 +12,11 @@ from simprune.cli.finetune import add_finetune_parser
 from simprune.cli.info import add_info_parsers
 from simprune.cli.prune import add_prune_parser
 from simprune.cli.train import add_train_parser
-from simprune.distributed import init_from_env  # noqa: F401 - main() calls it after parsing
-from simprune.distributed import is_main
+from simprune.cli.vocabulary import cli_wording
+from simprune.distributed import (
+    init_from_env,  # noqa: F401 - main() calls it after parsing
+    is_main,
+)
 from simprune.progress import StderrReporter, reporting  # noqa: F401 - main() installs the reporter
 
 
@@ -42,4 +45,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def reporter(args) -> StderrReporter:
     """Stage messages and bars on stderr; --quiet keeps only warnings, other torchrun ranks stay silent."""
-    return StderrReporter(quiet=bool(getattr(args, "quiet", False)), mute=not is_main())
+    return StderrReporter(quiet=bool(getattr(args, "quiet", False)), mute=not is_main(), wording=cli_wording)

@@ -18,6 +18,7 @@ from simprune.graph.counting import parse_input_shape
 from simprune.io.data import load_dataset
 from simprune.io.files import load_model
 from simprune.models import build_model
+from simprune.schedules.checks import calibration_images
 from simprune.train.finetune import FineTune, load_teacher
 from simprune.train.loop import TrainConfig
 
@@ -122,6 +123,16 @@ def warn_if_random(args, what: str = "accuracy figures") -> None:
         hint = "--weights NAME or --checkpoint DIR" if str(args.model).startswith("torchvision:") else "--checkpoint DIR"
         progress.warn(f"--model {args.model} without {hint} has random weights; {what} say nothing about a "
                       "trained network")
+
+
+def provenance(desc: dict, calibration, args) -> dict[str, str]:
+    """Where the weights and the calibration images came from, in words for the report."""
+    if calibration is None:
+        calib = "none (the criterion reads the weights only)"
+    else:
+        calib = (f"{calibration_images(calibration)} images of {args.calib_data} (training split, seed "
+                 f"{getattr(args, 'seed', 0)})")
+    return {"weights": desc.get("weights") or weights_provenance(args, desc), "calibration": calib}
 
 
 def load_or_build(args, shape_text: str | None):

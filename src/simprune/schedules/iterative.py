@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from simprune import progress
 from simprune.errors import SimpruneError
 from simprune.graph.counting import count
 from simprune.schedules.oneshot import prune_oneshot
@@ -38,6 +39,10 @@ def iterative(model: nn.Module, example: torch.Tensor, criterion: Any, target: d
         model, rep = prune_oneshot(model, example, criterion, {kind: step_ratio}, **options)
         rep["step"], rep["cumulative_target"] = k, cumulative
         reports.append(rep)
+        now = getattr(count(model, example), key)
+        progress.note(f"step {k}/{steps}: {'MACs' if key == 'macs' else 'params'} {getattr(base, key) / 1e6:.2f} M "
+                      f"-> {now / 1e6:.2f} M ({1 - now / getattr(base, key):.1%} removed, step target "
+                      f"{cumulative:.1%})")
         if between is not None and k < steps:
             between(model, k)
     if not reports:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simprune import distributed
+from simprune import distributed, progress
 from simprune.allocation.allocator import CostModel, Guards, allocate
 from simprune.calibrate.calibration import check_calibration, recalibrate_batchnorm
 from simprune.criteria import get_criterion
@@ -35,8 +35,10 @@ def select_channels(graph: PruningGraph, crit, target: dict[str, float], cost: C
                     protected: list[str] | tuple = ()):
     """Score every channel with ``crit`` and allocate removals under ``target``; returns
     (allocation, criterion result, time scoring ended). Groups in ``protected`` keep all channels."""
+    progress.stage(f"scoring channels ({crit.name})")
     result = crit.score(graph, calibration) if getattr(crit, "needs_data", False) else crit.score(graph)
     t_score = time.perf_counter()
+    progress.stage(f"allocating the target over {len(graph.groups)} channel groups")
     scores = {k: v for k, v in result.scores.items() if k not in set(protected)}
     alloc = allocate(graph.groups, scores, cost, target, guards or Guards(),
                      normalization or result.normalization, cost_weight)
@@ -71,6 +73,7 @@ def prune_oneshot(model: nn.Module, example_input: torch.Tensor, crit, target: d
     if calibration is not None:
         check_calibration(calibration, example_input)
     t0 = time.perf_counter()
+    progress.stage("building the channel graph")
     before, widths_before = count(model, example_input), layer_widths(model)
     graph = PruningGraph(model, example_input, ignore=ignore)
     groups_before = {g.root: g.size for g in graph.groups}
@@ -85,6 +88,7 @@ def prune_oneshot(model: nn.Module, example_input: torch.Tensor, crit, target: d
     t_alloc = time.perf_counter()
     if compensate and result.compensator is None:
         raise SimpruneError(f"criterion {crit.name!r} has no compensation; pass compensate=False")
+    progress.stage(f"removing {sum(map(len, alloc.remove.values()))} channels" + (", compensating" if compensate else ""))
     if compensate:
         result.compensator(graph, alloc.remove, compensate if isinstance(compensate, str) else None)
     remove_channels(graph, alloc.remove)

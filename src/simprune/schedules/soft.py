@@ -13,11 +13,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from simprune import progress
 from simprune.allocation.allocator import CostModel, Guards
 from simprune.errors import SimpruneError
 from simprune.graph.counting import count, layer_widths
 from simprune.graph.groups import PARAM_LAYERS, ChannelGroup, PruningGraph
 from simprune.graph.removal import remove_channels
+from simprune.schedules.checks import check_result, soft_epochs
 from simprune.schedules.oneshot import resolve_criterion, select_channels
 from simprune.schedules.report import prune_report
 from simprune.train.finetune import FineTune
@@ -149,6 +151,9 @@ def soft_prune(model: nn.Module, example: torch.Tensor, criterion: Any, target: 
     select = soft_selector(graph, crit, example, calibration=calibration, guards=guards,
                            normalization=normalization, cost_weight=cost_weight)
     hooks = SoftPruning(graph, select, kind, ratio, finetune.cfg.epochs, hold, log=finetune.log)
+    early = soft_epochs(ratio, finetune.cfg.epochs, hold)
+    for text in early:
+        progress.warn(text)
     groups_before = {g.root: g.size for g in graph.groups}
     history = finetune.run(model, hooks)
     removed = finish_soft(hooks)
@@ -159,5 +164,6 @@ def soft_prune(model: nn.Module, example: torch.Tensor, criterion: Any, target: 
         before=before, after=count(model, example), layers_before=layers_before, layers_after=layer_widths(model),
         groups=graph.groups, groups_before=groups_before, removed=removed, protected=hooks.protected,
         compensated=False, bn_recalibrated=False,
-        finetune={"epochs": finetune.cfg.epochs, "history": history, "soft": True})
+        finetune={"epochs": finetune.cfg.epochs, "history": history, "soft": True}, warnings=early)
+    check_result(model, example, report, ignore=ignore)
     return model, report

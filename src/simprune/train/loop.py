@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from tqdm.auto import tqdm
 
 from simprune import distributed
 from simprune.errors import SimpruneError
@@ -32,6 +31,7 @@ from simprune.io.files import (
     save_model,
     tensors_bytes,
 )
+from simprune.progress import bar as progress_bar
 
 
 @dataclass
@@ -153,8 +153,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, bf16: bool = 
     if distributed.active():
         ds = Subset(ds, distributed.shard(list(range(len(ds)))))
     sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, n
-    for x, y in tqdm(_loader(ds, batch_size, False, 0), desc=desc, leave=False,
-                     disable=not (progress and distributed.is_main())):
+    for x, y in progress_bar(_loader(ds, batch_size, False, 0), desc, unit="batches", enabled=progress):
         with autocast(bf16):
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -219,8 +218,8 @@ def _train_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, l
     (steps per epoch, total steps, warm-up steps) of the learning-rate curve."""
     steps_per_epoch, total, warmup = schedule
     sums = torch.zeros(3, dtype=torch.float64)
-    bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not (progress and distributed.is_main()))
+    bar = progress_bar(loader, f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, unit="batches",
+                       enabled=progress)
     for step, (x, y) in enumerate(bar):
         if step >= steps_per_epoch:
             break

@@ -126,12 +126,17 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     if lat and lat.get("after"):
         rows.append(["latency (onnxruntime, batch 1)", _ms(lat["before"]), _ms(lat["after"]),
                      f"{lat['before'] / lat['after']:.2f}x faster"])
-    model_rows = [["model", data.get("model")], ["pruned from", (desc.get("pruning") or {}).get("source") or "-"],
-                  ["input", "x".join(map(str, desc.get("input_shape") or [])) or "-"],
-                  ["data", (desc.get("data") or {}).get("name") or "-"],
+    origin = data.get("provenance") or {}
+    model_rows = [["model", data.get("model")],
+                  ["weights", origin.get("weights") or (desc.get("pruning") or {}).get("source") or "not recorded"],
+                  ["calibration", origin.get("calibration") or "not recorded"],
+                  ["input", "x".join(map(str, desc.get("input_shape") or [])) or "not recorded"],
+                  ["trained on", (desc.get("data") or {}).get("name") or "not recorded"],
                   ["prunable groups", len(data.get("groups", []))]]
     sections = [("Summary", [("cards", cards), ("table", ["", "before", "after", "change"], rows)]),
                 ("Model", [("table", ["", ""], model_rows)])]
+    if data.get("warnings"):
+        sections.insert(1, ("Warnings", [("p", text) for text in data["warnings"]]))
     if data.get("latency"):
         sections.append(("Latency", _latency_blocks(data)))
     if data.get("layers"):

@@ -29,6 +29,21 @@ class SimpruneWarning(UserWarning):
     """A result that holds but may not mean what the user expects (tiny calibration set, target missed, ...)."""
 
 
+class Bar:
+    """What :func:`bar` returns: iterate over it; ``set_postfix(loss=...)`` adds running figures to the display."""
+
+    def __init__(self, iterable: Iterable[T]):
+        self.iterable, self.postfix, self.tqdm = iterable, {}, None
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.iterable)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+        if self.tqdm is not None:
+            self.tqdm.set_postfix(**values)
+
+
 class Reporter:
     """The silent reporter of library use: stages, bars and notes vanish, warnings go to :mod:`warnings`."""
 
@@ -38,8 +53,8 @@ class Reporter:
     def note(self, text: str) -> None:
         pass
 
-    def bar(self, iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
-        return iterable
+    def bar(self, iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Bar:
+        return Bar(iterable)
 
     def warn(self, text: str) -> None:
         warnings.warn(text, SimpruneWarning, stacklevel=4)
@@ -92,18 +107,30 @@ class StderrReporter(Reporter):
             self._warned.add(text)
             self._print(f"warning: {self.wording(text)}")
 
-    def bar(self, iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
+    def bar(self, iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Bar:
         self._cancel()
         if self.quiet:
-            return iterable
+            return Bar(iterable)
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)
-        if sys.stderr.isatty():
-            return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, delay=ANNOUNCE_AFTER_S,
-                        file=sys.stderr, dynamic_ncols=True)
-        return self._piped(iterable, desc, total, unit)
+        self.stage(f"{desc}: {total or 'some'} {unit}")  # said after a second even if the first item is slow
+        shown = Bar(iterable)
+        make = self._terminal if sys.stderr.isatty() else self._piped
+        shown.iterable = make(iterable, desc, total, unit, shown)
+        return shown
 
-    def _piped(self, iterable: Iterable[T], desc: str, total: int | None, unit: str) -> Iterator[T]:
+    def _terminal(self, iterable: Iterable[T], desc: str, total: int | None, unit: str, shown: Bar) -> Iterator[T]:
+        """A tqdm bar, shown once the loop has run for a second (the stage line covers a slow first item)."""
+        first = True
+        with tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, delay=ANNOUNCE_AFTER_S,
+                  file=sys.stderr, dynamic_ncols=True) as shown.tqdm:
+            for item in shown.tqdm:
+                if first:
+                    self._cancel()
+                    first = False
+                yield item
+
+    def _piped(self, iterable: Iterable[T], desc: str, total: int | None, unit: str, shown: Bar) -> Iterator[T]:
         """A bar for a log file: a line after a second, one every :data:`PIPED_EVERY_S`, and one at the end."""
         t0 = last = time.perf_counter()
         shown, done = False, 0
@@ -113,10 +140,14 @@ class StderrReporter(Reporter):
             done += 1
             now = time.perf_counter()
             if (not shown and now - t0 > ANNOUNCE_AFTER_S) or (shown and now - last > PIPED_EVERY_S):
-                self._print(self._stamp(f"{desc}: {done}{of} {unit} ({now - t0:.0f} s)"))
+                self._cancel()
+                figures = "".join(f", {k} {v}" for k, v in shown.postfix.items())
+                self._print(self._stamp(f"{desc}: {done}{of} {unit} ({now - t0:.0f} s{figures})"))
                 shown, last = True, now
-        if shown:
-            self._print(self._stamp(f"{desc}: {done}{of} {unit} done in {time.perf_counter() - t0:.1f} s"))
+        self._cancel()
+        if shown or time.perf_counter() - t0 > ANNOUNCE_AFTER_S:
+            figures = "".join(f", {k} {v}" for k, v in shown.postfix.items())
+            self._print(self._stamp(f"{desc}: {done}{of} {unit} done in {time.perf_counter() - t0:.1f} s{figures}"))
 
     def close(self) -> None:
         self._cancel()
@@ -151,7 +182,6 @@ def warn(text: str) -> None:
     _current.get().warn(text)
 
 
-def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
-        enabled: bool = True) -> Iterable[T]:
+def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it", enabled: bool = True) -> Bar:
     """``iterable`` with a progress bar when a reporter shows bars and ``enabled``."""
-    return _current.get().bar(iterable, desc, total, unit) if enabled else iterable
+    return _current.get().bar(iterable, desc, total, unit) if enabled else Bar(iterable)

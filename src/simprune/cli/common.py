@@ -140,6 +140,7 @@ def load_or_build(args, shape_text: str | None):
     checked against the model (channels first, the channels it takes, one forward pass)."""
 
     if args.checkpoint:
+        progress.stage(f"loading {args.checkpoint}")
         model, desc = load_model(args.checkpoint)
         if args.model and args.model != desc.get("model"):
             raise SimpruneError(f"--model {args.model} but {args.checkpoint} holds a {desc.get('model')}; "
@@ -157,6 +158,7 @@ def load_or_build(args, shape_text: str | None):
     in_ch = args.in_channels or shape[0]
     extra = weights_kwargs(args)
     default_classes = 1000 if extra else 10
+    progress.stage(f"building {args.model}")
     model = build_model(args.model, num_classes=args.num_classes or default_classes, in_channels=in_ch, **extra)
     check_input(model, shape, f"--model {args.model}")
     desc = {"model": args.model, "model_args": {"num_classes": args.num_classes or default_classes,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from simprune import progress
 from simprune.compat import import_torchvision
 from simprune.errors import SimpruneError
 
@@ -308,6 +309,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, p
     """Build a named data set's ``split`` ("train" or "test"). Returns a Dataset of (image, label)."""
     if split not in ("train", "test"):
         raise SimpruneError(f"split must be 'train' or 'test', got {split!r}")
+    progress.stage(f"loading {name} ({split} split)")
     if name.startswith("imagefolder:"):
         return load_imagefolder(name.split(":", 1)[1], split, augment, image_size)
     if name not in INFO:

@@ -36,7 +36,8 @@ def tiny_calibration(calibration, bn_recalibrated: bool) -> list[str]:
     if n is None or n >= MIN_BN_IMAGES:
         return []
     return [f"BatchNorm statistics were re-estimated on only {n} calibration images (under {MIN_BN_IMAGES}), which "
-            "can cost more accuracy than it restores; pass more calibration= images or recalibrate_bn=False"]
+            f"can cost more accuracy than it restores; calibrate on {MIN_BN_IMAGES} or more images or pass "
+            "recalibrate_bn=False"]
 
 
 def target_missed(report: dict[str, Any]) -> list[str]:

@@ -28,7 +28,7 @@ from simprune.verify.tables import markdown_table, pivot_table, run_label
 
 COMPENSATIONS = ("default", "lstsq", "twin", "none")
 COLUMNS = ["label", "criterion", "compensated", "schedule", "target", "flops_removed", "params_removed", "macs",
-           "params", "top1", "change", "score_s", "seconds"]
+           "params", "top1", "change", "score_s", "seconds", "latency_ms", "speedup", "model_dir"]
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ class StderrReporter(Reporter):
                     first = False
                 yield item
 
-    def _piped(self, iterable: Iterable[T], desc: str, total: int | None, unit: str, shown: Bar) -> Iterator[T]:
+    def _piped(self, iterable: Iterable[T], desc: str, total: int | None, unit: str, display: Bar) -> Iterator[T]:
         """A bar for a log file: a line after a second, one every :data:`PIPED_EVERY_S`, and one at the end."""
         t0 = last = time.perf_counter()
         shown, done = False, 0
@@ -141,12 +141,12 @@ class StderrReporter(Reporter):
             now = time.perf_counter()
             if (not shown and now - t0 > ANNOUNCE_AFTER_S) or (shown and now - last > PIPED_EVERY_S):
                 self._cancel()
-                figures = "".join(f", {k} {v}" for k, v in shown.postfix.items())
+                figures = "".join(f", {k} {v}" for k, v in display.postfix.items())
                 self._print(self._stamp(f"{desc}: {done}{of} {unit} ({now - t0:.0f} s{figures})"))
                 shown, last = True, now
         self._cancel()
         if shown or time.perf_counter() - t0 > ANNOUNCE_AFTER_S:
-            figures = "".join(f", {k} {v}" for k, v in shown.postfix.items())
+            figures = "".join(f", {k} {v}" for k, v in display.postfix.items())
             self._print(self._stamp(f"{desc}: {done}{of} {unit} done in {time.perf_counter() - t0:.1f} s{figures}"))
 
     def close(self) -> None:

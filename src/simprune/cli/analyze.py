@@ -104,7 +104,6 @@ def cmd_analyze(args) -> int:
         shape_text = args.input or (None if args.checkpoint else "x".join(map(str, image_shape)))
         torch.manual_seed(args.seed)  # random weights (no --checkpoint) are reproducible too
         model, desc, shape = load_or_build(args, shape_text)
-        warn_if_random(args, "the redundancy figures")
         if tuple(shape) != image_shape:
             raise SimpruneError(f"{calib_data} images are {'x'.join(map(str, image_shape))} but the model takes "
                                 f"{'x'.join(map(str, shape))}; pass --pad-to / --input or other --calib-data")
@@ -126,5 +125,6 @@ def cmd_analyze(args) -> int:
     title = f"{desc.get('model')} ({'random weights' if weights == 'random' else args.checkpoint})"
     source = f"--checkpoint {args.checkpoint}" if args.checkpoint else ""
     _print_summary({**summary, "calib_data": calib_data}, title, source)
+    warn_if_random(args, "the redundancy figures")
     print(f"wrote {args.out}/report.html, report.md, analysis.json, redundancy.png, " + ", ".join(p.name for p in pngs))
     return 0

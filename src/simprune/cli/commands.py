@@ -28,6 +28,15 @@ class ShortErrorParser(argparse.ArgumentParser):
         where = f"simprune {words[1]} --help" if len(words) > 1 else "simprune --help"
         self.exit(2, f"error: {message}; see `{where}`\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """Unknown options are reported against the command they were given to (its --help, not the top one)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(parsed, "command", None)
+            where = f"simprune {command} --help" if command else "simprune --help"
+            self.exit(2, f"error: unrecognized arguments: {' '.join(extra)}; see `{where}`\n")
+        return parsed
+
 
 def build_parser() -> argparse.ArgumentParser:
     """``simprune COMMAND ...``: one sub-parser per command module (each a :class:`ShortErrorParser`)."""

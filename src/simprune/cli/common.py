@@ -81,7 +81,10 @@ def input_shape(text: str | None, channels: int | None, recorded: tuple[int, ...
         if len(recorded) == 3:
             return tuple(recorded)
         text = f"{channels or 3}x32x32"
-    shape = parse_input_shape(text)
+    try:
+        shape = parse_input_shape(text)
+    except SimpruneError as exc:
+        raise SimpruneError(f"--input {text!r} is not CxHxW with positive sizes, e.g. 3x32x32") from exc
     c, h, w = shape
     flipped = f"{w}x{c}x{h}"
     if c != channels and w in CHANNEL_COUNTS and c not in CHANNEL_COUNTS and (channels is None or w == channels):
@@ -117,12 +120,15 @@ def weights_provenance(args, desc: dict | None = None) -> str:
     return f"random (built from --model {args.model}, no --checkpoint)"
 
 
-def warn_if_random(args, what: str = "accuracy figures") -> None:
-    """A model built from --model without --checkpoint or --weights has random weights: say so once."""
-    if not getattr(args, "checkpoint", None) and not getattr(args, "weights", None):
-        hint = "--weights NAME or --checkpoint DIR" if str(args.model).startswith("torchvision:") else "--checkpoint DIR"
-        progress.warn(f"--model {args.model} without {hint} has random weights; {what} say nothing about a "
-                      "trained network")
+def warn_if_random(args, what: str = "accuracy figures") -> list[str]:
+    """A model built from --model without --checkpoint or --weights has random weights: say so (call it once the
+    work is done, so that an error stays the only line); returns the warning for the report."""
+    if getattr(args, "checkpoint", None) or getattr(args, "weights", None):
+        return []
+    hint = "--weights NAME or --checkpoint DIR" if str(args.model).startswith("torchvision:") else "--checkpoint DIR"
+    text = f"--model {args.model} without {hint} has random weights; {what} say nothing about a trained network"
+    progress.warn(text)
+    return [text]
 
 
 def provenance(desc: dict, calibration, args) -> dict[str, str]:

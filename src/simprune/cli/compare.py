@@ -118,8 +118,6 @@ def cmd_compare(args) -> int:
         raise SimpruneError("pass --data NAME (the evaluation data set; the checkpoint records none)")
     pad_to = args.pad_to if args.pad_to is not None else ckpt_data.get("pad_to")
     calib_data = args.calib_data or data
-    if args.checkpoint is None:
-        warn_if_random(args)
     with atomic_output_dir(Path(args.out), overwrite=args.overwrite) as tmp:
         test = load_dataset(data, "test", args.data_dir, pad_to)
         image_shape = tuple(test[0][0].shape)
@@ -163,6 +161,7 @@ def cmd_compare(args) -> int:
                   "command": command_line(), "versions": environment_versions(),
                   "seconds": time.perf_counter() - t_start}
         write_results(tmp, result)
+    warn_if_random(args)
     header, body = pivot_table(rows, args.target_kind)
     print(f"unpruned top-1 {base_top1:.2f} % on {len(test)} {data} test images")
     print(markdown_table(header, body))

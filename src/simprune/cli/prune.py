@@ -75,8 +75,6 @@ def cmd_prune(args) -> int:
     options = {"similarity": args.similarity} if args.similarity else {}
     criterion = ScoreCache(get_criterion(args.criterion, **options))  # keeps the scores for the report
     model, desc, shape = load_or_build(args, args.input)
-    if args.data or not args.checkpoint:
-        warn_if_random(args)
     example = torch.zeros(1, *shape)
     calibration = None
     if getattr(criterion, "needs_data", False) and not args.calib_data:
@@ -107,7 +105,7 @@ def cmd_prune(args) -> int:
     report["accuracy"] = None if eval_ds is None else {"before": acc_before,
                                                        "after": _accuracy(pruned, eval_ds, "top-1 after pruning")}
     report["provenance"] = provenance(desc, calibration, args)
-    report["warnings"] = [cli_wording(w) for w in report.get("warnings") or []]
+    report["warnings"] = [cli_wording(w) for w in report.get("warnings") or []] + warn_if_random(args)
     report["command"] = command_line()
     if distributed.is_main():
         api.save(out, pruned, new_desc, report, overwrite=args.overwrite or worked_in_out,

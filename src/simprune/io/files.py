@@ -153,7 +153,7 @@ def lock_for_writing(f, folder: Path) -> None:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         raise SimpruneError(f"another simprune run is writing to {folder}; wait for it to finish or pick "
-                            "another --out") from exc
+                            "another out_dir=") from exc
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> str:
@@ -351,7 +351,7 @@ def load_model(path: str | Path, model: nn.Module | None = None,
     weights_path, json_path = resolve_model_path(path)
     if not allow_incomplete and (weights_path.parent / "INCOMPLETE.json").exists():
         raise SimpruneError(f"{weights_path.parent} is an unfinished run (INCOMPLETE.json); finish it by rerunning "
-                            "its command with --resume, or start again with --overwrite")
+                            "the command that wrote it with resume=True, or start again with overwrite=True")
     tensors = read_tensors(weights_path)
     desc = read_json(json_path)
     if desc.get("format") != FORMAT:

@@ -52,7 +52,7 @@ def parse_specs(text: str) -> list[Spec]:
         specs.append(Spec(item, name, options))
     labels = [s.label for s in specs]
     if not specs or len(set(labels)) != len(labels):
-        raise SimpruneError(f"--criteria {text!r} must name distinct criteria, e.g. qsfm,l1,random")
+        raise SimpruneError(f"criteria {text!r} must name distinct criteria, e.g. qsfm,l1,random")
     return specs
 
 

@@ -128,7 +128,8 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
                      f"{lat['before'] / lat['after']:.2f}x faster"])
     origin = data.get("provenance") or {}
     model_rows = [["model", data.get("model")],
-                  ["weights", origin.get("weights") or (desc.get("pruning") or {}).get("source") or "not recorded"],
+                  ["pruned from", (desc.get("pruning") or {}).get("source") or "the architecture (no checkpoint)"],
+                  ["weights", origin.get("weights") or "not recorded"],
                   ["calibration", origin.get("calibration") or "not recorded"],
                   ["input", "x".join(map(str, desc.get("input_shape") or [])) or "not recorded"],
                   ["trained on", (desc.get("data") or {}).get("name") or "not recorded"],

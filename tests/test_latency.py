@@ -202,6 +202,7 @@ def test_prune_no_latency_and_bench_errors(tmp_path, monkeypatch, capsys):
 
 # ---- noise: the paired ratio, re-measuring until it settles, the warning ------------------------------------
 
+import os  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -245,10 +246,15 @@ def test_latency_report_warns_when_the_ratio_is_not_stable():
         def warn(self, text):
             seen.append(text)
 
-    with progress.reporting(Collect()):
-        keys = latency_report({("onnxruntime", 1): stats(2.0, False)}, 200, 100, 1, 30)
-    assert keys["latency"]["stable"] is False and keys["latency"]["load_average"] is not None
+    def report(stable, load):
+        seen.clear()
+        with progress.reporting(Collect()), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "getloadavg", lambda: (load, load, load))
+            return latency_report({("onnxruntime", 1): stats(2.0, stable)}, 200, 100, 1, 30)
+
+    keys = report(stable=False, load=0.1)
+    assert keys["latency"]["stable"] is False and keys["latency"]["load_average"] == 0.1
     assert len(seen) == 1 and "0.50x to 2.00x" in seen[0] and "load average" in seen[0]
-    with progress.reporting(Collect()):
-        assert latency_report({("onnxruntime", 1): stats(2.0, True)}, 200, 100, 1, 30)["latency"]["stable"]
-    assert len(seen) == 1
+    assert report(stable=True, load=0.1)["latency"]["stable"] and seen == []
+    report(stable=True, load=8.0 * (os.cpu_count() or 1))
+    assert len(seen) == 1 and "may be inflated" in seen[0]  # a busy machine is named even when ratios settle

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 import warnings
 from pathlib import Path
@@ -76,7 +77,7 @@ def add_compare_parser(sub) -> None:
 
 def model_folder(row: dict) -> str:
     """``models/qsfm-ssim-0.5``: where a compare run's pruned model is kept."""
-    safe = "".join(c if c.isalnum() or c in ".-_" else "-" for c in row["label"])
+    safe = re.sub(r"[^A-Za-z0-9._]+", "-", row["label"]).strip("-")
     return f"models/{safe}-{row['target']:g}"
 
 

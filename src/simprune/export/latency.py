@@ -270,6 +270,10 @@ def latency_report(timings: dict[tuple[str, int], list[dict[str, Any]]], macs_be
                           f"{r['speedup']:.2f}x means little on this machine now (1-minute load average "
                           f"{load if load is not None else float('nan'):.2f} on {os.cpu_count()} cores); time it "
                           "again when the machine is idle")
+    if load is not None and load > (os.cpu_count() or 1):
+        progress.warn(f"timed with a 1-minute load average of {load:.1f} on {os.cpu_count()} cores: other processes "
+                      "compete for the CPU and slow the longer-running model more, so the speed-ups may be "
+                      "inflated; time again on an idle machine before publishing them")
     return {"latency_ms": {"before": head["before_ms"], "after": head["after_ms"]},
             "speedup": {"measured": head["speedup"], "macs": mac_speedup, "ratio": head["speedup"] / mac_speedup},
             "latency": {"threads": threads, "runs": runs, "machine": machine_name(), "load_average": load,

@@ -216,22 +216,26 @@ def add_prune_parser(sub) -> None:
     p.set_defaults(fn=cmd_prune)
 
 
+def _check_schedule_flags(args, epochs: int) -> None:
+    """Refuse flag combinations that belong to another schedule, before any work."""
+    if args.schedule == "soft" and epochs < 1:
+        raise SimpruneError("--schedule soft trains while it prunes; give --finetune-epochs N (N >= 1) and --data")
+    if args.schedule != "iterative" and (args.steps != 1 or args.epochs_between):
+        raise SimpruneError("--steps and --epochs-between belong to --schedule iterative")
+    if args.resume and not epochs and not args.epochs_between:
+        raise SimpruneError("--resume continues fine-tuning, and this run has none; drop --resume")
+
+
 def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion: Any, target: dict, *,
                         calibration, guards, desc: dict, new_desc: dict, command: str,
                         prune_options: dict, eval_ds=None) -> tuple[nn.Module, dict, bool]:
     """`simprune prune` past one-shot: iterative/soft schedules, fine-tuning, resume.
 
     Returns (model, report, whether OUT was used as the working directory)."""
-
     out = Path(args.out)
     epochs = args.finetune_epochs or 0
-    if args.schedule == "soft" and epochs < 1:
-        raise SimpruneError("--schedule soft trains while it prunes; give --finetune-epochs N (N >= 1) and --data")
-    if args.schedule != "iterative" and (args.steps != 1 or args.epochs_between):
-        raise SimpruneError("--steps and --epochs-between belong to --schedule iterative")
+    _check_schedule_flags(args, epochs)
     if not epochs and not args.epochs_between:  # nothing trains: plain pruning, saved atomically by the caller
-        if args.resume:
-            raise SimpruneError("--resume continues fine-tuning, and this run has none; drop --resume")
         between = _step_accuracy(eval_ds, args.steps) if args.schedule == "iterative" else None
         pruned, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
                                    inplace=True, schedule=args.schedule, steps=args.steps, between=between,

@@ -262,6 +262,19 @@ def next_guess(history: list[tuple[float, float]], goal: float) -> float:
     return float(np.clip(r + (goal - m), 0.01, 0.95))
 
 
+def _measured_step(pruned: nn.Module, report: dict, x: torch.Tensor, tmp: Path, base_path: Path, it: int,
+                   guess: float, table: LatencyTable, groups: list[ChannelGroup], base_cost: Cost,
+                   threads: int, runs: int) -> dict[str, float]:
+    """Export one candidate, time it against the original (interleaved) and compare with the table's prediction."""
+    cand = tmp / f"pruned{it}.onnx"
+    export_onnx(pruned, x, cand)
+    before, after = measure_onnx_many([base_path, cand], tuple(x.shape[1:]), 1, threads, runs)
+    removed = {g["root"]: g["channels_before"] - g["channels_after"] for g in report["groups"]}
+    return {"allocator_target": guess, "predicted": 1 - table.predict(groups, base_cost, removed) / table.base_ms,
+            "measured": 1 - after["median_ms"] / before["median_ms"], "before_ms": before["median_ms"],
+            "after_ms": after["median_ms"], "flops_reduction": report["reduction"]["flops"]}
+
+
 def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, ratio: float, *,
                      threads: int = 1, tolerance: float = 0.02, max_iterations: int = 6, runs: int = 50,
                      table: LatencyTable | None = None, log: Callable[[str], None] | None = None,
@@ -277,7 +290,7 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
         raise SimpruneError(f"latency target {ratio} is outside (0, 1); give the fraction of latency to remove, e.g. 0.3")
     log = log or (lambda _line: None)
     crit = ScoreCache(resolve_criterion(criterion, prune_options.pop("criterion_options", None),
-                                            prune_options.get("calibration")), reuse=True)
+                                        prune_options.get("calibration")), reuse=True)
     shape = tuple(example_input.shape[1:])
     x = example_input[:1]
     model.eval()
@@ -303,18 +316,12 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
                     raise
                 log(f"iteration {it + 1}: allocator target {guess:.3f} not reachable ({exc}); stopping")
                 break
-            cand = Path(tmp) / f"pruned{it}.onnx"
-            export_onnx(pruned, x, cand)
-            before, after = measure_onnx_many([base_path, cand], shape, 1, threads, runs)
-            measured = 1 - after["median_ms"] / before["median_ms"]
-            removed = {g["root"]: g["channels_before"] - g["channels_after"] for g in report["groups"]}
-            predicted = 1 - table.predict(groups, base_cost, removed) / table.base_ms
-            step = {"allocator_target": guess, "predicted": predicted,
-                    "measured": measured, "before_ms": before["median_ms"], "after_ms": after["median_ms"],
-                    "flops_reduction": report["reduction"]["flops"]}
+            step = _measured_step(pruned, report, x, Path(tmp), base_path, it, guess, table, groups, base_cost,
+                                  threads, runs)
             iterations.append(step)
+            measured = step["measured"]
             log(f"iteration {it + 1}: allocator target {guess:.3f} -> measured {measured:.3f} "
-                f"({before['median_ms']:.3f} -> {after['median_ms']:.3f} ms, MACs -{report['reduction']['flops']:.1%})")
+                f"({step['before_ms']:.3f} -> {step['after_ms']:.3f} ms, MACs -{report['reduction']['flops']:.1%})")
             if best is None or abs(measured - ratio) < abs(best[2]["measured"] - ratio):
                 best = (pruned, report, step)
             if abs(measured - ratio) <= tolerance:

@@ -26,7 +26,7 @@ def resolve_criterion(criterion: str | Any, options: dict | None = None, calibra
     """A criterion object from its registry name (or the object itself); refuses data criteria without data."""
     crit = get_criterion(criterion, **(options or {})) if isinstance(criterion, str) else criterion
     if getattr(crit, "needs_data", False) and calibration is None:
-        raise SimpruneError(f"criterion {crit.name!r} scores feature maps and needs images; pass calibration=")
+        raise SimpruneError(f"criterion {crit.name!r} needs calibration data; pass calibration=")
     return crit
 
 

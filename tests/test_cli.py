@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from tests.conftest import require_fashion_mnist
 
 def _one_line_error(code, err, pattern):
     assert code == 2
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not re.match(r"^\[ *\d+\.\d+s\] ", line)]  # stages
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert pattern in lines[0]
 

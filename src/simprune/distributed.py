@@ -97,7 +97,7 @@ def check_agree(obj: Any, what: str) -> str:
     if active():
         if len(set(got)) != 1:
             raise SimpruneError(f"ranks disagree on the {what} ({', '.join(got)}); the processes saw different "
-                                "models or data: check --seed, the checkpoint and the data path on every node")
+                                "models or data: check the seed, the checkpoint and the data path on every node")
     return fp
 
 

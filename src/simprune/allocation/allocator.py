@@ -294,8 +294,8 @@ def allocate_aligned(groups: list[ChannelGroup], scores: dict[str, torch.Tensor]
     """
     kind, ratio = _check_target(target)
     if kind == "latency" and not cost.has_latency:
-        raise SimpruneError("a latency target needs a cost model with a latency table; use --target-latency, "
-                            "which builds one")
+        raise SimpruneError("a latency target needs a cost model with a latency table; use "
+                            "simprune.schedules.latency.prune_to_latency, which builds one")
     k, base = KINDS.index(kind), cost.base(kind)
     goal, slack = base * (1 - ratio), base * overshoot
     ledger = _Ledger(cost, len(groups))
@@ -317,8 +317,8 @@ def allocate_aligned(groups: list[ChannelGroup], scores: dict[str, torch.Tensor]
     reduction = 1 - ledger.current[k] / base
     if ledger.current[k] > goal + 1e-9:
         raise SimpruneError(f"target {kind} reduction {ratio:.1%} cannot be reached under the guards; the largest "
-                            f"reachable is {reduction:.1%} (lower the target, --min-channels or raise "
-                            "--max-layer-ratio, or drop --ignore patterns)")
+                            f"reachable is {reduction:.1%}; lower the target or min_channels=, raise "
+                            "max_layer_ratio=, or drop ignore= patterns")
     return Allocation({groups[g].root: sorted(ch) for g, ch in ledger.chosen.items() if ch}, ledger.current[0],
                       ledger.current[1], reduction)
 
@@ -337,7 +337,7 @@ def _give_back_overshoot(ledger: _Ledger, k: int, goal: float, slack: float) -> 
 
 def _check_target(target: dict[str, float]) -> tuple[str, float]:
     if not isinstance(target, dict) or len(target) != 1:
-        raise SimpruneError("give exactly one target: --target-flops R or --target-params R")
+        raise SimpruneError("give exactly one target: {'flops': R} or {'params': R}")
     kind, ratio = next(iter(target.items()))
     if kind not in KINDS:
         raise SimpruneError(f"unknown target {kind!r}; use flops, params or latency")

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from simprune import distributed
 from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph, is_depthwise
 from simprune.io.data import load_dataset
+from simprune.progress import bar as progress_bar
 from simprune.stats.channel_stats import ChannelStats, is_maximum
 
 PRECISIONS = ("fp32", "bf16")
@@ -119,7 +119,7 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     seen = varied = 0
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            for batch in tqdm(batches, desc="calibration", leave=False, disable=not (progress and distributed.is_main())):
+            for batch in progress_bar(batches, "calibration statistics", unit="batches", enabled=progress):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 _forward(model, x)
                 seen += x.shape[0]
@@ -132,7 +132,7 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     if reduce is not None:
         seen, varied = (int(v) for v in reduce(torch.tensor([float(seen), float(varied)], dtype=torch.float64)))
     if seen == 0:
-        raise SimpruneError("no calibration images were seen; check --calib-data and --calib-images")
+        raise SimpruneError("no calibration images were seen; pass calibration= batches of images")
     if varied == 0:
         raise SimpruneError(f"all {seen} calibration images are constant (no pixel differs), so every feature-map "
                             "similarity ties; calibrate on real images")
@@ -163,7 +163,8 @@ def _forward(model: nn.Module, x: torch.Tensor) -> None:
         model(x)
     except RuntimeError as exc:  # wrong channel count or size: torch's own message, in one line
         raise SimpruneError(f"the model cannot read calibration images of shape {tuple(x.shape[1:])} "
-                            f"({str(exc).splitlines()[0][:120]}); pick matching --calib-data/--pad-to") from exc
+                            f"({str(exc).splitlines()[0][:120]}); give calibration= images of the model's input "
+                            "shape (pad_to=)") from exc
 
 
 def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
@@ -215,7 +216,7 @@ def check_calibration(batches, example_input: torch.Tensor):
         if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
             want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
             raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
-                                "pick matching --calib-data/--pad-to or --input")
+                                "give calibration= images of that shape (pad_to=) or another example_input=")
         break
     return batches
 
@@ -241,7 +242,7 @@ def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> int:
     seen = 0
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for batch in batches:
+            for batch in progress_bar(batches, "BatchNorm re-estimation", unit="batches"):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 _forward(model, x)
                 seen += x.shape[0]

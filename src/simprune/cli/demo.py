@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +100,7 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
             test = torch.utils.data.Subset(test, range(min(eval_images, len(test))))
         calib = calibration_loader(data, calib_images, pad_to=pad_to, seed=0)
         t0 = time.perf_counter()
-        base = evaluate(model, test)["top1"]
+        base = evaluate(model, test, progress=True, desc="top-1 of the unpruned model")["top1"]
         seconds["evaluate_unpruned"] = time.perf_counter() - t0
         cost = count(model, torch.zeros(1, *shape))
         rows = [{"label": "unpruned", "criterion": "unpruned", "top1": base, "change": 0.0, "macs": cost.macs,
@@ -188,6 +187,6 @@ def add_demo_parser(sub) -> None:
 def cmd_demo(args) -> int:
     summary = run_demo(Path(args.out), args.target, args.data, args.eval_images, args.calib_images,
                        Path(args.checkpoint) if args.checkpoint else None, args.threads, args.latency_runs,
-                       args.round_to, progress=not args.quiet and sys.stderr.isatty(), command=command_line())
+                       args.round_to, progress=True, command=command_line())
     print_summary(summary, args.out)
     return 0

@@ -93,13 +93,18 @@ def bench_dir(directory: str | Path, *, threads: int = 1, batch: int = DEFAULT_B
 
 def _print_rows(keys: dict, log: Callable[[str], None]) -> None:
     lat = keys["latency"]
-    log(f"latency, median of {lat['runs']} runs with {lat['threads']} thread(s) on {lat['machine']}:")
-    log(f"  {'engine':12s} {'batch':>5s} {'before ms':>10s} {'after ms':>10s} {'speed-up':>9s}")
+    load = lat.get("load_average")
+    log(f"latency, median (inter-quartile range) of at least {lat['runs']} interleaved runs with {lat['threads']} "
+        f"thread(s) on {lat['machine']}" + (f", 1-minute load average {load:.2f}:" if load is not None else ":"))
+    log(f"  {'engine':12s} {'batch':>5s} {'before ms':>16s} {'after ms':>16s} {'speed-up':>9s} {'95 % interval':>13s}")
     for r in lat["rows"]:
-        log(f"  {r['engine']:12s} {r['batch']:5d} {r['before_ms']:10.3f} {r['after_ms']:10.3f} {r['speedup']:8.2f}x")
+        middle = f"{r['speedup_low']:.2f}-{r['speedup_high']:.2f}x" if "speedup_low" in r else ""
+        flag = "  unstable" if r.get("stable") is False else ""
+        log(f"  {r['engine']:12s} {r['batch']:5d} {r['before_ms']:8.3f} ({r['before_spread_ms']:5.2f}) "
+            f"{r['after_ms']:8.3f} ({r['after_spread_ms']:5.2f}) {r['speedup']:8.2f}x {middle:>13s}{flag}")
     s = keys["speedup"]
     log(f"measured speed-up {s['measured']:.2f}x (onnxruntime, batch 1) vs MAC speed-up {s['macs']:.2f}x: "
-        f"ratio {s['ratio']:.2f}")
+        f"ratio {s['ratio']:.2f}" + ("" if lat.get("stable", True) else " (unstable timings: see the warning)"))
 
 
 # ---- export -----------------------------------------------------------------------------------------

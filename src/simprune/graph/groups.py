@@ -161,7 +161,7 @@ class PruningGraph:
         self.ignored = {names[m] for m in ignored_layers}
         if not self.groups:
             raise SimpruneError("the model has no prunable channel group (no conv/linear layer outside the "
-                                "classifier and --ignore); nothing to prune")
+                                "classifier and ignore=); nothing to prune")
 
     @staticmethod
     def _ignored_layers(model: nn.Module, ignore) -> list[nn.Module]:
@@ -171,8 +171,8 @@ class PruningGraph:
             matched = [m for n, m in model.named_modules() if n and fnmatch.fnmatch(n, pattern)
                        and isinstance(m, PARAM_LAYERS)]
             if not matched:
-                raise SimpruneError(f"--ignore {pattern!r} matches no conv/linear layer; "
-                                    "use `simprune info --per-layer` to see the layer names")
+                raise SimpruneError(f"ignore={pattern!r} matches no conv/linear layer; the layer names are "
+                                    "model.named_modules() (`simprune info --per-layer`)")
             ignored_layers += matched
         return ignored_layers
 
@@ -188,7 +188,7 @@ class PruningGraph:
             where = _failing_layer(exc, stack, names)
             first = str(exc).splitlines()[0][:120] if str(exc) else ""
             raise SimpruneError(f"cannot trace the model for pruning at {where}: {type(exc).__name__}: {first}; "
-                                "check --input, or --ignore that layer") from exc
+                                "check example_input=, or ignore= that layer") from exc
         finally:
             model.train(was_training)
 
@@ -212,7 +212,7 @@ class PruningGraph:
         if size % channel_groups:
             layer = next(m for m in members if is_grouped(m.module) or isinstance(m.module, nn.GroupNorm))
             raise SimpruneError(f"layer {layer.name!r} ({type(layer.module).__name__}) splits {size} "
-                                f"channels into {channel_groups} groups unevenly; --ignore {root.name}")
+                                f"channels into {channel_groups} groups unevenly; ignore=[{root.name!r}] (the CLI's --ignore)")
         tied = self._tied_classes(root, size, channel_groups)
         if tied is None:
             return ChannelGroup(root.name, size, members, channel_groups)

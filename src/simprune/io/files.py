@@ -107,9 +107,10 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise SimpruneError(f"output {out} is a file, not a directory; pick another --out")
+        raise SimpruneError(f"output {out} is a file, not a directory; pick another out_dir=")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
+        raise SimpruneError(f"output directory {out} already exists and is not empty; pass overwrite=True or pick "
+                            "another")
     out.parent.mkdir(parents=True, exist_ok=True)
     for kind in ("partial", "old"):
         remove_stale(out.parent, f".{out.name}.{kind}-")
@@ -133,7 +134,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
             raise SimpruneError(f"cannot create {out}: {exc.strerror}") from exc
     if not overwrite:
         raise SimpruneError(f"output directory {out} was written by another run meanwhile; kept it and discarded "
-                            "this run's result (pass --overwrite to replace it)")
+                            "this run's result (pass overwrite=True to replace it)")
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     os.rename(out, old / "out")
     os.rename(tmp, out)
@@ -151,7 +152,7 @@ def lock_for_writing(f, folder: Path) -> None:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         raise SimpruneError(f"another simprune run is writing to {folder}; wait for it to finish or pick "
-                            "another --out") from exc
+                            "another out_dir=") from exc
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> str:
@@ -190,10 +191,14 @@ def save_model(out_dir: Path, model: nn.Module, description: dict[str, Any]) -> 
 def resolve_model_path(path: str | Path) -> tuple[Path, Path]:
     """Accept a model directory or its ``.safetensors`` file; return (weights, json)."""
     p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
     if not p.exists():
         raise SimpruneError(f"checkpoint {path} does not exist; give a model directory or its .safetensors file")
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file() or p.suffix != ".safetensors":
+        what = "folder holds no model.safetensors" if Path(path).is_dir() else "file is not a .safetensors file"
+        raise SimpruneError(f"{path} is not a simprune model (the {what}); give a directory that simprune train, "
+                            "prune or save() wrote")
     return p, p.with_suffix(".json")
 
 
@@ -298,7 +303,7 @@ def load_model(path: str | Path, model: nn.Module | None = None, allow_incomplet
     weights_path, json_path = resolve_model_path(path)
     if not allow_incomplete and (weights_path.parent / "INCOMPLETE.json").exists():
         raise SimpruneError(f"{weights_path.parent} is an unfinished run (INCOMPLETE.json); finish it by rerunning "
-                            "its command with --resume, or start again with --overwrite")
+                            "the command that wrote it with resume=True, or start again with overwrite=True")
     tensors = read_tensors(weights_path)
     desc = read_json(json_path)
     if desc.get("format") != FORMAT:

@@ -54,7 +54,7 @@ def build_torchvision(name: str, num_classes: int | None = None, in_channels: in
             raise
         raise SimpruneError(
             f"could not load weights {weights!r} for {name}: {str(exc).splitlines()[0]}; "
-            "place the file in torch's hub cache (torch.hub.get_dir()/checkpoints) or drop --weights"
+            "place the file in torch's hub cache (torch.hub.get_dir()/checkpoints) or drop weights="
         ) from exc
     if weights and num_classes is not None and num_classes != _classes(model):
         _replace_classifier(model, num_classes)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simprune import distributed
+from simprune import distributed, progress
 from simprune.allocation.allocator import CostModel, Guards, allocate
 from simprune.calibrate.calibration import check_calibration, recalibrate_batchnorm
 from simprune.criteria import get_criterion
@@ -28,8 +28,7 @@ def resolve_criterion(criterion: str | Any, options: dict | None = None, calibra
     """A criterion object from its registry name (or the object itself); refuses data criteria without data."""
     crit = get_criterion(criterion, **(options or {})) if isinstance(criterion, str) else criterion
     if getattr(crit, "needs_data", False) and calibration is None:
-        raise SimpruneError(f"criterion {crit.name!r} needs calibration data; pass calibration= "
-                            "(the CLI's --calib-data)")
+        raise SimpruneError(f"criterion {crit.name!r} needs calibration data; pass calibration=")
     return crit
 
 
@@ -38,8 +37,10 @@ def select_channels(graph: PruningGraph, crit, target: dict[str, float], cost: C
                     protected: list[str] | tuple = ()):
     """Score every channel with ``crit`` and allocate removals under ``target``; returns
     (allocation, criterion result, time scoring ended). Groups in ``protected`` keep all channels."""
+    progress.stage(f"scoring channels ({crit.name})")
     result = crit.score(graph, calibration) if getattr(crit, "needs_data", False) else crit.score(graph)
     t_score = time.perf_counter()
+    progress.stage(f"allocating the target over {len(graph.groups)} channel groups")
     scores = {k: v for k, v in result.scores.items() if k not in set(protected)}
     alloc = allocate(graph.groups, scores, cost, target, guards or Guards(),
                      normalization or result.normalization, cost_weight)
@@ -58,8 +59,8 @@ def _repair_options(crit, compensate, protect_uncompensable, recalibrate_bn, cal
     if recalibrate_bn is None:
         recalibrate_bn = calibration is not None
     if recalibrate_bn and calibration is None:
-        raise SimpruneError("BatchNorm re-estimation needs calibration data; pass calibration= "
-                            "(the CLI's --calib-data) or recalibrate_bn=False")
+        raise SimpruneError("BatchNorm re-estimation needs calibration images; pass calibration= "
+                            "or recalibrate_bn=False")
     return compensate, protect_uncompensable, recalibrate_bn
 
 
@@ -74,6 +75,7 @@ def prune_oneshot(model: nn.Module, example_input: torch.Tensor, crit, target: d
     if calibration is not None:
         calibration = check_calibration(calibration, example_input)
     t0 = time.perf_counter()
+    progress.stage("building the channel graph")
     before, widths_before = count(model, example_input), layer_widths(model)
     graph = PruningGraph(model, example_input, ignore=ignore)
     groups_before = {g.root: g.size for g in graph.groups}
@@ -87,7 +89,8 @@ def prune_oneshot(model: nn.Module, example_input: torch.Tensor, crit, target: d
                                              protected=protected)
     t_alloc = time.perf_counter()
     if compensate and result.compensator is None:
-        raise SimpruneError(f"criterion {crit.name!r} has no compensation; drop compensate (--compensate)")
+        raise SimpruneError(f"criterion {crit.name!r} has no compensation; pass compensate=False")
+    progress.stage(f"removing {sum(map(len, alloc.remove.values()))} channels" + (", compensating" if compensate else ""))
     if compensate:
         result.compensator(graph, alloc.remove, compensate if isinstance(compensate, str) else None)
     remove_channels(graph, alloc.remove)
@@ -102,7 +105,7 @@ def prune_oneshot(model: nn.Module, example_input: torch.Tensor, crit, target: d
         groups_before=groups_before, removed=alloc.remove, protected=protected,
         compensated=(compensate if isinstance(compensate, str) else bool(compensate)) if compensate else False,
         bn_recalibrated=recalibrate_bn, decision_fingerprint_per_rank=alloc.fingerprints,
-        round_to=alloc.round_to, target_met=target_met(target, before, after, alloc.reduction),
+        round_to=alloc.round_to, target_met=target_met(target, before, after),
         seconds={"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                  "removal": time.perf_counter() - t_alloc})
     return model, report

@@ -7,9 +7,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from simprune import progress
 from simprune.calibrate.calibration import check_calibration
 from simprune.criteria import set_calib_precision
 from simprune.errors import SimpruneError
+from simprune.schedules.checks import check_result
 from simprune.schedules.iterative import iterative
 from simprune.schedules.oneshot import prune_oneshot, resolve_criterion
 
@@ -28,8 +30,12 @@ def run_schedule(model: nn.Module, example_input: torch.Tensor, criterion: str |
     if not inplace:
         model = copy.deepcopy(model)
     if schedule == "oneshot":
-        return prune_oneshot(model, example_input, crit, target, latency_table=latency_table, **options)
-    if schedule == "iterative":
-        return iterative(model, example_input, crit, target, steps, between, **options)
-    raise SimpruneError(f"schedule={schedule!r} is not one-shot pruning; use 'oneshot' or 'iterative' "
-                        "here and simprune.schedules.soft.soft_prune for 'soft'")
+        model, report = prune_oneshot(model, example_input, crit, target, latency_table=latency_table, **options)
+    elif schedule == "iterative":
+        model, report = iterative(model, example_input, crit, target, steps, between, **options)
+    else:
+        raise SimpruneError(f"schedule={schedule!r} is not one-shot pruning; use 'oneshot' or 'iterative' "
+                            "here and simprune.schedules.soft.soft_prune for 'soft'")
+    progress.stage("checking the result")
+    return model, check_result(model, example_input, report, calibration=options.get("calibration"),
+                               ignore=options.get("ignore", ()))

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from tqdm.auto import tqdm
 
 from simprune import distributed
 from simprune.errors import SimpruneError
@@ -32,6 +31,7 @@ from simprune.io.files import (
     save_model,
     tensors_bytes,
 )
+from simprune.progress import bar as progress_bar
 
 
 @dataclass
@@ -104,7 +104,7 @@ def load_train_state(out_dir: Path, model: nn.Module,
     count, one history record per epoch), names, shapes and finite values."""
     path = out_dir / STATE_FILE
     if not path.exists():
-        raise SimpruneError(f"--resume: {path} does not exist; nothing to resume, drop --resume")
+        raise SimpruneError(f"resume=True but {path} does not exist; nothing to resume, drop resume=True")
     tensors, meta = read_safetensors(path)
     try:
         text = meta["epoch"]
@@ -117,7 +117,7 @@ def load_train_state(out_dir: Path, model: nn.Module,
             raise ValueError("unexpected types")
     except (KeyError, ValueError, RecursionError) as exc:
         raise SimpruneError(f"{path} lacks valid epoch/history metadata; it is not a simprune training state, "
-                            "start again with --overwrite") from exc
+                            "start again with overwrite=True") from exc
     unknown = sorted(k for k in tensors if not k.startswith(("model.", "optim.")))
     if unknown:
         raise SimpruneError(f"{path}: unexpected entries {unknown[:3]}; it is not a simprune training state")
@@ -153,8 +153,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, bf16: bool = 
     if distributed.active():
         ds = Subset(ds, distributed.shard(list(range(len(ds)))))
     sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, n
-    for x, y in tqdm(_loader(ds, batch_size, False, 0), desc=desc, leave=False,
-                     disable=not (progress and distributed.is_main())):
+    for x, y in progress_bar(_loader(ds, batch_size, False, 0), desc, unit="batches", enabled=progress):
         with autocast(bf16):
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -219,8 +218,8 @@ def _train_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, l
     (steps per epoch, total steps, warm-up steps) of the learning-rate curve."""
     steps_per_epoch, total, warmup = schedule
     sums = torch.zeros(3, dtype=torch.float64)
-    bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not (progress and distributed.is_main()))
+    bar = progress_bar(loader, f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, unit="batches",
+                       enabled=progress)
     for step, (x, y) in enumerate(bar):
         if step >= steps_per_epoch:
             break
@@ -235,7 +234,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, l
         hooks.on_step(model)
         if not torch.isfinite(loss):
             raise SimpruneError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower the learning "
-                                "rate (lr=, the CLI's --lr)")
+                                "rate lr=")
         sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
                              dtype=torch.float64)
         bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")

@@ -161,7 +161,7 @@ def test_builder_by_path_records_its_arguments_and_runs_only_when_named(tmp_path
     x = torch.randn(1, 3, 12, 12)
     pruned, _ = simprune.prune(model, x, "l1", {"flops": 0.4})
     simprune.save(tmp_path / "m", pruned)
-    with pytest.raises(SimpruneError, match=r"your code.*--model .*nets.py:build"):
+    with pytest.raises(SimpruneError, match=r"your code.*builder=.*nets.py:build"):
         simprune.load(tmp_path / "m")
     back = simprune.load(tmp_path / "m", spec)
     assert torch.equal(back(x), pruned.eval()(x)) and back[-1].out_features == 4

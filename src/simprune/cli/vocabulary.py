@@ -30,6 +30,10 @@ API_FLAGS: dict[str, tuple[str, str]] = {
     "min_channels": ("--min-channels", "N"),
     "max_layer_ratio": ("--max-layer-ratio", "R"),
     "round_to": ("--round-to", "N"),
+    "model": ("--model", "NAME"),
+    "builder": ("--model", "pkg.module:factory"),
+    "num_classes": ("--num-classes", "N"),
+    "in_channels": ("--in-channels", "N"),
 }
 _TOKEN = re.compile(r"(?<![\w-])(" + "|".join(sorted(API_FLAGS, key=len, reverse=True)) + r")=([^\s,;]*)")
 

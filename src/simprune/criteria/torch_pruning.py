@@ -96,7 +96,7 @@ class TPTaylor(TorchPruningImportance):
 
     def score(self, graph: PruningGraph, calibration=None) -> CriterionResult:
         if calibration is None:
-            raise SimpruneError("criterion 'tp:taylor' needs calibration data; pass --calib-data")
+            raise SimpruneError("criterion 'tp:taylor' needs calibration data; pass calibration=")
         model = graph.model
         params = list(model.parameters())
         saved = [(p.requires_grad, p.grad) for p in params]

@@ -212,7 +212,7 @@ class PruningGraph:
         if size % channel_groups:
             layer = next(m for m in members if is_grouped(m.module) or isinstance(m.module, nn.GroupNorm))
             raise SimpruneError(f"layer {layer.name!r} ({type(layer.module).__name__}) splits {size} "
-                                f"channels into {channel_groups} groups unevenly; ignore=[{root.name!r}] (the CLI's --ignore)")
+                                f"channels into {channel_groups} groups unevenly; leave it whole with ignore={root.name}")
         tied = self._tied_classes(root, size, channel_groups)
         if tied is None:
             return ChannelGroup(root.name, size, members, channel_groups)

@@ -29,7 +29,7 @@ def _check_names(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise SimpruneError(f"{source} does not match the model ({what}); check --model and its arguments")
+        raise SimpruneError(f"{source} does not match the model ({what}); check model= and its arguments")
 
 
 def _precheck_names(name: str, args: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -97,7 +97,7 @@ def build_described(name: str | None, args: dict[str, Any], source: Path, builde
                             "pass a freshly built, unpruned instance: simprune.load(dir, MyNet())")
     if is_builder_spec(name) and not _trusted(name, builder):
         raise SimpruneError(f"{source} was built by {name} (your code); simprune runs it only when you name it: "
-                            f"--model {name} (or {TRUST_ENV}={name}); API: simprune.load(dir, builder={name!r})")
+                            f"builder={name} (or {TRUST_ENV}={name})")
     return build_model(name, **args)
 
 

@@ -59,7 +59,7 @@ def build_model(name: str, num_classes: int | None = None, in_channels: int | No
     weights = kwargs.pop("weights", None)
     args = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if v is not None}
     if weights and not name.startswith(("torchvision:", "timm:")):
-        raise SimpruneError(f"model {name!r}: --weights applies to torchvision:<name> and timm:<name> models only")
+        raise SimpruneError(f"model {name!r}: weights= applies to torchvision:<name> and timm:<name> models only")
     if name.startswith("torchvision:"):
         model = build_torchvision(name.split(":", 1)[1], num_classes, in_channels, weights, **kwargs)
     elif name.startswith("timm:"):

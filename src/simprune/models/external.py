@@ -49,14 +49,14 @@ def build_timm(name: str, num_classes: int | None = None, in_channels: int | Non
         if not weights:
             raise
         raise SimpruneError(f"could not load timm weights for {name}: {str(exc).splitlines()[0][:150]}; "
-                            "place them in the Hugging Face cache or drop --weights") from exc
+                            "place them in the Hugging Face cache or drop weights=") from exc
 
 
 def _import_module(spec: str):
     if spec.endswith(".py") or "/" in spec or "\\" in spec:
         path = Path(spec)
         if not path.is_file():
-            raise SimpruneError(f"--model {spec}: no such Python file")
+            raise SimpruneError(f"model={spec}: no such Python file")
         module_name = f"simprune_user_{path.stem}"
         loader = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(loader)
@@ -74,7 +74,7 @@ def build_from_builder(spec: str, **model_args) -> nn.Module:
     """Call the user's ``factory(**model_args)`` named by ``module:factory``; it must return an nn.Module."""
     match = BUILDER.match(spec)
     if not match:
-        raise SimpruneError(f"--model {spec!r} is not pkg.module:factory or path/to/file.py:factory")
+        raise SimpruneError(f"model={spec} is not pkg.module:factory or path/to/file.py:factory")
     obj = _import_module(match["module"])
     for part in match["attr"].split("."):
         obj = getattr(obj, part, None)
@@ -86,8 +86,8 @@ def build_from_builder(spec: str, **model_args) -> nn.Module:
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in model_args if k not in params and not accepts_any]
     if unknown:
-        raise SimpruneError(f"{spec} takes no argument(s) {unknown}; drop them (e.g. --num-classes, "
-                            "--in-channels) or add them to the builder")
+        raise SimpruneError(f"{spec} takes no argument(s) {unknown}; drop them (e.g. num_classes=, "
+                            "in_channels=) or add them to the builder")
     model = obj(**model_args)
     if not isinstance(model, nn.Module):
         raise SimpruneError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")

@@ -82,7 +82,7 @@ def _first_or_last(model: nn.Module, kind: type, last: bool) -> tuple[nn.Module,
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
     found = _first_or_last(model, nn.Linear, last=True)
     if found is None:
-        raise SimpruneError("this model has no Linear classifier to replace; drop --weights or --num-classes")
+        raise SimpruneError("this model has no Linear classifier to replace; drop weights= or num_classes=")
     parent, attr, old = found
     setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
 

@@ -37,14 +37,17 @@ class Spec:
 
 
 def parse_specs(text: str) -> list[Spec]:
-    """``"qsfm,qsfm:cosine,l1"`` -> specs; ``NAME:METRIC`` sets the criterion's similarity metric."""
-    from simprune.criteria import get_criterion  # noqa: PLC0415
+    """``"qsfm,qsfm:cosine,l1,tp:lamp"`` -> specs; ``NAME:METRIC`` sets the criterion's similarity metric
+    unless the whole item is a criterion's name (``tp:lamp``)."""
+    from simprune.criteria import available_criteria, get_criterion  # noqa: PLC0415
 
-    specs = []
+    specs, names = [], available_criteria()
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
         name, _, metric = item.partition(":")
+        if item in names:  # a name with a colon, e.g. tp:lamp
+            name, metric = item, ""
         options = {"similarity": metric} if metric else {}
         get_criterion(name, **options)  # unknown names and options fail here, before any work
         specs.append(Spec(item, name, options))

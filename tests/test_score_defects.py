@@ -120,7 +120,7 @@ def test_unrelated_filters_score_alike_at_fan_in_27_and_4608():
     narrow = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 16, 2))
     for conv in (wide[2], narrow[0]):  # fan-in 512 * 9 = 4608 and 3 * 9 = 27, independent Gaussian filters
         nn.init.normal_(conv.weight)
-    crit = get_criterion("filter-similarity")
+    crit = get_criterion("filter-similarity", chance_corrected=True)  # an option: see criteria/filter_similarity.py
     big = crit.score(PruningGraph(wide, torch.zeros(1, 3, 4, 4))).scores["2"]
     small = crit.score(PruningGraph(narrow, torch.zeros(1, 3, 4, 4))).scores["0"]
     assert abs(float(big.median()) - float(small.median())) < 0.05

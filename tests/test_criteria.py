@@ -59,7 +59,7 @@ def test_lstsq_coefficients_by_hand():
     # x2 = 2 x0 + 3 x1 exactly: Gram of three channels over four pixels
     x = torch.tensor([[1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 3.0]], dtype=torch.float64)
     x = torch.cat([x, 2 * x[:1] + 3 * x[1:]])
-    A, _ = lstsq_coefficients(x @ x.T, removed=[2], kept=[0, 1], ridge=0.0)
+    A = lstsq_coefficients(x @ x.T, removed=[2], kept=[0, 1], ridge=0.0)
     assert torch.allclose(A, torch.tensor([[2.0, 3.0]], dtype=torch.float64))
 
 
@@ -145,3 +145,13 @@ def test_data_criterion_without_data_is_refused():
 def test_registry_lists_all_criteria():
     assert {"l1", "l2", "fpgm", "random", "qsfm", "filter-similarity", "feature-stats", "hrank"} <= \
         set(available_criteria())
+
+
+def test_affine_lstsq_coefficients_by_hand():
+    from simprune.criteria.compensation import affine_lstsq_coefficients
+
+    # x2 = 2 x0 - x1 + 0.5 exactly, over five pixels
+    x = torch.tensor([[1.0, 0.0, 2.0, 1.0, 3.0], [0.0, 1.0, 1.0, 3.0, -1.0]], dtype=torch.float64)
+    x = torch.cat([x, 2 * x[:1] - x[1:] + 0.5])
+    A, b = affine_lstsq_coefficients(x @ x.T, x.sum(1), 5, removed=[2], kept=[0, 1], ridge=0.0)
+    assert torch.allclose(A, torch.tensor([[2.0, -1.0]], dtype=torch.float64)) and b.item() == pytest.approx(0.5)

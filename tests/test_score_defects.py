@@ -68,6 +68,12 @@ def test_bn_reestimation_that_sees_nothing_says_so_and_keeps_the_trained_statist
         assert torch.equal(v, before[k]), k
 
 
+def test_prune_never_reports_bn_recalibrated_when_no_image_came():
+    with pytest.raises(simprune.SimpruneError, match="saw no calibration images"):
+        simprune.prune(build_model("resnet20", in_channels=1), torch.zeros(1, 1, 32, 32), "l1", {"flops": 0.3},
+                       calibration=(b for b in []), recalibrate_bn=True)
+
+
 def test_a_huge_one_shot_iterator_is_refused_naming_the_keyword(monkeypatch):
     monkeypatch.setattr(calibration, "MAX_MATERIALISED_BYTES", 10_000)
     gen = ((torch.zeros(4, 1, 32, 32), torch.zeros(4)) for _ in range(5))

@@ -55,6 +55,7 @@ def test_prune_from_checkpoint_keeps_its_input_shape(cli, tmp_path):
     (["--target-flops", "0.5", "--ignore", "nothing.*"], "matches no conv/linear layer"),
     (["--target-flops", "0.99"], "largest reachable"),
     (["--target-flops", "0.5", "--criterion", "qsfm"], "needs calibration images"),
+    (["--target-flops", "0.5", "--calib-precision", "fp32"], "--calib-precision applies to data criteria"),
 ])
 def test_bad_prune_input_leaves_no_output(cli, tmp_path, args, pattern):
     out = tmp_path / "out"
@@ -128,3 +129,13 @@ def test_outputs_have_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((d / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_prune_with_calib_precision_and_a_torch_pruning_criterion(cli, tmp_path):
+    for criterion, extra in (("qsfm", ["--calib-precision", "fp32"]), ("tp:lamp", [])):
+        out = tmp_path / criterion.replace(":", "-")
+        code, _, err = cli("prune", "--model", "resnet20", "--input", "1x32x32", "--criterion", criterion, *extra,
+                           "--calib-data", "fashion-mnist-sample", "--calib-images", "32", "--pad-to", "32",
+                           "--target-flops", "0.3", "--no-latency", "--out", out)
+        assert code == 0, err
+        assert json.loads((out / "report.json").read_text())["criterion"] == criterion

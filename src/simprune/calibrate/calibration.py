@@ -4,8 +4,12 @@ A group's feature maps are read where they are consumed: the input of each layer
 that reads the group's channels (a conv or linear "probe"), i.e. the root output
 after BN and activation (and after any residual sum). Residual groups have one
 probe per consumer; depthwise-separable groups are probed at the projection
-input. Statistics are sums (``ChannelStats``), accumulated batch by batch under
-no_grad in bounded memory, and all-reduced across processes when distributed.
+input. A reader after global pooling sees one value per channel and image: its probe is
+*pooled*, the map of a channel being its vector of values over the calibration images (a 1 x 1
+map would min-max scale to 0 and make every pair identical). A reader after flatten sees C x k
+values: the k positions are the map. Statistics are sums (``ChannelStats``), accumulated batch by
+batch under no_grad in bounded memory, and all-reduced across processes when distributed.
+Calibration batches are read several times, so a one-shot iterator is kept (:func:`reusable`).
 """
 from __future__ import annotations
 

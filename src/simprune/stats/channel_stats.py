@@ -103,10 +103,11 @@ class ChannelStats:
             raise SimpruneError(f"expected feature maps {want} with C={self.channels}, got {shape}")
         if maps.shape[0] == 0:
             return
-        if self.pooled:
-            self._update_pooled(maps.detach().reshape(maps.shape[0], self.channels))
-        else:
-            self._update_spatial(maps.detach())
+        with torch.autocast(maps.device.type, enabled=False):  # a caller's bf16 autocast must not round the sums
+            if self.pooled:
+                self._update_pooled(maps.detach().reshape(maps.shape[0], self.channels))
+            else:
+                self._update_spatial(maps.detach())
 
     def _update_spatial(self, x: torch.Tensor) -> None:
         B, C, H, W = x.shape
@@ -135,28 +136,28 @@ class ChannelStats:
 
     def _moments_chunk(self, xb: torch.Tensor, P: int) -> None:
         """All moment-based statistics of a chunk of images: one float32 product per image (and one
-        with the previous image for the null); only (nb, C, C) results reach float64."""
+        with the previous image for the null); only small per-image results are summed, into float64."""
         xc = xb.to(torch.float32, copy=True)  # the one full-size temporary
-        lo, hi = torch.aminmax(xc, dim=-1)
+        hi, lo = xc.amax(-1), xc.amin(-1)
         self._raise_max(hi.amax(0), lo.amin(0))
-        mean = xc.sum(-1, dtype=torch.float64) / P
-        xc -= mean.to(torch.float32).unsqueeze(-1)
+        mean = xc.mean(-1)
+        xc -= mean.unsqueeze(-1)
         cov = torch.bmm(xc, xc.transpose(1, 2)).div_(P)  # (nb, C, C) float32
         var = cov.diagonal(dim1=1, dim2=2).clamp_min(0.0)
-        mom = MapMoments(mean.float(), var, lo, hi - lo)
-        o = self.options
-        kw = {"c1": o["c1"], "c2": o["c2"], "cap": o["psnr_cap"]}
+        mom = MapMoments(mean, var, lo, hi - lo)
+        kw = self._kw()
         for metric in (m for m in MOMENT_METRICS if m in self.metrics):
-            S = similarity_from_moments(metric, mom, mom, cov, **kw)
-            S.diagonal(dim1=1, dim2=2).fill_(o["psnr_cap"] if metric == "psnr" else 1.0)
-            self._add(f"sim.{metric}", S.sum(0, dtype=torch.float64))
+            S = similarity_from_moments(metric, mom, mom, cov, **kw).sum(0).double()
+            S.diagonal().fill_(xb.shape[0] * (kw["cap"] if metric == "psnr" else 1.0))  # identical maps
+            self._add(f"sim.{metric}", S)
         if "null" in self.metrics:
             self._null_pairs(xc, mom, kw)
         if "mstd" in self.metrics:
-            self._add("mstd", var.sqrt().sum(0, dtype=torch.float64))
+            self._add("mstd", var.sqrt().sum(0))
         if "gram" in self.metrics:
-            self._add("gram", P * (cov.sum(0, dtype=torch.float64) + mean.T @ mean))
-            self._add("channel_sum", P * mean.sum(0))
+            m64 = mean.double()
+            self._add("gram", P * (cov.sum(0).double() + m64.T @ m64))
+            self._add("channel_sum", P * m64.sum(0))
 
     def _null_pairs(self, xc: torch.Tensor, mom: MapMoments, kw: dict) -> None:
         """Similarities of channel i on image n with channel j on image n-1 (centred maps xc)."""
@@ -171,8 +172,7 @@ class ChannelStats:
             pairs.append((MapMoments(*(t[:1] for t in _fields(mom))), pmom, cross))
         for a, b, cross in pairs:
             for metric in (m for m in MOMENT_METRICS if m in self.metrics):
-                S = similarity_from_moments(metric, a, b, cross, **kw)
-                self._add(f"null.{metric}", S.sum(0, dtype=torch.float64))
+                self._add(f"null.{metric}", similarity_from_moments(metric, a, b, cross, **kw).sum(0))
         self._prev = (xc[-1].clone(), MapMoments(*(t[-1:].clone() for t in _fields(mom))))
 
     def _windowed(self, x: torch.Tensor) -> None:
@@ -234,10 +234,13 @@ class ChannelStats:
             raise SimpruneError(f"unknown similarity {metric!r}; choose from {', '.join(SIMILARITIES)}")
         self._need(metric)
         if not self.pooled:
-            return self._state[f"sim.{metric}"] / self._state["images"]
-        mom, cov = self._pooled_moments()
-        S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cov, **self._kw())
-        return S.fill_diagonal_(self.options["psnr_cap"] if metric == "psnr" else 1.0)
+            S = self._state[f"sim.{metric}"] / self._state["images"]
+        else:
+            mom, cov = self._pooled_moments()
+            S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cov, **self._kw())
+            S.fill_diagonal_(self.options["psnr_cap"] if metric == "psnr" else 1.0)
+        S = (S + S.T) / 2  # products are symmetric only up to rounding; ties must stay ties
+        return S.clamp(-1.0, 1.0) if metric != "psnr" else S
 
     def null_similarity(self, metric: str) -> torch.Tensor:
         """(C, C) similarity of unrelated maps (channel i of one image, j of the previous; the upper
@@ -255,6 +258,7 @@ class ChannelStats:
             cross = self._state["cross"] / pairs - torch.outer(mom.mean, mom.mean)
             S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cross,
                                         **self._kw())
+        S = S.clamp(-1.0, 1.0) if metric != "psnr" else S
         upper = torch.triu(S, diagonal=1)  # one shifted pair per channel pair: symmetric, same variance as S
         return upper + upper.T + torch.diag(S.diagonal())
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from simprune.criteria import ScoreCache, get_criterion
+from simprune.criteria import ScoreCache, available_criteria, get_criterion
 from simprune.errors import SimpruneError
 from simprune.io.files import atomic_write_bytes, atomic_write_json
 from simprune.progress import note as progress_note
@@ -41,12 +41,15 @@ class Spec:
 
 
 def parse_specs(text: str) -> list[Spec]:
-    """``"qsfm,qsfm:cosine,l1"`` -> specs; ``NAME:METRIC`` sets the criterion's similarity metric."""
-    specs = []
+    """``"qsfm,qsfm:cosine,l1,tp:lamp"`` -> specs; ``NAME:METRIC`` sets the criterion's similarity metric
+    unless the whole item is a criterion's name (``tp:lamp``)."""
+    specs, names = [], available_criteria()
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
         name, _, metric = item.partition(":")
+        if item in names:  # a name with a colon, e.g. tp:lamp
+            name, metric = item, ""
         options = {"similarity": metric} if metric else {}
         get_criterion(name, **options)  # unknown names and options fail here, before any work
         specs.append(Spec(item, name, options))

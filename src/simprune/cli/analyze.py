@@ -107,7 +107,7 @@ def cmd_analyze(args) -> int:
         if tuple(shape) != image_shape:
             raise SimpruneError(f"{calib_data} images are {'x'.join(map(str, image_shape))} but the model takes "
                                 f"{'x'.join(map(str, shape))}; pass --pad-to / --input or other --calib-data")
-        summary, matrices = analyze(model, torch.zeros(1, *shape), loader, args.similarity, progress=True,
+        summary, matrices = analyze(model, torch.zeros(1, *shape), loader, args.similarity, progress=True, device=args.device,
                                     error_levels=args.errors)
         weights = "checkpoint" if args.checkpoint else "random"
         report = {"model": desc.get("model"), "checkpoint": str(args.checkpoint) if args.checkpoint else None,

@@ -132,13 +132,13 @@ def cmd_compare(args) -> int:
             test = torch.utils.data.Subset(test, range(min(args.eval_images, len(test))))
         calibration = calibration_loader(calib_data, args.calib_images, data_dir=args.data_dir, pad_to=pad_to,
                                          seed=args.seed)
-        base_top1 = evaluate(model, test)["top1"]
+        base_top1 = evaluate(model, test, device=args.device)["top1"]
         chart_target = min(targets, key=lambda t: abs(t - 0.5))
         rows, layers, runs = [], {}, []
         for run in run_grid(model, torch.zeros(1, *shape), specs, targets, calibration=calibration, test=test,
                             base_top1=base_top1, kind=args.target_kind, compensations=compensations,
                             schedules=schedules, protect_uncompensable=args.protect_uncompensable,
-                            progress=True, guards=Guards(round_to=args.round_to)):
+                            progress=True, guards=Guards(round_to=args.round_to), device=args.device):
             rows.append(run["row"])
             if run["row"]["target"] == chart_target:
                 layers[run["row"]["label"]] = run["report"]["layers"]

@@ -61,7 +61,8 @@ def cmd_train(args) -> int:
             "input_shape": list(train_ds.image_shape) if hasattr(train_ds, "image_shape") else None,
             "data": {"name": args.data, "pad_to": args.pad_to}, "command": command_line()}
     try:
-        history = train(model, train_ds, cfg, out, test_ds, desc, resume=args.resume, log=log, progress=not args.quiet)
+        history = train(model, train_ds, cfg, out, test_ds, desc, resume=args.resume, log=log, progress=not args.quiet,
+                        device=args.device)
         (out / MARKER).unlink(missing_ok=True)
     finally:
         log_file.close()

@@ -148,9 +148,9 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, sampler=None
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, bf16: bool = True,
              progress: bool = False, desc: str = "eval", device: str | torch.device | None = None) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy over ``ds`` (sharded across torchrun ranks),
-    on ``device`` (None: where the model already is)."""
-    was_training = model.training
-    device = distributed.model_device(model) if device is None else distributed.resolve_device(device)
+    on ``device`` (None: where the model already is; the model goes back where it was)."""
+    was_training, home = model.training, distributed.model_device(model)
+    device = home if device is None else distributed.resolve_device(device)
     model.to(device).eval()
     if distributed.active():
         ds = Subset(ds, distributed.shard(list(range(len(ds)))))
@@ -162,7 +162,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, bf16: bool = 
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(dim=1).sum().item(),
                               F.cross_entropy(logits, y, reduction="sum").item(), len(y)], dtype=torch.float64)
-    model.train(was_training)
+    model.train(was_training).to(home)
     correct1, correct5, loss_sum, n = distributed.all_reduce_sum(sums).tolist()
     if n == 0:
         raise SimpruneError("evaluation data set is empty")

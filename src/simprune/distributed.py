@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from simprune.errors import SimpruneError
 
-
 DEVICE_TYPES = ("cuda", "cpu")
 
 

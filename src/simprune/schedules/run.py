@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from simprune import progress
-from simprune.distributed import model_device, resolve_device
 from simprune.calibrate.calibration import check_calibration
 from simprune.criteria import set_calib_precision
+from simprune.distributed import model_device, resolve_device
 from simprune.errors import SimpruneError
 from simprune.schedules.checks import check_result
 from simprune.schedules.iterative import iterative

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from simprune.cli.analyze import add_analyze_parser
-from simprune.cli.common import DEVICE_COMMANDS, device_option, start_processes  # noqa: F401 - main() starts
+from simprune.cli.common import start_processes  # noqa: F401 - main() calls it after parsing
 from simprune.cli.compare import add_compare_parser
 from simprune.cli.demo import add_demo_parser
 from simprune.cli.deploy import add_bench_parser, add_export_parser
@@ -44,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_info_parsers, add_train_parser, add_evaluate_parser, add_prune_parser, add_analyze_parser,
                 add_export_parser, add_bench_parser, add_compare_parser, add_demo_parser, add_finetune_parser):
         add(sub)
-    for name in DEVICE_COMMANDS:
-        device_option(sub.choices[name])
     for command in sub.choices.values():
         if "--quiet" not in command._option_string_actions:  # commands with bars of their own define it
             command.add_argument("--quiet", action="store_true", help="no stage messages or progress bars")

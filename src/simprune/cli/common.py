@@ -43,9 +43,6 @@ def data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--pad-to", type=int, default=None, help="zero-pad images to this size (32 for 28x28 sets)")
 
 
-DEVICE_COMMANDS = ("prune", "finetune", "train", "analyze", "compare")
-
-
 def device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu: where statistics, BatchNorm re-estimation "
                                                   "and fine-tuning run (default: CUDA when available, else CPU; "

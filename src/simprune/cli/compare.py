@@ -15,6 +15,7 @@ from simprune.cli.common import (
     check_compatible,
     command_line,
     data_options,
+    device_option,
     load_or_build,
     model_options,
     positive,
@@ -45,6 +46,8 @@ def add_compare_parser(sub) -> None:
     """Register ``simprune compare`` on the CLI's sub-parsers."""
 
     p = sub.add_parser("compare", help="criteria x targets on one model: table, CSV, JSON, plot, report")
+
+    device_option(p)
     model_options(p, required=False)
     p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture and data)")
     p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else the data's)")

@@ -19,6 +19,7 @@ from simprune.cli.common import (
     check_compatible,
     command_line,
     data_options,
+    device_option,
     keep_log,
     load_or_build,
     make_finetune,
@@ -171,6 +172,7 @@ def compensation_mode(text: str) -> str:
 
 def add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model to a FLOPs or parameter target")
+    device_option(p)
     model_options(p, required=False)
     p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture)")
     p.add_argument("--criterion", default="l1", help="see `simprune criteria`")

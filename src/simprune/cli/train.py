@@ -9,6 +9,7 @@ from simprune.cli.common import (
     command_line,
     data_options,
     dataset_defaults,
+    device_option,
     model_options,
     positive,
     weights_kwargs,
@@ -73,6 +74,7 @@ def cmd_train(args) -> int:
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model from scratch")
+    device_option(p)
     model_options(p)
     data_options(p)
     p.add_argument("--epochs", type=positive, default=30)

@@ -47,6 +47,20 @@ def render_calibration(data: dict) -> str:
         f"\n\n{_machine(data)} `python bench/calibration.py` (ResNet-56, one statistics pass)."
 
 
+def render_scale(data: dict) -> str:
+    rows = [[r["sweep"], r["model"].replace("torchvision:", ""), r["resolution"], r["images"], f"{r['stats_s']:.1f}",
+             f"{r['forward_s']:.1f}", f"{r['ratio']:.1f}", f"{r['stats_growth_mib']:.0f}",
+             f"{r['forward_growth_mib']:.0f}"] for r in data["rows"]]
+    text = _table(["sweep", "model", "px", "images", "statistics s", "bare forward s", "ratio",
+                   "statistics peak growth MiB", "forward peak growth MiB"], rows)
+    if data.get("torchrun"):
+        text += "\n\n" + _table(["torchrun processes", "images", "px", "statistics wall s", "speed-up"],
+                                 [[r["processes"], r["images"], r["resolution"], f"{r['stats_s']:.1f}",
+                                   f"{r['speedup']:.2f}"] for r in data["torchrun"]])
+    return text + f"\n\n{_machine(data)} `OMP_NUM_THREADS=1 python bench/scale.py` (qsfm statistics, batches of " \
+        f"{data['batch']}, random weights and images; torchrun rows: `--images --keep --torchrun 1 2`)."
+
+
 def render_quality(data: dict) -> str:
     by = {}
     for r in data["rows"]:
@@ -140,7 +154,7 @@ def render_robustness(data: dict) -> str:
             f"{data['per_mutation']} seeded cases per mutation. {_machine(data)} `python bench/robustness.py`.")
 
 
-RENDERERS = {"engine": render_engine, "calibration": render_calibration, "quality": render_quality,
+RENDERERS = {"engine": render_engine, "calibration": render_calibration, "scale": render_scale, "quality": render_quality,
              "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
              "robustness": render_robustness}
 

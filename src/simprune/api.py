@@ -24,7 +24,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
           recalibrate_bn: bool | None = None, inplace: bool = False,
           criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
           between: Callable[[nn.Module, int], None] | None = None, latency_table=None,
-          calib_precision: str | None = None) -> tuple[nn.Module, dict]:
+          calib_precision: str | None = None, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
@@ -39,13 +39,16 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     :class:`simprune.schedules.latency.LatencyTable`); :func:`simprune.schedules.latency.prune_to_latency` makes one.
     ``calibration`` may be any iterable of batches (a one-shot one is kept in memory: it is read several
     times); ``calib_precision`` ("fp32" or "bf16") sets a data criterion's calibration forward pass.
+    ``device`` ("cuda", "cuda:N" or "cpu"; default CUDA when available, else CPU) runs statistics,
+    compensation and BatchNorm re-estimation there, each calibration batch moved to it; the pruned
+    model comes back on ``model``'s device. The decision is the CPU one up to floating-point ties.
     """
     return run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
                         between=between, inplace=inplace, criterion_options=criterion_options,
                         latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,
                         normalization=normalization, cost_weight=cost_weight, compensate=compensate,
                         protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn,
-                        calib_precision=calib_precision)
+                        calib_precision=calib_precision, device=device)
 
 
 def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any] | None = None,

@@ -11,6 +11,7 @@ from simprune.calibrate import calibration
 from simprune.cli.common import (
     command_line,
     data_options,
+    device_option,
     load_or_build,
     model_options,
     positive,
@@ -33,6 +34,8 @@ def add_analyze_parser(sub) -> None:
     """Register ``simprune analyze`` on the CLI's sub-parsers."""
 
     p = sub.add_parser("analyze", help="how many channels of each layer can go, and at what error, without pruning")
+
+    device_option(p)
     model_options(p, required=False)
     p.add_argument("--checkpoint", help="trained model directory; without it --model gets random weights")
     p.add_argument("--calib-data", default=None, help="calibration data set (default: the checkpoint's)")
@@ -107,7 +110,7 @@ def cmd_analyze(args) -> int:
         if tuple(shape) != image_shape:
             raise SimpruneError(f"{calib_data} images are {'x'.join(map(str, image_shape))} but the model takes "
                                 f"{'x'.join(map(str, shape))}; pass --pad-to / --input or other --calib-data")
-        summary, matrices = analyze(model, torch.zeros(1, *shape), loader, args.similarity, progress=True,
+        summary, matrices = analyze(model, torch.zeros(1, *shape), loader, args.similarity, progress=True, device=args.device,
                                     error_levels=args.errors)
         weights = "checkpoint" if args.checkpoint else "random"
         report = {"model": desc.get("model"), "checkpoint": str(args.checkpoint) if args.checkpoint else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from simprune.cli.analyze import add_analyze_parser
+from simprune.cli.common import start_processes  # noqa: F401 - main() calls it after parsing
 from simprune.cli.compare import add_compare_parser
 from simprune.cli.demo import add_demo_parser
 from simprune.cli.deploy import add_bench_parser, add_export_parser
@@ -13,10 +14,7 @@ from simprune.cli.info import add_info_parsers
 from simprune.cli.prune import add_prune_parser
 from simprune.cli.train import add_train_parser
 from simprune.cli.vocabulary import cli_wording
-from simprune.distributed import (
-    init_from_env,  # noqa: F401 - main() calls it after parsing
-    is_main,
-)
+from simprune.distributed import is_main
 from simprune.progress import StderrReporter, reporting  # noqa: F401 - main() installs the reporter
 
 

@@ -43,6 +43,20 @@ def data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--pad-to", type=int, default=None, help="zero-pad images to this size (32 for 28x28 sets)")
 
 
+def device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu: where statistics, BatchNorm re-estimation "
+                                                  "and fine-tuning run (default: CUDA when available, else CPU; "
+                                                  "under torchrun cuda:LOCAL_RANK)")
+
+
+def start_processes(args) -> None:
+    """Resolve --device into a torch device string (one-line error when CUDA is asked for but absent) and
+    join the torchrun process group on it (no-op without torchrun)."""
+    if hasattr(args, "device"):
+        args.device = str(distributed.resolve_device(args.device, "--device "))
+    distributed.init_from_env(getattr(args, "device", None))
+
+
 def weights_kwargs(args) -> dict:
     """``weights=`` for build_model when --weights was given (torchvision models only)."""
     return {"weights": args.weights} if getattr(args, "weights", None) else {}
@@ -212,7 +226,7 @@ def make_finetune(args, desc: dict, out: Path, epochs: int, log: Callable[[str],
     if args.distill and teacher is None:
         teacher = load_teacher(desc, args.teacher)
     return FineTune(train_ds, train_config(args, epochs), test_ds, teacher, out, resume=args.resume, log=log,
-                    progress=not args.quiet)
+                    progress=not args.quiet, device=getattr(args, "device", None))
 
 
 def run_log(out: Path) -> Callable[[str], None]:

@@ -15,6 +15,7 @@ from simprune.cli.common import (
     check_compatible,
     command_line,
     data_options,
+    device_option,
     load_or_build,
     model_options,
     positive,
@@ -45,6 +46,8 @@ def add_compare_parser(sub) -> None:
     """Register ``simprune compare`` on the CLI's sub-parsers."""
 
     p = sub.add_parser("compare", help="criteria x targets on one model: table, CSV, JSON, plot, report")
+
+    device_option(p)
     model_options(p, required=False)
     p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture and data)")
     p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else the data's)")
@@ -132,13 +135,13 @@ def cmd_compare(args) -> int:
             test = torch.utils.data.Subset(test, range(min(args.eval_images, len(test))))
         calibration = calibration_loader(calib_data, args.calib_images, data_dir=args.data_dir, pad_to=pad_to,
                                          seed=args.seed)
-        base_top1 = evaluate(model, test)["top1"]
+        base_top1 = evaluate(model, test, device=args.device)["top1"]
         chart_target = min(targets, key=lambda t: abs(t - 0.5))
         rows, layers, runs = [], {}, []
         for run in run_grid(model, torch.zeros(1, *shape), specs, targets, calibration=calibration, test=test,
                             base_top1=base_top1, kind=args.target_kind, compensations=compensations,
                             schedules=schedules, protect_uncompensable=args.protect_uncompensable,
-                            progress=True, guards=Guards(round_to=args.round_to)):
+                            progress=True, guards=Guards(round_to=args.round_to), device=args.device):
             rows.append(run["row"])
             if run["row"]["target"] == chart_target:
                 layers[run["row"]["label"]] = run["report"]["layers"]

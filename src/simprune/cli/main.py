@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = _import_held("simprune.cli.commands", hold_signals=in_main)
         args = commands.build_parser().parse_args(argv)
-        commands.init_from_env()  # no-op unless launched by torchrun
+        commands.start_processes(args)  # --device; the process group only when launched by torchrun
         with commands.reporting(commands.reporter(args)):  # the library's stages, bars and warnings -> stderr
             return args.fn(args)
     except SimpruneError as exc:

@@ -19,6 +19,7 @@ from simprune.cli.common import (
     check_compatible,
     command_line,
     data_options,
+    device_option,
     keep_log,
     load_or_build,
     make_finetune,
@@ -87,7 +88,7 @@ def cmd_prune(args) -> int:
                                          (desc.get("data") or {}).get("pad_to"), seed=args.seed)
     guards = Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio, round_to=args.round_to)
     eval_ds = _eval_dataset(args, desc)
-    acc_before = _accuracy(model, eval_ds, "top-1 before pruning")
+    acc_before = _accuracy(model, eval_ds, "top-1 before pruning", args.device)
     new_desc = {**{k: v for k, v in desc.items() if k in ("model", "model_args", "data")},
                 "input_shape": list(shape), "command": command_line(),
                 "pruning": {"criterion": args.criterion, "target": target, "schedule": args.schedule,
@@ -105,7 +106,7 @@ def cmd_prune(args) -> int:
             new_desc=new_desc, command=command_line(), prune_options=prune_options, eval_ds=eval_ds)
     report["model"] = desc.get("model")
     report["accuracy"] = None if eval_ds is None else {"before": acc_before,
-                                                       "after": _accuracy(pruned, eval_ds, "top-1 after pruning")}
+                                                       "after": _accuracy(pruned, eval_ds, "top-1 after pruning", args.device)}
     report["provenance"] = provenance(desc, calibration, args)
     report["warnings"] = [cli_wording(w) for w in report.get("warnings") or []] + warn_if_random(args)
     report["command"] = command_line()
@@ -142,11 +143,11 @@ def _eval_dataset(args, desc):
     return ds
 
 
-def _accuracy(model, ds, desc: str = "top-1") -> float | None:
+def _accuracy(model, ds, desc: str = "top-1", device=None) -> float | None:
     if ds is None:
         return None
 
-    return evaluate(model, ds, progress=True, desc=desc)["top1"]
+    return evaluate(model, ds, progress=True, desc=desc, device=device)["top1"]
 
 
 def _step_accuracy(eval_ds, steps: int, then=None):
@@ -171,6 +172,7 @@ def compensation_mode(text: str) -> str:
 
 def add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model to a FLOPs or parameter target")
+    device_option(p)
     model_options(p, required=False)
     p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture)")
     p.add_argument("--criterion", default="l1", help="see `simprune criteria`")
@@ -244,7 +246,7 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
     if not epochs and not args.epochs_between:  # nothing trains: plain pruning, saved atomically by the caller
         between = _step_accuracy(eval_ds, args.steps) if args.schedule == "iterative" else None
         pruned, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
-                                   inplace=True, schedule=args.schedule, steps=args.steps, between=between,
+                                   inplace=True, schedule=args.schedule, steps=args.steps, between=between, device=args.device,
                                    **prune_options)
         return pruned, report, False
     marker = check_output(out, args.resume, args.overwrite)
@@ -278,7 +280,7 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
         if args.schedule == "iterative":
             between = _step_accuracy(eval_ds, args.steps, between)
         model, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
-                                  inplace=True, schedule=args.schedule, steps=args.steps, between=between,
+                                  inplace=True, schedule=args.schedule, steps=args.steps, between=between, device=args.device,
                                   **prune_options)
         if not epochs:
             return model, report, True

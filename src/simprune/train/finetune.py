@@ -36,6 +36,7 @@ class FineTune:
     resume: bool = False
     log: Callable[[str], None] = print
     progress: bool = True
+    device: str | None = None  # None: CUDA when available, else CPU
 
     def run(self, model: nn.Module, hooks: TrainHooks | None = None, epochs: int | None = None,
             checkpoint: bool = True) -> list[dict]:
@@ -43,7 +44,7 @@ class FineTune:
         cfg = self.cfg if epochs is None else TrainConfig(**{**self.cfg.__dict__, "epochs": epochs})
         return train(model, self.train_ds, cfg, self.out_dir if checkpoint else None, self.test_ds,
                      self.description, resume=self.resume and checkpoint, teacher=self.teacher, log=self.log,
-                     progress=self.progress, hooks=hooks)
+                     progress=self.progress, hooks=hooks, device=self.device)
 
 
 def mark_incomplete(out: Path, phase: str, command: str) -> None:

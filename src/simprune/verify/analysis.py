@@ -16,6 +16,7 @@ from torch import nn
 
 from simprune.allocation.allocator import CostModel
 from simprune.calibrate.calibration import collect_statistics, mean_similarity
+from simprune.distributed import model_device, resolve_device
 from simprune.errors import SimpruneError
 from simprune.graph.counting import count
 from simprune.graph.groups import PruningGraph
@@ -120,9 +121,10 @@ def group_report(group, S: torch.Tensor, mstd: torch.Tensor, thresholds, curve=N
 
 
 def analyze(model: nn.Module, example_input: torch.Tensor, calibration_batches, similarity: str = "ssim",
-            thresholds=None, progress: bool = False, bf16: bool = True, error_levels=ERROR_LEVELS
-            ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Per-group twin counts and M-std over one calibration pass.
+            thresholds=None, progress: bool = False, bf16: bool = True, error_levels=ERROR_LEVELS,
+            device: str | torch.device | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Per-group twin counts and M-std over one calibration pass, on ``device`` (None: CUDA when
+    available, else CPU; the model goes back to its own device afterwards).
 
     Returns ``(summary, matrices)``: the JSON-ready summary {"network": ..., "groups": [...]} in
     network order, and each group's (C, C) mean similarity matrix keyed by group root.
@@ -135,10 +137,15 @@ def analyze(model: nn.Module, example_input: torch.Tensor, calibration_batches, 
     levels = tuple(sorted({float(e) for e in error_levels}))
     if not levels or not all(0 < e < 1 for e in levels):
         raise SimpruneError(f"error_levels must be fractions within (0, 1), e.g. (0.01, 0.05), got {list(error_levels)}")
-    graph = PruningGraph(model, example_input)
-    probes = collect_statistics(model, graph, calibration_batches, {similarity, "mstd", "gram"},
-                                precision="bf16" if bf16 else "fp32",
-                                progress=progress)
+    home, device = model_device(model), resolve_device(device)
+    example_input = example_input.to(device)
+    graph = PruningGraph(model.to(device), example_input)
+    try:
+        probes = collect_statistics(model, graph, calibration_batches, {similarity, "mstd", "gram"},
+                                    precision="bf16" if bf16 else "fp32", progress=progress)
+    finally:
+        model.to(home)
+    example_input = example_input.to(home)
     order = _module_order(model)
     groups, matrices, images = [], {}, 0
     for group in sorted(graph.groups, key=lambda g: order.get(g.root, len(order))):

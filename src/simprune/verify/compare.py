@@ -126,7 +126,8 @@ def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[floa
                                                recalibrate_bn=calibration is not None, **extra,
                                                **prune_options)
                     score_s = (report.get("seconds") or {}).get("scores") if score_s is None else score_s
-                    top1 = evaluate(pruned, test, progress=progress, desc=f"top-1 of {spec.label} at {target:g}")["top1"]
+                    top1 = evaluate(pruned, test, progress=progress, desc=f"top-1 of {spec.label} at {target:g}",
+                                    device=prune_options.get("device"))["top1"]
                     row = {"criterion": spec.label, "compensated": report["compensated"], "schedule": schedule,
                            "target": target, "flops_removed": report["reduction"]["flops"],
                            "params_removed": report["reduction"]["params"], "macs": report["macs"]["after"],

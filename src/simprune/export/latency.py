@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from simprune.errors import SimpruneError
-from simprune.export.onnx import require
+from simprune.export.onnx import export_onnx, require
 
 MIN_RUNS = 30
 ENGINES = ("onnxruntime", "torch")
@@ -158,6 +158,12 @@ def machine_name() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
+def export_for_timing(models: Sequence[nn.Module], input_shape: Sequence[int], folder: str | Path) -> list[Path]:
+    """Each model exported (and verified) to ``folder/m<i>.onnx``, as onnxruntime will time it."""
+    return [Path(export_onnx(m, _input((1, *input_shape)), Path(folder) / f"m{i}.onnx")["path"])
+            for i, m in enumerate(models)]
+
+
 def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, threads: int = 1,
               batches: Sequence[int] = (1, 8), runs: int = 30, warmup: int = 5,
               engines: Sequence[str] = ENGINES, onnx_files: Sequence[str | Path] | None = None
@@ -165,7 +171,8 @@ def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, thread
     """Time every model in every engine at every batch size, models interleaved within each setting.
 
     Returns ``{(engine, batch): [stats per model]}``. ONNX files are exported (and verified) into a
-    temporary folder unless ``onnx_files`` are given, one per model.
+    temporary folder unless ``onnx_files`` are given, one per model and optionally more after them
+    (e.g. an int8 file), which onnxruntime times too.
     """
     unknown = set(engines) - set(ENGINES)
     if unknown or not engines:
@@ -177,10 +184,7 @@ def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, thread
     with tempfile.TemporaryDirectory(prefix="simprune-bench-") as tmp:
         files = list(onnx_files or [])
         if "onnxruntime" in engines and not files:
-            from simprune.export.onnx import export_onnx  # noqa: PLC0415
-
-            for i, m in enumerate(models):
-                files.append(export_onnx(m, _input((1, *shape)), Path(tmp) / f"m{i}.onnx")["path"])
+            files = export_for_timing(models, shape, tmp)
         for engine in engines:
             for b in batches:
                 if engine == "onnxruntime":
@@ -191,21 +195,30 @@ def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, thread
 
 
 def latency_report(timings: dict[tuple[str, int], list[dict[str, Any]]], macs_before: float, macs_after: float,
-                   threads: int, runs: int, before: int = 0, after: int = 1) -> dict[str, Any]:
+                   threads: int, runs: int, before: int = 0, after: int = 1, int8: int = 2) -> dict[str, Any]:
     """The report keys ``latency_ms``, ``speedup`` and ``latency`` from :func:`benchmark`'s timings.
 
     The headline is onnxruntime at batch 1 (torch eager at batch 1 when onnxruntime was not timed);
     ``speedup.ratio`` is the measured speed-up over the MAC speed-up (1.0: latency fell as MACs did).
+    Settings that timed a model at index ``int8`` too (the pruned int8 file) get ``int8_*`` fields,
+    and the headline ``latency_ms.int8`` and ``speedup.int8`` (over the original).
     """
     rows = []
     for (engine, batch), stats in timings.items():
         b, a = stats[before], stats[after]
-        rows.append({"engine": engine, "batch": batch, "before_ms": b["median_ms"], "after_ms": a["median_ms"],
-                     "before_spread_ms": b["iqr_ms"], "after_spread_ms": a["iqr_ms"],
-                     "speedup": b["median_ms"] / a["median_ms"]})
+        row = {"engine": engine, "batch": batch, "before_ms": b["median_ms"], "after_ms": a["median_ms"],
+               "before_spread_ms": b["iqr_ms"], "after_spread_ms": a["iqr_ms"], "speedup": b["median_ms"] / a["median_ms"]}
+        if len(stats) > int8:
+            q = stats[int8]
+            row.update(int8_ms=q["median_ms"], int8_spread_ms=q["iqr_ms"], int8_speedup=b["median_ms"] / q["median_ms"])
+        rows.append(row)
     head = next((r for r in rows if r["engine"] == "onnxruntime" and r["batch"] == 1), None) or \
         next((r for r in rows if r["batch"] == 1), rows[0])
     mac_speedup = macs_before / macs_after
-    return {"latency_ms": {"before": head["before_ms"], "after": head["after_ms"]},
+    keys = {"latency_ms": {"before": head["before_ms"], "after": head["after_ms"]},
             "speedup": {"measured": head["speedup"], "macs": mac_speedup, "ratio": head["speedup"] / mac_speedup},
             "latency": {"threads": threads, "runs": runs, "machine": machine_name(), "rows": rows}}
+    if "int8_ms" in head:
+        keys["latency_ms"]["int8"] = head["int8_ms"]
+        keys["speedup"]["int8"] = head["int8_speedup"]
+    return keys

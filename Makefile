@@ -1,9 +1,9 @@
 # Two commands: `make demo` and `make test`. Both create .venv on first use.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-0.1
+STAMP  := $(VENV)/.installed-0.2
 
-.PHONY: demo test test-fast bench clean weights
+.PHONY: demo test test-fast lint bench clean weights
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/simprune demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -ra
+
+# the layering (import-linter contracts in .importlinter) and a small ruff rule set
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check src tests bench scripts
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
-from latency import EDGE_SPEEDUP, models as latency_models, wait_for_quiet  # noqa: E402
-
+from latency import EDGE_SPEEDUP, wait_for_quiet  # noqa: E402
+from latency import models as latency_models  # noqa: E402
 from simprune.allocation.allocator import Guards  # noqa: E402
 from simprune.cli.deploy import bench_dir  # noqa: E402
 from simprune.cli.main import main as simprune  # noqa: E402

@@ -24,12 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
-
-import simprune  # noqa: E402
 from simprune.calibrate.calibration import calibration_loader  # noqa: E402
-from simprune.verify.compare import Spec, run_grid  # noqa: E402
 from simprune.io.data import load_dataset  # noqa: E402
+from simprune.io.files import load_model  # noqa: E402
 from simprune.train.loop import evaluate  # noqa: E402
+from simprune.verify.compare import Spec, run_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = {label: Spec(label, name, options) for label, (name, options) in {
@@ -57,7 +56,7 @@ def main() -> None:
     ap.add_argument("--name", default="quality", help="write bench/results/NAME.json")
     args = ap.parse_args()
 
-    model, desc = simprune.api.load_model(args.checkpoint)
+    model, desc = load_model(args.checkpoint)
     shape = tuple(desc["input_shape"])
     pad_to = desc["data"]["pad_to"]
     test = load_dataset(desc["data"]["name"], "test", pad_to=pad_to)

@@ -8,10 +8,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from simprune.calibrate import calibration
-from simprune.verify.analysis import add_analyze_parser, analyze, max_offdiag
+from simprune.cli.analyze import add_analyze_parser
 from simprune.errors import SimpruneError
 from simprune.io.files import save_model
 from simprune.models import build_model
+from simprune.verify.analysis import analyze, max_offdiag
 from simprune.verify.plots import redundancy_bars, similarity_heatmaps, twin_order
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

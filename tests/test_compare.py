@@ -1,16 +1,16 @@
 """`simprune compare`: criteria x targets on one model, tables that agree with each other, the plot, errors."""
 import csv
 import json
-import re
 
 import pytest
 import torch
 
 from simprune import api
-from simprune.verify.compare import parse_fractions, parse_specs, pivot_table, schedule_options
 from simprune.criteria import ScoreCache, get_criterion
 from simprune.errors import SimpruneError
 from simprune.models import build_model
+from simprune.verify.compare import parse_fractions, parse_specs, schedule_options
+from simprune.verify.tables import pivot_table
 from tests.conftest import ZOO
 
 

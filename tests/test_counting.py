@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from simprune.graph.counting import count, parse_input_shape
 from simprune.errors import SimpruneError
+from simprune.graph.counting import count, parse_input_shape
 from simprune.models import build_model
 
 

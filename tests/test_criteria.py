@@ -38,7 +38,7 @@ def test_twin_removal_with_compensation_is_exact(similarity, mode):
     _duplicate_channel(model)
     x = next(iter(_batches()))[0]
     example = torch.zeros(1, 1, 32, 32)
-    opts = {"similarity": similarity, "progress": False, "bf16": False}
+    opts = {"similarity": similarity, "progress": False, "calib_precision": "fp32"}
     pruned, report = simprune.prune(model, example, "qsfm", {"flops": 0.005}, calibration=_batches(),
                                     criterion_options=opts, compensate=mode, recalibrate_bn=False)
     assert report["compensated"] == mode
@@ -54,12 +54,12 @@ def test_twin_removal_with_compensation_is_exact(similarity, mode):
 
 
 def test_lstsq_coefficients_by_hand():
-    from simprune.criteria.features import lstsq_coefficients
+    from simprune.criteria.compensation import lstsq_coefficients
 
     # x2 = 2 x0 + 3 x1 exactly: Gram of three channels over four pixels
     x = torch.tensor([[1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 3.0]], dtype=torch.float64)
     x = torch.cat([x, 2 * x[:1] + 3 * x[1:]])
-    A = lstsq_coefficients(x @ x.T, removed=[2], kept=[0, 1], ridge=0.0)
+    A, _ = lstsq_coefficients(x @ x.T, removed=[2], kept=[0, 1], ridge=0.0)
     assert torch.allclose(A, torch.tensor([[2.0, 3.0]], dtype=torch.float64))
 
 
@@ -113,9 +113,9 @@ def test_depthwise_separable_blocks_share_one_decision():
 def test_statistics_pass_equals_all_at_once():
     model = build_model("resnet20", in_channels=1).eval()
     graph = PruningGraph(model, torch.zeros(1, 1, 32, 32))
-    batched = collect_statistics(model, graph, _batches(48), {"ssim", "mstd"}, bf16=False, progress=False)
+    batched = collect_statistics(model, graph, _batches(48), {"ssim", "mstd"}, precision="fp32", progress=False)
     whole = collect_statistics(model, graph, DataLoader(_batches(48).dataset, batch_size=48), {"ssim", "mstd"},
-                               bf16=False, progress=False)
+                               precision="fp32", progress=False)
     for root, probes in batched.items():
         for a, b in zip(probes, whole[root]):
             assert a.stats.images == 48

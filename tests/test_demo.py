@@ -12,7 +12,13 @@ import torch
 
 import simprune
 from simprune.cli import demo
-from simprune.io.data import DEBIAN_FASHION_MNIST, SAMPLE, SAMPLE_FILE, load_dataset, read_idx
+from simprune.io.data import (
+    DEBIAN_FASHION_MNIST,
+    SAMPLE,
+    SAMPLE_FILE,
+    load_dataset,
+    read_idx,
+)
 from tests.conftest import ROOT, ZOO, require_fashion_mnist
 
 
@@ -65,11 +71,10 @@ def test_demo_on_the_shipped_sample(cli, tmp_path):
 
 
 def test_demo_data_is_the_full_set_when_installed_else_the_sample(monkeypatch):
-    import simprune.io.data
 
-    monkeypatch.setattr(simprune.io.data, "has_local_files", lambda name: True)
+    monkeypatch.setattr(demo, "has_local_files", lambda name: True)
     assert demo.demo_data("auto", "fashion-mnist") == "fashion-mnist"
-    monkeypatch.setattr(simprune.io.data, "has_local_files", lambda name: False)
+    monkeypatch.setattr(demo, "has_local_files", lambda name: False)
     assert demo.demo_data("auto", "fashion-mnist") == SAMPLE
     assert demo.demo_data("auto", "cifar10") == "cifar10"
     assert demo.demo_data(SAMPLE, "fashion-mnist") == SAMPLE

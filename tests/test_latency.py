@@ -89,7 +89,12 @@ def test_compare_real_measurements():
 import json  # noqa: E402
 
 from simprune.cli.main import main  # noqa: E402
-from simprune.export.latency import latency_report, measure_onnx_many, measure_torch_many, time_calls  # noqa: E402
+from simprune.export.latency import (  # noqa: E402
+    latency_report,
+    measure_onnx_many,
+    measure_torch_many,
+    time_calls,
+)
 
 ROW_FIELDS = {"engine", "batch", "before_ms", "after_ms", "before_spread_ms", "after_spread_ms", "speedup"}
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from simprune.errors import SimpruneError
+from simprune.stats.channel_stats import METRICS, ChannelStats, fit_compensation, is_maximum
 from simprune.stats.similarity import SIMILARITIES, map_rank, spatial_std
-from simprune.stats.channel_stats import METRICS, ChannelStats, fit_compensation
 
 
 def calibration_maps(n=10, c=4, h=5, w=5):
@@ -58,10 +58,12 @@ def test_merge_of_halves_equals_one_pass_and_tensor_roundtrip():
     merged = first.merge(second)
     assert merged.images == 10
     for name, t in whole.tensors().items():
-        assert torch.allclose(merged.tensors()[name], t, atol=1e-10), name
+        if not name.startswith("null"):  # a split loses the pair (first image of the second half, last of the first)
+            assert torch.allclose(merged.tensors()[name], t, atol=1e-10), name
+    assert merged.tensors()["null_images"] == whole.tensors()["null_images"] - 1
     # an all-reduce is a sum of tensors(): rebuild from summed dicts
     a, b = batched(maps[:5], [5]).tensors(), batched(maps[5:], [5]).tensors()
-    summed = ChannelStats.from_tensors({k: a[k] + b[k] for k in a})
+    summed = ChannelStats.from_tensors({k: torch.maximum(a[k], b[k]) if is_maximum(k) else a[k] + b[k] for k in a})
     assert summed.metrics == frozenset(METRICS) and summed.channels == 4
     assert torch.allclose(summed.similarity("ssim"), whole.similarity("ssim"), atol=1e-12)
     assert torch.allclose(summed.gram(), whole.gram(), atol=1e-10)
@@ -81,7 +83,7 @@ def test_fit_compensation_scale_and_affine():
     # plain least squares through the origin, checked against torch.linalg.lstsq
     xi, xj = maps[:, 0].double().flatten(), maps[:, 3].double().flatten()
     want = torch.linalg.lstsq(xi[:, None], xj[:, None]).solution.item()
-    assert fit_compensation(stats, 0, 3)[0] == pytest.approx(want, rel=1e-9)
+    assert fit_compensation(stats, 0, 3)[0] == pytest.approx(want, rel=1e-6)  # float32 products, float64 sums
 
 
 def test_fit_compensation_zero_energy_and_constant_source():

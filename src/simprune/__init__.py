@@ -16,7 +16,7 @@ __all__ = ["prune", "save", "load", "build_model", "SimpruneError", "__version__
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
+        import importlib  # noqa: PLC0415 - keeps `import simprune` free of torch (see above)
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'simprune' has no attribute {name!r}")

@@ -22,7 +22,7 @@ _library = None  # kept alive: the schemas vanish when the Library object dies
 
 def _declare_missing_schemas() -> None:
     global _library
-    import torch
+    import torch  # noqa: PLC0415 - torch only when torchvision is first needed
 
     try:
         torch.ops.torchvision.nms  # noqa: B018 - probe whether the op is registered

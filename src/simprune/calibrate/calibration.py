@@ -19,15 +19,19 @@ from tqdm.auto import tqdm
 from simprune import distributed
 from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph, is_depthwise
-from simprune.stats.channel_stats import ChannelStats
+from simprune.io.data import load_dataset
+from simprune.stats.channel_stats import ChannelStats, is_maximum
+
+PRECISIONS = ("fp32", "bf16")
+MAX_MATERIALISED_BYTES = 2 * 2**30  # a one-shot iterator of calibration batches is kept in memory up to this
 
 
 @dataclass
 class Probe:
-    """One consumer of a group's channels and the statistics of what it reads."""
+    """One consumer of a group's channels and the statistics of what it reads (made at its first batch)."""
 
     member: Member
-    stats: ChannelStats
+    stats: ChannelStats | None = None
 
 
 def calibration_subset(ds: Dataset, n_images: int, seed: int = 0) -> Subset:
@@ -44,8 +48,6 @@ def calibration_loader(name: str, n_images: int = 640, data_dir: str | None = No
     """Calibration batches from a named data set's training split (no augmentation).
 
     Under torchrun each rank gets its own shard of the same seeded subset."""
-    from simprune.io.data import load_dataset  # noqa: PLC0415
-
     ds = load_dataset(name, split, data_dir, pad_to, augment=False)
     subset = calibration_subset(ds, n_images, seed)
     if distributed.active():
@@ -59,25 +61,41 @@ def probe_members(group: ChannelGroup) -> list[Member]:
     return dense or [m for m in group.members if is_depthwise(m.module)]
 
 
-def _maps_for(member: Member, x: torch.Tensor, channels: int) -> torch.Tensor:
-    """The group's channels out of a consumer's input, as (B, C, H, W)."""
-    idx = torch.as_tensor(member.idxs, device=x.device)
+def _maps_for(member: Member, x: torch.Tensor, channels: int) -> tuple[torch.Tensor, bool]:
+    """The group's channels out of a consumer's input and whether the probe is pooled.
+
+    A 4-D input gives (B, C, H, W) maps. A 2-D input is a Linear after flatten, C * k values per
+    image in channel-major order: k > 1 gives (B, C, k, 1) maps (the k positions are the map);
+    k == 1 is a Linear after global pooling, one value per channel and image, and also a 1 x 1 map:
+    these are *pooled* probes, whose map is the vector of values over the calibration images."""
+    idxs = member.idxs
+    full = len(idxs) == x.shape[1] and idxs == list(range(len(idxs)))
+    sel = x if full else x.index_select(1, torch.as_tensor(idxs, device=x.device))
     if x.ndim == 4:
-        return x.index_select(1, idx)
-    if x.ndim == 2:  # a Linear after pooling (1 value per channel) or flatten (k values per channel)
-        sel = x.index_select(1, idx)
-        return sel.reshape(x.shape[0], channels, -1, 1)
+        return sel, sel.shape[2] * sel.shape[3] == 1
+    if x.ndim == 2:
+        k = sel.shape[1] // channels
+        return (sel, True) if k == 1 else (sel.reshape(x.shape[0], channels, k, 1), False)
     raise SimpruneError(f"cannot read feature maps of shape {tuple(x.shape)} at {member.name}")
 
 
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise SimpruneError(f"calib_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: set[str],
-                       bf16: bool = True, progress: bool = True, window: int = 7,
+                       precision: str = "bf16", progress: bool = True, window: int = 7,
                        reduce=None) -> dict[str, list[Probe]]:
     """One pass over ``batches`` of (images, labels); returns per-group probes with their statistics.
 
-    ``reduce`` (e.g. an all-reduce) is applied to every statistics tensor at the end; by default
-    the sums are all-reduced across torchrun ranks, so every rank sees the statistics of all images.
+    ``precision`` is the model's forward pass during calibration: "bf16" (autocast) or "fp32";
+    statistics are always float32 products summed in float64. ``reduce`` (e.g. an all-reduce) is
+    applied to every statistics tensor at the end; by default the sums are all-reduced across
+    torchrun ranks, so every rank sees the statistics of all images.
     """
+    check_precision(precision)
     if reduce is None and distributed.active():
         reduce = distributed.all_reduce_sum
     probes: dict[str, list[Probe]] = {}
@@ -85,19 +103,22 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
 
     def make_hook(probe: Probe, channels: int):
         def hook(module, inputs):
-            probe.stats.update(_maps_for(probe.member, inputs[0].detach().float(), channels))
+            maps, pooled = _maps_for(probe.member, inputs[0].detach(), channels)
+            if probe.stats is None:
+                probe.stats = ChannelStats(channels, metrics, window=window, pooled=pooled)
+            probe.stats.update(maps)
         return hook
 
     for group in graph.groups:
         for member in probe_members(group):
-            probe = Probe(member, ChannelStats(group.size, metrics, window=window))
+            probe = Probe(member)
             probes.setdefault(group.root, []).append(probe)
             hooks.append(member.module.register_forward_pre_hook(make_hook(probe, group.size)))
     was_training = model.training
     model.eval()
     seen = varied = 0
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             for batch in tqdm(batches, desc="calibration", leave=False, disable=not (progress and distributed.is_main())):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 _forward(model, x)
@@ -115,12 +136,26 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     if varied == 0:
         raise SimpruneError(f"all {seen} calibration images are constant (no pixel differs), so every feature-map "
                             "similarity ties; calibrate on real images")
-    if reduce is not None:
-        for plist in probes.values():
-            for p in plist:
-                p.stats = ChannelStats.from_tensors({k: reduce(v) for k, v in p.stats.tensors().items()},
-                                                    channels=p.stats.channels, **p.stats.options)
+    for plist in probes.values():
+        for p in plist:
+            if p.stats is None:
+                raise SimpruneError(f"layer {p.member.name} never ran on the calibration images; it cannot be scored")
+            if reduce is not None:
+                p.stats = _reduced(p.stats, reduce)
     return probes
+
+
+def _reduced(stats: ChannelStats, reduce) -> ChannelStats:
+    """Statistics combined across processes: sums by ``reduce``, maxima by a sum of one slot per rank."""
+    out = {}
+    for name, t in stats.tensors().items():
+        if is_maximum(name):
+            slots = torch.zeros((distributed.world_size(), *t.shape), dtype=t.dtype)
+            slots[distributed.rank()] = t
+            out[name] = reduce(slots).amax(0)
+        else:
+            out[name] = reduce(t)
+    return ChannelStats.from_tensors(out, channels=stats.channels, metrics=stats.metrics, **stats.options)
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> None:
@@ -136,25 +171,64 @@ def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
     return torch.stack([p.stats.similarity(metric) for p in probes]).mean(0)
 
 
-def check_calibration(batches, example_input: torch.Tensor) -> None:
-    """The calibration images must have the model's input shape (C, H, W): statistics taken at another
-    resolution or channel count would silently describe another model."""
+def mean_null_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
+    """The chance level of :func:`mean_similarity`: the same mean over unrelated (shifted-image) pairs."""
+    return torch.stack([p.stats.null_similarity(metric) for p in probes]).mean(0)
+
+
+def _batch_bytes(batch) -> int:
+    items = batch if isinstance(batch, (list, tuple)) else [batch]
+    return sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
+
+
+def reusable(batches, keyword: str = "calibration"):
+    """Calibration is read several times (shape check, statistics, BatchNorm re-estimation). A
+    collection (DataLoader, list, ...) starts afresh at every ``iter()`` and passes through; a one-shot
+    iterator (generator, ``iter(...)``, ``map``) is materialised into a list, up to
+    MAX_MATERIALISED_BYTES, so that no pass sees a half-consumed stream."""
+    if batches is None:
+        return None
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise SimpruneError(f"{keyword}= must be an iterable of image batches (a DataLoader or a list of "
+                            f"(images, labels)), got {type(batches).__name__}") from None
+    if it is not batches:
+        return batches
+    kept, size = [], 0
+    for batch in it:
+        size += _batch_bytes(batch)
+        if size > MAX_MATERIALISED_BYTES:
+            raise SimpruneError(f"{keyword}= is a one-shot iterator of more than {MAX_MATERIALISED_BYTES >> 30} GiB "
+                                "of images, which simprune reads several times; pass a DataLoader or a list")
+        kept.append(batch)
+    return kept
+
+
+def check_calibration(batches, example_input: torch.Tensor):
+    """The calibration batches, made re-iterable (:func:`reusable`), after checking that the images have
+    the model's input shape (C, H, W): statistics taken at another resolution or channel count would
+    silently describe another model."""
+    batches = reusable(batches)
     for batch in batches:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
             want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
             raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
                                 "pick matching --calib-data/--pad-to or --input")
-        return
+        break
+    return batches
 
 
-def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average).
+def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average); returns the
+    number of images seen (over all ranks).
 
     After structural removal the activations feeding later BNs shift a little; a forward pass
     over the calibration images restores their statistics without touching any weight. A channel
     that the images leave (nearly) constant, variance below the layer's eps, keeps its trained
-    statistics: a zero variance would divide later, varying inputs by sqrt(eps)."""
+    statistics: a zero variance would divide later, varying inputs by sqrt(eps). When no image comes
+    (an empty or exhausted iterator) every BN keeps its trained statistics and this raises."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in bns]
     trained = {m: (m.running_mean.clone(), m.running_var.clone()) for m in bns if m.running_var is not None}
@@ -164,13 +238,19 @@ def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.M
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all batches
         m.train()
+    seen = 0
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for batch in batches:
-                _forward(model, batch[0] if isinstance(batch, (list, tuple)) else batch)
-        distributed.average_buffers(model)  # each rank saw its own shard
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                _forward(model, x)
+                seen += x.shape[0]
+        if distributed.active():
+            seen = int(distributed.all_reduce_sum(torch.tensor(float(seen), dtype=torch.float64)))
+        if seen:
+            distributed.average_buffers(model)  # each rank saw its own shard
         for m, (mean, var) in trained.items():
-            flat = m.running_var < m.eps
+            flat = m.running_var < m.eps if seen else torch.ones_like(m.running_var, dtype=torch.bool)
             m.running_mean[flat] = mean[flat]
             m.running_var[flat] = var[flat]
     finally:
@@ -178,4 +258,7 @@ def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.M
             m.momentum = momentum
             m.train(training)
         model.train(was_training)
-    return model
+    if not seen:
+        raise SimpruneError("BatchNorm re-estimation saw no calibration images (empty or already consumed); "
+                            "pass calibration= as a DataLoader or a list of batches")
+    return seen

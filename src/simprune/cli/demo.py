@@ -19,8 +19,21 @@ from pathlib import Path
 
 import torch
 
-from simprune.verify.compare import Spec, run_grid
+from simprune import api
+from simprune.allocation.allocator import Guards
+from simprune.calibrate.calibration import calibration_loader
+from simprune.cli.common import command_line, positive
 from simprune.errors import SimpruneError
+from simprune.export.latency import benchmark, latency_report
+from simprune.export.onnx import export_onnx, require
+from simprune.export.quantize import EVAL_BATCH, INT8_FILE, quantize_int8
+from simprune.graph.counting import count
+from simprune.io.data import SAMPLE, has_local_files, load_dataset
+from simprune.io.files import atomic_output_dir, atomic_write_json
+from simprune.train.loop import evaluate
+from simprune.verify.compare import Spec, run_grid
+from simprune.verify.plots import similarity_heatmaps
+from simprune.verify.reports import environment_versions, network_order, write_report
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "zoo" / "resnet56-fashion-mnist"
 SPECS = [Spec("qsfm", "qsfm", {"similarity": "ssim"}), Spec("l1", "l1"), Spec("random", "random")]
@@ -28,7 +41,6 @@ SPECS = [Spec("qsfm", "qsfm", {"similarity": "ssim"}), Spec("l1", "l1"), Spec("r
 
 def demo_data(requested: str, checkpoint_data: str | None) -> str:
     """``auto``: the full Fashion-MNIST when it is on disk, else the shipped sample (never a download)."""
-    from simprune.io.data import SAMPLE, has_local_files  # noqa: PLC0415
 
     if requested != "auto":
         return requested
@@ -56,9 +68,6 @@ def _latency(baseline, pruned, shape, macs: tuple[int, int], out_dir: Path, thre
     files at batch 1 in onnxruntime (interleaved); the report's latency keys plus ``onnx``, ``int8``, ``size_mib``.
     An int8 file outside the check's tolerance is not written; ``int8_refused`` says why.
     (``simprune bench DIR`` times more engines and batch sizes.)"""
-    from simprune.export.onnx import export_onnx  # noqa: PLC0415
-    from simprune.export.latency import benchmark, latency_report  # noqa: PLC0415
-    from simprune.export.quantize import EVAL_BATCH, INT8_FILE, quantize_int8  # noqa: PLC0415
 
     example = torch.zeros(1, *shape)
     with tempfile.TemporaryDirectory(prefix="simprune-demo-") as tmp:
@@ -88,16 +97,6 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
     ``round_to`` keeps every group's channel count a multiple of 8 by default: onnxruntime's CPU
     convolutions work in blocks of 8 channels; on this project's 2-core Xeon (1 thread, batch 1) the
     QSFM ResNet-56 at half the MACs ran 1.02x faster with odd widths and 1.31x with multiples of 8."""
-    from simprune import api  # noqa: PLC0415
-    from simprune.allocation.allocator import Guards  # noqa: PLC0415
-    from simprune.calibrate.calibration import calibration_loader  # noqa: PLC0415
-    from simprune.graph.counting import count  # noqa: PLC0415
-    from simprune.io.data import load_dataset  # noqa: PLC0415
-    from simprune.export.onnx import require  # noqa: PLC0415
-    from simprune.io.files import atomic_output_dir, atomic_write_json  # noqa: PLC0415
-    from simprune.verify.plots import similarity_heatmaps  # noqa: PLC0415
-    from simprune.verify.reports import environment_versions, network_order, write_report  # noqa: PLC0415
-    from simprune.train.loop import evaluate  # noqa: PLC0415
 
     if not 0 < target < 1:
         raise SimpruneError(f"--target {target} is outside (0, 1); give the fraction of MACs to remove, e.g. 0.5")
@@ -191,30 +190,27 @@ def print_summary(summary: dict, out) -> None:
 
 def add_demo_parser(sub) -> None:
     """Register ``simprune demo`` on the CLI's sub-parsers."""
-    from simprune.cli.main import _positive  # noqa: PLC0415 - cli imports this module
 
     p = sub.add_parser("demo", help="prune the shipped Fashion-MNIST ResNet-56: qsfm vs l1 vs random, ONNX, latency")
     p.add_argument("--out", default="runs/demo", help="output folder (replaced when it holds an earlier demo)")
     p.add_argument("--target", type=float, default=0.5, help="fraction of MACs to remove")
     p.add_argument("--data", default="auto",
                    help="auto: fashion-mnist when installed, else the shipped fashion-mnist-sample")
-    p.add_argument("--eval-images", type=_positive, default=None, help="evaluate on the first N test images only")
-    p.add_argument("--calib-images", type=_positive, default=640)
+    p.add_argument("--eval-images", type=positive, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--calib-images", type=positive, default=640)
     p.add_argument("--checkpoint", default=None, help="another trained model directory instead of the shipped one")
-    p.add_argument("--round-to", type=_positive, default=8,
+    p.add_argument("--round-to", type=positive, default=8,
                    help="keep channel counts multiples of this (8: what onnxruntime's CPU kernels need to speed up)")
-    p.add_argument("--threads", type=_positive, default=1,
+    p.add_argument("--threads", type=positive, default=1,
                    help="intra-op threads for the latency measurement (1: steadiest with other work running)")
-    p.add_argument("--latency-runs", type=_positive, default=50)
+    p.add_argument("--latency-runs", type=positive, default=50)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_demo)
 
 
 def cmd_demo(args) -> int:
-    from simprune.cli.main import _command_line  # noqa: PLC0415
-
     summary = run_demo(Path(args.out), args.target, args.data, args.eval_images, args.calib_images,
                        Path(args.checkpoint) if args.checkpoint else None, args.threads, args.latency_runs,
-                       args.round_to, progress=not args.quiet and sys.stderr.isatty(), command=_command_line())
+                       args.round_to, progress=not args.quiet and sys.stderr.isatty(), command=command_line())
     print_summary(summary, args.out)
     return 0

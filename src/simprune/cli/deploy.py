@@ -4,28 +4,37 @@
 ``DIR/model.int8.onnx`` (onnxruntime static quantization calibrated on the images the pruning
 used, checked against float32 on the test set). ``bench DIR`` times the original and the pruned
 model (onnxruntime and PyTorch eager, batch 1 and a larger batch; the int8 file in onnxruntime
-too, interleaved with them) and writes ``DIR/latency.json`` and the ``latency_ms``/``speedup``/``latency`` keys of
-``DIR/report.json``. The original is the recorded ``pruning.source`` checkpoint when it still
+too, interleaved with them) and writes ``DIR/latency.json`` and the ``latency_ms``/``speedup``/
+``latency``/``size_mib`` keys of ``DIR/report.json``. The original is the recorded ``pruning.source`` checkpoint when it still
 exists, else the unpruned architecture (latency does not depend on the weights' values).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from simprune.allocation.allocator import Guards
+from simprune.calibrate.calibration import calibration_loader
+from simprune.cli.common import data_options, positive
 from simprune.errors import SimpruneError
+from simprune.export.latency import benchmark, export_for_timing, latency_report
+from simprune.export.onnx import export_onnx, require
+from simprune.export.quantize import EVAL_BATCH, INT8_FILE, MAX_DROP, quantize_int8
+from simprune.graph.counting import count
+from simprune.io.data import load_dataset
+from simprune.io.files import atomic_write_json, load_model, read_json
+from simprune.models import build_model
+from simprune.schedules.latency import prune_to_latency, vector_block
+from simprune.verify.reports import refresh_prune_report
 
 DEFAULT_BATCH = 8
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def onnxruntime_available() -> bool:
@@ -33,8 +42,6 @@ def onnxruntime_available() -> bool:
 
 
 def _example(shape) -> Any:
-    import torch  # noqa: PLC0415
-
     return torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
 
 
@@ -47,8 +54,6 @@ def _input_shape(desc: dict, source: Path) -> tuple[int, ...]:
 
 def original_model(directory: Path, desc: dict) -> tuple[Any, str]:
     """The model ``directory`` was pruned from, and a phrase saying which one it is."""
-    from simprune.io.files import load_model  # noqa: PLC0415
-    from simprune.models import build_model  # noqa: PLC0415
 
     source = (desc.get("pruning") or {}).get("source") or ""
     if source and Path(source).exists():
@@ -66,14 +71,6 @@ def bench_dir(directory: str | Path, *, threads: int = 1, batch: int = DEFAULT_B
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time original vs pruned model of ``directory`` (and its int8 file: ``int8`` True, or None when it
     exists); write latency.json and update report.json."""
-    import tempfile  # noqa: PLC0415
-
-    from simprune.graph.counting import count  # noqa: PLC0415
-    from simprune.export.onnx import require  # noqa: PLC0415
-    from simprune.export.quantize import INT8_FILE  # noqa: PLC0415
-    from simprune.io.files import atomic_write_json, load_model, read_json  # noqa: PLC0415
-    from simprune.export.latency import benchmark, export_for_timing, latency_report  # noqa: PLC0415
-
     directory = Path(directory)
     int8_file = directory / INT8_FILE
     if int8 and not int8_file.exists():
@@ -84,7 +81,6 @@ def bench_dir(directory: str | Path, *, threads: int = 1, batch: int = DEFAULT_B
     pruned, desc = load_model(directory)
     shape = _input_shape(desc, directory / "model.json")
     original, which = original_model(directory, desc)
-    import torch  # noqa: PLC0415
 
     x = torch.zeros(1, *shape)
     macs_before, macs_after = count(original, x).macs, count(pruned, x).macs
@@ -145,13 +141,6 @@ def int8_dir(directory: str | Path, *, calibration: dict | None = None, data: st
     """Write ``DIR/model.int8.onnx``, calibrated on the images ``DIR/model.json`` records (or ``calibration``)
     and checked against float32 on the test split of ``data`` (else the model's, else the calibration's
     data set); adds the ``int8`` key to report.json."""
-    from torch.utils.data import DataLoader, Subset  # noqa: PLC0415
-
-    from simprune.calibrate.calibration import calibration_loader  # noqa: PLC0415
-    from simprune.export.quantize import EVAL_BATCH, INT8_FILE, MAX_DROP, quantize_int8  # noqa: PLC0415
-    from simprune.io.data import load_dataset  # noqa: PLC0415
-    from simprune.io.files import atomic_write_json, load_model, read_json  # noqa: PLC0415
-
     directory = Path(directory)
     model, desc = load_model(directory)
     shape = _input_shape(desc, directory / "model.json")
@@ -188,9 +177,6 @@ def int8_dir(directory: str | Path, *, calibration: dict | None = None, data: st
 
 
 def cmd_export(args) -> int:
-    from simprune.export.onnx import export_onnx, require  # noqa: PLC0415
-    from simprune.io.files import load_model  # noqa: PLC0415
-
     if not (args.onnx or args.int8):
         raise SimpruneError("choose an export format: --onnx and/or --int8")
     require("onnx", "onnxruntime")
@@ -211,17 +197,13 @@ def cmd_export(args) -> int:
         int8_dir(directory, calibration=calibration_record(args.calib_data, args.calib_images, args.seed, pad_to,
                                                            args.data_dir),
                  data=args.data, data_dir=args.data_dir, pad_to=args.pad_to, eval_images=args.eval_images,
-                 threads=args.threads,
-                 max_drop=args.int8_max_drop, log=print)
+                 threads=args.threads, max_drop=args.int8_max_drop, log=print)
         _refresh_report(directory)
     return 0
 
 
 def _refresh_report(directory: Path) -> bool:
     """Render report.md/html again when the folder holds a pruning report (new int8 or latency keys)."""
-    from simprune.io.files import read_json  # noqa: PLC0415
-    from simprune.verify.reports import refresh_prune_report  # noqa: PLC0415
-
     if (directory / "report.json").exists() and "reduction" in read_json(directory / "report.json"):
         refresh_prune_report(directory)
         return True
@@ -236,8 +218,6 @@ def add_int8_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_export_parser(sub) -> None:
-    from simprune.cli.main import _data_options, _positive  # noqa: PLC0415 - cli.main imports this module
-
     p = sub.add_parser("export", help="export a saved model to ONNX (float32 or int8), verified in onnxruntime")
     p.add_argument("directory", metavar="DIR", help="a model directory (model.safetensors + model.json)")
     p.add_argument("--onnx", action="store_true", help="write DIR/model.onnx")
@@ -249,10 +229,10 @@ def add_export_parser(sub) -> None:
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis to 2 instead of a dynamic one")
     p.add_argument("--calib-data", default=None,
                    help="--int8: calibration data set (default: the one recorded when the model was pruned)")
-    p.add_argument("--calib-images", type=_positive, default=640, help="with --calib-data")
+    p.add_argument("--calib-images", type=positive, default=640, help="with --calib-data")
     p.add_argument("--seed", type=int, default=0, help="with --calib-data: which images")
-    _data_options(p, required=False)
-    p.add_argument("--eval-images", type=_positive, default=None, help="--int8: check on the first N test images only")
+    data_options(p, required=False)
+    p.add_argument("--eval-images", type=positive, default=None, help="--int8: check on the first N test images only")
     add_int8_options(p)
     _timing_options(p)
     p.set_defaults(fn=cmd_export)
@@ -271,15 +251,15 @@ def cmd_bench(args) -> int:
 
 
 def _timing_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive, default=1, help="intra-op threads for both engines (default 1)")
+    p.add_argument("--threads", type=positive, default=1, help="intra-op threads for both engines (default 1)")
 
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="latency of the original vs the pruned model (onnxruntime and PyTorch)")
     p.add_argument("directory", metavar="DIR", help="a pruned model directory")
     _timing_options(p)
-    p.add_argument("--batch", type=_positive, default=DEFAULT_BATCH, help="the larger batch size (batch 1 always)")
-    p.add_argument("--runs", type=_positive, default=30, help="timed runs per setting (at least 30)")
+    p.add_argument("--batch", type=positive, default=DEFAULT_BATCH, help="the larger batch size (batch 1 always)")
+    p.add_argument("--runs", type=positive, default=30, help="timed runs per setting (at least 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
     p.add_argument("--engine", action="append", choices=["onnxruntime", "torch"],
                    help="time only this engine (repeatable; default both)")
@@ -306,8 +286,6 @@ def add_prune_latency_options(p: argparse.ArgumentParser) -> None:
 def prune_latency_target(args, model, example, criterion, ratio: float, *, calibration, guards,
                          prune_options: dict) -> tuple[Any, dict]:
     """`simprune prune --target-latency R`: one-shot pruning to a measured latency reduction."""
-    from simprune.allocation.allocator import Guards  # noqa: PLC0415
-    from simprune.schedules.latency import prune_to_latency, vector_block  # noqa: PLC0415
 
     if getattr(args, "schedule", "oneshot") != "oneshot" or getattr(args, "finetune_epochs", None) \
             or getattr(args, "epochs_between", None):
@@ -335,8 +313,6 @@ def check_latency_options(args) -> None:
     if args.int8 and not args.calib_data:
         raise SimpruneError("--int8 calibrates on the pruning's calibration images; pass --calib-data NAME")
     if args.latency or args.target_latency is not None or args.int8:
-        from simprune.export.onnx import require  # noqa: PLC0415
-
         require("onnx", "onnxruntime")
 
 

@@ -4,9 +4,9 @@ A group is every (layer, dimension) whose channel index is tied together: a conv
 output, its BN, the next layers' inputs, depthwise convs, residual sums, concat
 slices. Removing channel k of a group removes it from all members at once.
 
-The CIFAR option-A shortcut (subsample + zero-pad) is declared to Torch-Pruning
-with a custom pruner: its input and output channels are different index spaces
-(Torch-Pruning would otherwise treat the pad as element-wise, one-to-one).
+Model families declare the custom Torch-Pruning pruners of their parameter-free channel maps
+(``simprune.models.CUSTOM_PRUNERS``), e.g. the CIFAR option-A shortcut (subsample + zero-pad), whose
+input and output channels are different index spaces.
 """
 from __future__ import annotations
 
@@ -18,40 +18,8 @@ import torch_pruning as tp
 from torch import nn
 
 from simprune.errors import SimpruneError
-from simprune.models.cifar_resnet import ZeroPadShortcut
+from simprune.models import CUSTOM_PRUNERS
 
-
-class ZeroPadShortcutPruner(tp.pruner.BasePruningFunc):
-    """Prunes the index map of :class:`ZeroPadShortcut` (no weights)."""
-
-    TARGET_MODULES = ZeroPadShortcut
-
-    def prune_out_channels(self, layer: ZeroPadShortcut, idxs):
-        removed = set(int(i) for i in idxs)
-        keep = [c for c in range(layer.out_channels) if c not in removed]
-        new_pos = {old: new for new, old in enumerate(keep)}
-        # an input channel whose target was removed no longer reaches the output
-        pairs = [(s, new_pos[d]) for s, d in layer.pairs() if d in new_pos]
-        layer.out_channels = len(keep)
-        layer.set_mapping(pairs, in_channels=layer.in_channels)
-        return layer
-
-    def prune_in_channels(self, layer: ZeroPadShortcut, idxs):
-        removed = set(int(i) for i in idxs)
-        keep = [c for c in range(layer.in_channels) if c not in removed]
-        new_src = {old: new for new, old in enumerate(keep)}
-        pairs = [(new_src[s], d) for s, d in layer.pairs() if s in new_src]
-        layer.set_mapping(pairs, in_channels=len(keep))
-        return layer
-
-    def get_out_channels(self, layer: ZeroPadShortcut):
-        return layer.out_channels
-
-    def get_in_channels(self, layer: ZeroPadShortcut):
-        return layer.in_channels
-
-
-CUSTOM_PRUNERS = {ZeroPadShortcut: ZeroPadShortcutPruner()}
 PARAM_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
 
 

@@ -26,6 +26,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from simprune.errors import SimpruneError
+from simprune.graph.removal import apply_structure
+from simprune.models import build_model
 
 FORMAT = "simprune-model/1"
 PICKLE_MAGIC = (b"\x80",)  # protocol 2+ pickles start with PROTO
@@ -281,8 +283,6 @@ def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source
 def _precheck_names(name: str, args: dict[str, int], tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Compare the file's tensors with the architecture built on the meta device (no memory), so that a
     description naming a huge model next to small weights is refused before that model is built."""
-    from simprune.models import build_model  # noqa: PLC0415
-
     try:
         with torch.device("meta"):
             own = build_model(name, **args).state_dict()
@@ -343,9 +343,6 @@ def load_model(path: str | Path, model: nn.Module | None = None,
     Returns ``(model, description)``; the model is in eval mode. A directory of an unfinished run
     (``INCOMPLETE.json``) is refused unless ``allow_incomplete`` (resuming it).
     """
-    from simprune.models import build_model  # noqa: PLC0415
-    from simprune.graph.removal import apply_structure  # noqa: PLC0415
-
     weights_path, json_path = resolve_model_path(path)
     if not allow_incomplete and (weights_path.parent / "INCOMPLETE.json").exists():
         raise SimpruneError(f"{weights_path.parent} is an unfinished run (INCOMPLETE.json); finish it by rerunning "

@@ -10,12 +10,16 @@ from typing import Callable
 from torch import nn
 
 from simprune.errors import SimpruneError
+from simprune.models import cifar_resnet
 from simprune.models.cifar_mobilenetv2 import CifarMobileNetV2
 from simprune.models.cifar_resnet import CifarResNet, ZeroPadShortcut
 from simprune.models.cifar_vgg import CifarVGG
 from simprune.models.torchvision_models import build_torchvision
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
+
+# Torch-Pruning pruners of every family's parameter-free channel maps (module type -> pruner)
+CUSTOM_PRUNERS = {**cifar_resnet.CUSTOM_PRUNERS}
 
 
 def register(name: str, description: str):

@@ -23,9 +23,15 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from simprune import distributed
-from simprune.io.checkpoints import STATE_FILE
 from simprune.errors import SimpruneError
-from simprune.io.files import atomic_write_bytes, read_safetensors, save_model, tensors_bytes
+from simprune.io.checkpoints import STATE_FILE
+from simprune.io.files import (
+    atomic_write_bytes,
+    load_weights_into,
+    read_safetensors,
+    save_model,
+    tensors_bytes,
+)
 
 
 @dataclass
@@ -112,8 +118,6 @@ def load_train_state(out_dir: Path, model: nn.Module,
     except (KeyError, ValueError, RecursionError) as exc:
         raise SimpruneError(f"{path} lacks valid epoch/history metadata; it is not a simprune training state, "
                             "start again with --overwrite") from exc
-    from simprune.io.files import load_weights_into  # noqa: PLC0415
-
     unknown = sorted(k for k in tensors if not k.startswith(("model.", "optim.")))
     if unknown:
         raise SimpruneError(f"{path}: unexpected entries {unknown[:3]}; it is not a simprune training state")
@@ -182,6 +186,72 @@ def _distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: fl
     return F.kl_div(F.log_softmax(logits / T, 1), F.softmax(teacher_logits / T, 1), reduction="batchmean") * T * T
 
 
+def _epoch_loader(train_ds: Dataset, cfg: TrainConfig, epoch: int, batch: int) -> DataLoader:
+    """This epoch's shuffled loader: seeded by (seed, epoch); under torchrun each rank reads its shard."""
+    seed = cfg.seed * 100_003 + epoch
+    torch.manual_seed(seed + 7919 * distributed.rank())
+    sampler = None
+    if distributed.world_size() > 1:
+        sampler = DistributedSampler(train_ds, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=True, seed=cfg.seed * 100_003)
+        sampler.set_epoch(epoch)
+    return _loader(train_ds, batch, True, seed, sampler)
+
+
+def _step_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+               teacher: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of one batch: cross-entropy, plus distillation from ``teacher`` when it is given."""
+    with autocast(cfg.bf16):
+        logits = net(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if teacher is not None and cfg.distill_alpha > 0:
+            with torch.no_grad():
+                t_logits = teacher(x).float()
+            kd = _distillation_loss(logits.float(), t_logits, cfg.distill_temperature)
+            loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+    return loss, logits
+
+
+def _train_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader,
+                 cfg: TrainConfig, epoch: int, schedule: tuple[int, int, int], teacher: nn.Module | None,
+                 hooks: TrainHooks, progress: bool) -> torch.Tensor:
+    """One epoch of SGD; returns this rank's float64 sums (loss, correct, seen). ``schedule`` is
+    (steps per epoch, total steps, warm-up steps) of the learning-rate curve."""
+    steps_per_epoch, total, warmup = schedule
+    sums = torch.zeros(3, dtype=torch.float64)
+    bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not (progress and distributed.is_main()))
+    for step, (x, y) in enumerate(bar):
+        if step >= steps_per_epoch:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch * steps_per_epoch + step, total, warmup, cfg.lr)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, logits = _step_loss(net, x, y, cfg, teacher)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hooks.on_step(model)
+        if not torch.isfinite(loss):
+            raise SimpruneError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower the learning "
+                                "rate (lr=, the CLI's --lr)")
+        sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
+                             dtype=torch.float64)
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")
+    return sums
+
+
+def _checkpoint(out_dir: Path, model: nn.Module, opt, epoch: int, history: list[dict], cfg: TrainConfig,
+                hooks: TrainHooks, description: dict[str, Any] | None) -> None:
+    """Rank 0: the resumable training state and the model so far, both written atomically."""
+    save_train_state(out_dir, model, opt, epoch, history, cfg, hooks.state())
+    save_model(out_dir, model.to(memory_format=torch.contiguous_format),
+               {**(description or {}), "history": history, "train_config": asdict(cfg)})
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
 def train(model: nn.Module, train_ds: Dataset, cfg: TrainConfig, out_dir: Path | None = None,
           test_ds: Dataset | None = None, description: dict[str, Any] | None = None, resume: bool = False,
           teacher: nn.Module | None = None, log: Callable[[str], None] = print,
@@ -203,54 +273,19 @@ def train(model: nn.Module, train_ds: Dataset, cfg: TrainConfig, out_dir: Path |
         hooks.load_state(hook_state)
         log(f"resuming from epoch {start_epoch} of {cfg.epochs} ({out_dir / STATE_FILE})")
     world = distributed.world_size()
-    net: nn.Module = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     batch = max(1, cfg.batch_size // world)
     steps_per_epoch = math.ceil(math.ceil(len(train_ds) / world) / batch)
     if cfg.limit_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.limit_batches)
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    schedule = (steps_per_epoch, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     if teacher is not None:
         teacher.eval()
     for epoch in range(start_epoch, cfg.epochs):
-        seed = cfg.seed * 100_003 + epoch
-        torch.manual_seed(seed + 7919 * distributed.rank())
+        loader = _epoch_loader(train_ds, cfg, epoch, batch)
         model.train()
         t0 = time.time()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, seen
-        sampler = None
-        if world > 1:
-            sampler = DistributedSampler(train_ds, num_replicas=world, rank=distributed.rank(), shuffle=True,
-                                         seed=cfg.seed * 100_003)
-            sampler.set_epoch(epoch)
-        loader = _loader(train_ds, batch, True, seed, sampler)
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (progress and distributed.is_main()))
-        for step, (x, y) in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + step, total, warmup, cfg.lr)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(cfg.bf16):
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if teacher is not None and cfg.distill_alpha > 0:
-                    with torch.no_grad():
-                        t_logits = teacher(x).float()
-                    kd = _distillation_loss(logits.float(), t_logits, cfg.distill_temperature)
-                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            hooks.on_step(model)
-            if not torch.isfinite(loss):
-                raise SimpruneError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr")
-            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
-                                 dtype=torch.float64)
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")
+        sums = _train_epoch(net, model, opt, loader, cfg, epoch, schedule, teacher, hooks, progress)
         loss_sum, correct, seen = distributed.all_reduce_sum(sums).tolist()
         distributed.average_buffers(model)  # each rank's last batches moved its BatchNorm statistics
         hooks.on_epoch_end(model, epoch + 1)
@@ -261,11 +296,7 @@ def train(model: nn.Module, train_ds: Dataset, cfg: TrainConfig, out_dir: Path |
             record.update(test_top1=metrics["top1"], test_top5=metrics["top5"], test_loss=metrics["loss"])
         history.append(record)
         if out_dir is not None and distributed.is_main():
-            save_train_state(out_dir, model, opt, epoch + 1, history, cfg, hooks.state())
-            save_model(out_dir, model.to(memory_format=torch.contiguous_format),
-                       {**(description or {}), "history": history, "train_config": asdict(cfg)})
-            if cfg.channels_last:
-                model.to(memory_format=torch.channels_last)
+            _checkpoint(out_dir, model, opt, epoch + 1, history, cfg, hooks, description)
         distributed.barrier()
         if distributed.is_main():
             log(json.dumps(record))

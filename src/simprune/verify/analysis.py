@@ -6,13 +6,12 @@ twin at threshold t when max over k != j of S_jk exceeds t. ``analyze`` is pure 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from simprune.calibrate.calibration import collect_statistics, mean_similarity
 from simprune.errors import SimpruneError
+from simprune.graph.groups import PruningGraph
 from simprune.stats.similarity import SIMILARITIES, twin_selection
 
 DEFAULT_THRESHOLDS = {"psnr": (20.0, 30.0, 40.0)}  # dB; every other metric lives in [-1, 1]
@@ -82,16 +81,14 @@ def analyze(model: nn.Module, example_input: torch.Tensor, calibration_batches, 
     Returns ``(summary, matrices)``: the JSON-ready summary {"network": ..., "groups": [...]} in
     network order, and each group's (C, C) mean similarity matrix keyed by group root.
     """
-    from simprune.calibrate.calibration import collect_statistics, mean_similarity  # noqa: PLC0415
-    from simprune.graph.groups import PruningGraph  # noqa: PLC0415
-
     if similarity not in SIMILARITIES:
         raise SimpruneError(f"unknown similarity {similarity!r}; choose from {', '.join(SIMILARITIES)}")
     thresholds = tuple(float(t) for t in (thresholds or default_thresholds(similarity)))
     if len({_key(t) for t in thresholds}) != len(thresholds):
         raise SimpruneError(f"thresholds must be distinct, got {list(thresholds)}")
     graph = PruningGraph(model, example_input)
-    probes = collect_statistics(model, graph, calibration_batches, {similarity, "mstd"}, bf16=bf16,
+    probes = collect_statistics(model, graph, calibration_batches, {similarity, "mstd"},
+                                precision="bf16" if bf16 else "fp32",
                                 progress=progress)
     order = _module_order(model)
     groups, matrices, images = [], {}, 0
@@ -119,90 +116,3 @@ def analyze(model: nn.Module, example_input: torch.Tensor, calibration_batches, 
 
 
 # ---- command line ---------------------------------------------------------------------------
-
-def add_analyze_parser(sub) -> None:
-    """Register ``simprune analyze`` on the CLI's sub-parsers."""
-    from simprune.cli.main import _data_options, _model_options, _positive  # noqa: PLC0415 - cli imports this module
-
-    p = sub.add_parser("analyze", help="report channel redundancy (twins, M-std) without pruning")
-    _model_options(p, required=False)
-    p.add_argument("--checkpoint", help="trained model directory; without it --model gets random weights")
-    p.add_argument("--calib-data", default=None, help="calibration data set (default: the checkpoint's)")
-    p.add_argument("--calib-images", type=_positive, default=640)
-    _data_options(p, required=False)
-    p.add_argument("--similarity", default="ssim", choices=sorted(SIMILARITIES))
-    p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else the data's)")
-    p.add_argument("--max-heatmaps", type=_positive, default=None,
-                   help="plot only the N groups with the highest mean max similarity")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(fn=cmd_analyze)
-
-
-def _print_summary(summary: dict, title: str) -> None:
-    """A few lines: network totals per threshold, dead channels, the most redundant groups."""
-    net = summary["network"]
-    print(f"{title}: {net['groups']} groups, {net['channels']} channels, {net['images']} images, "
-          f"{net['similarity']}")
-    for key, n in net["twins"].items():
-        print(f"  max similarity > {key:>5s}: {n:5d} twin channels ({net['twin_share'][key]:6.1%}), "
-              f"{net['removable'][key]} removable")
-    print(f"  dead channels (M-std < {DEAD_MSTD:g}): {net['dead_channels']}")
-    mid = list(net["twins"])[len(net["twins"]) // 2]
-    if not net["twins"][mid]:
-        return
-    top = sorted(summary["groups"], key=lambda g: -g["twins"][mid] / g["channels"])[:3]
-    print(f"  most twins at {mid}: " + ", ".join(f"{g['group']} {g['twins'][mid] / g['channels']:.0%}" for g in top))
-
-
-def cmd_analyze(args) -> int:
-    """``simprune analyze``: analysis.json, redundancy.png and similarity*.png, written atomically."""
-    from simprune.calibrate import calibration  # noqa: PLC0415
-    from simprune.cli.main import _command_line, _load_or_build  # noqa: PLC0415
-    from simprune.io.files import atomic_output_dir, atomic_write_json  # noqa: PLC0415
-    from simprune.verify.plots import redundancy_bars, similarity_heatmaps  # noqa: PLC0415
-    from simprune.verify.reports import write_report  # noqa: PLC0415
-
-    if args.similarity not in SIMILARITIES:
-        raise SimpruneError(f"unknown similarity {args.similarity!r}; choose from {', '.join(SIMILARITIES)}")
-    ckpt_desc = {}
-    if args.checkpoint:
-        from simprune.io.files import read_json, resolve_model_path  # noqa: PLC0415
-
-        ckpt_desc = read_json(resolve_model_path(args.checkpoint)[1])
-    data = ckpt_desc.get("data") or {}
-    calib_data = args.calib_data or data.get("name")
-    if not calib_data:
-        raise SimpruneError("pass --calib-data NAME (the checkpoint records no training data set)")
-    pad_to = args.pad_to if args.pad_to is not None else data.get("pad_to")
-    with atomic_output_dir(Path(args.out), overwrite=args.overwrite) as tmp:
-        loader = calibration.calibration_loader(calib_data, args.calib_images, data_dir=args.data_dir,
-                                                pad_to=pad_to, seed=args.seed)
-        image_shape = tuple(loader.dataset[0][0].shape)
-        shape_text = args.input or (None if args.checkpoint else "x".join(map(str, image_shape)))
-        torch.manual_seed(args.seed)  # random weights (no --checkpoint) are reproducible too
-        model, desc, shape = _load_or_build(args, shape_text)
-        if tuple(shape) != image_shape:
-            raise SimpruneError(f"{calib_data} images are {'x'.join(map(str, image_shape))} but the model takes "
-                                f"{'x'.join(map(str, shape))}; pass --pad-to / --input or other --calib-data")
-        summary, matrices = analyze(model, torch.zeros(1, *shape), loader, args.similarity,
-                                    progress=sys.stderr.isatty())
-        weights = "checkpoint" if args.checkpoint else "random"
-        report = {"model": desc.get("model"), "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-                  "weights": weights, "input_shape": list(shape),
-                  "calibration": {"data": calib_data, "images": summary["network"]["images"], "pad_to": pad_to,
-                                  "seed": args.seed},
-                  **summary, "command": _command_line()}
-        atomic_write_json(tmp / "analysis.json", report)
-        redundancy_bars(summary, tmp / "redundancy.png")
-        pngs = similarity_heatmaps(matrices, tmp / "similarity.png", max_layers=args.max_heatmaps,
-                                   label=args.similarity,
-                                   residual={g["group"]: g["residual"] for g in summary["groups"]})
-        write_report(tmp, "analyze", report)
-    title = f"{desc.get('model')} ({'random weights' if weights == 'random' else args.checkpoint})"
-    _print_summary(summary, title)
-    if weights == "random":
-        print("  note: no --checkpoint, so these are the similarities of an untrained network")
-    print(f"wrote {args.out}/report.html, report.md, analysis.json, redundancy.png, " + ", ".join(p.name for p in pngs))
-    return 0

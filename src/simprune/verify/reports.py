@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from simprune.errors import SimpruneError
-from simprune.io.files import atomic_write_bytes
+from simprune.io.files import atomic_write_bytes, read_json
+from simprune.verify.tables import markdown_table, pivot_table
 
 KINDS = ("prune", "analyze", "compare", "demo")
 PACKAGES = ("simprune", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "numpy")
@@ -248,7 +249,6 @@ def _setup_rows(data: dict) -> list[list]:
 
 
 def _compare_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:
-    from simprune.verify.compare import pivot_table  # noqa: PLC0415
 
     title = f"Criteria compared: {data.get('model')} on {data.get('data')}"
     header, rows = pivot_table(data["rows"], data.get("target_kind", "flops"))
@@ -312,16 +312,6 @@ BUILDERS = {"prune": _prune_sections, "analyze": _analyze_sections, "compare": _
 
 
 # ---- rendering ------------------------------------------------------------------------------
-
-def _md_cell(v: Any) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: list, rows: list[list]) -> str:
-    """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
-
 
 def render_markdown(title: str, sections: list) -> str:
     lines = [f"# {title}", ""]
@@ -460,7 +450,6 @@ def prune_report_writer(report: dict, desc: dict, criterion=None, also=None):
 def refresh_prune_report(directory: str | Path) -> list[Path]:
     """Render a pruned model folder's report again from its report.json and model.json (e.g. after
     ``simprune bench`` added the latency keys); keeps the heat maps already there."""
-    from simprune.io.files import read_json  # noqa: PLC0415
 
     directory = Path(directory)
     return write_report(directory, "prune", read_json(directory / "report.json"),

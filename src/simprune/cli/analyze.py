@@ -1,0 +1,107 @@
+"""`simprune analyze`: redundancy per channel group before pruning, with figures and a report."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from simprune.calibrate import calibration
+from simprune.cli.common import (
+    command_line,
+    data_options,
+    load_or_build,
+    model_options,
+    positive,
+)
+from simprune.errors import SimpruneError
+from simprune.io.files import (
+    atomic_output_dir,
+    atomic_write_json,
+    read_json,
+    resolve_model_path,
+)
+from simprune.stats.similarity import SIMILARITIES
+from simprune.verify.analysis import DEAD_MSTD, analyze
+from simprune.verify.plots import redundancy_bars, similarity_heatmaps
+from simprune.verify.reports import write_report
+
+
+def add_analyze_parser(sub) -> None:
+    """Register ``simprune analyze`` on the CLI's sub-parsers."""
+
+    p = sub.add_parser("analyze", help="report channel redundancy (twins, M-std) without pruning")
+    model_options(p, required=False)
+    p.add_argument("--checkpoint", help="trained model directory; without it --model gets random weights")
+    p.add_argument("--calib-data", default=None, help="calibration data set (default: the checkpoint's)")
+    p.add_argument("--calib-images", type=positive, default=640)
+    data_options(p, required=False)
+    p.add_argument("--similarity", default="ssim", choices=sorted(SIMILARITIES))
+    p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else the data's)")
+    p.add_argument("--max-heatmaps", type=positive, default=None,
+                   help="plot only the N groups with the highest mean max similarity")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_analyze)
+
+
+def _print_summary(summary: dict, title: str) -> None:
+    """A few lines: network totals per threshold, dead channels, the most redundant groups."""
+    net = summary["network"]
+    print(f"{title}: {net['groups']} groups, {net['channels']} channels, {net['images']} images, "
+          f"{net['similarity']}")
+    for key, n in net["twins"].items():
+        print(f"  max similarity > {key:>5s}: {n:5d} twin channels ({net['twin_share'][key]:6.1%}), "
+              f"{net['removable'][key]} removable")
+    print(f"  dead channels (M-std < {DEAD_MSTD:g}): {net['dead_channels']}")
+    mid = list(net["twins"])[len(net["twins"]) // 2]
+    if not net["twins"][mid]:
+        return
+    top = sorted(summary["groups"], key=lambda g: -g["twins"][mid] / g["channels"])[:3]
+    print(f"  most twins at {mid}: " + ", ".join(f"{g['group']} {g['twins'][mid] / g['channels']:.0%}" for g in top))
+
+
+def cmd_analyze(args) -> int:
+    """``simprune analyze``: analysis.json, redundancy.png and similarity*.png, written atomically."""
+
+    if args.similarity not in SIMILARITIES:
+        raise SimpruneError(f"unknown similarity {args.similarity!r}; choose from {', '.join(SIMILARITIES)}")
+    ckpt_desc = {}
+    if args.checkpoint:
+        ckpt_desc = read_json(resolve_model_path(args.checkpoint)[1])
+    data = ckpt_desc.get("data") or {}
+    calib_data = args.calib_data or data.get("name")
+    if not calib_data:
+        raise SimpruneError("pass --calib-data NAME (the checkpoint records no training data set)")
+    pad_to = args.pad_to if args.pad_to is not None else data.get("pad_to")
+    with atomic_output_dir(Path(args.out), overwrite=args.overwrite) as tmp:
+        loader = calibration.calibration_loader(calib_data, args.calib_images, data_dir=args.data_dir,
+                                                pad_to=pad_to, seed=args.seed)
+        image_shape = tuple(loader.dataset[0][0].shape)
+        shape_text = args.input or (None if args.checkpoint else "x".join(map(str, image_shape)))
+        torch.manual_seed(args.seed)  # random weights (no --checkpoint) are reproducible too
+        model, desc, shape = load_or_build(args, shape_text)
+        if tuple(shape) != image_shape:
+            raise SimpruneError(f"{calib_data} images are {'x'.join(map(str, image_shape))} but the model takes "
+                                f"{'x'.join(map(str, shape))}; pass --pad-to / --input or other --calib-data")
+        summary, matrices = analyze(model, torch.zeros(1, *shape), loader, args.similarity,
+                                    progress=sys.stderr.isatty())
+        weights = "checkpoint" if args.checkpoint else "random"
+        report = {"model": desc.get("model"), "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                  "weights": weights, "input_shape": list(shape),
+                  "calibration": {"data": calib_data, "images": summary["network"]["images"], "pad_to": pad_to,
+                                  "seed": args.seed},
+                  **summary, "command": command_line()}
+        atomic_write_json(tmp / "analysis.json", report)
+        redundancy_bars(summary, tmp / "redundancy.png")
+        pngs = similarity_heatmaps(matrices, tmp / "similarity.png", max_layers=args.max_heatmaps,
+                                   label=args.similarity,
+                                   residual={g["group"]: g["residual"] for g in summary["groups"]})
+        write_report(tmp, "analyze", report)
+    title = f"{desc.get('model')} ({'random weights' if weights == 'random' else args.checkpoint})"
+    _print_summary(summary, title)
+    if weights == "random":
+        print("  note: no --checkpoint, so these are the similarities of an untrained network")
+    print(f"wrote {args.out}/report.html, report.md, analysis.json, redundancy.png, " + ", ".join(p.name for p in pngs))
+    return 0

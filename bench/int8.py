@@ -14,8 +14,8 @@ is compared with the unpruned float32 model's on the ten crops of every photogra
 Its int8 file is timed whatever its agreement; the JSON says whether `simprune export`'s default
 tolerance would have written it.
 
-Latency: onnxruntime, batch 1, 1 thread, the three files interleaved (median of --runs); size:
-the ONNX file on disk.
+Latency: onnxruntime, batch 1, 1 thread, the three files interleaved (median and 10th percentile
+of --runs, with the load average: the 2-core machine is shared); size: the ONNX file on disk.
 
     python bench/int8.py                          # both models; table + bench/results/int8.json
     python bench/int8.py --models resnet56 --criterion qsfm --name int8-qsfm --wait 0
@@ -51,6 +51,14 @@ GOALS = {"max_drop_points": 1.0, "min_speedup": 3.0}
 KINDS = ("original float32", "pruned float32", "pruned int8")
 
 
+def _speed(t: dict, original: dict) -> dict:
+    """Median and 10th-percentile milliseconds and speed-ups over the original: other processes on the
+    cores preempt long runs more often than short ones, so under load the 10th percentile is the
+    steadier estimate of the uncontended ratio."""
+    return {"ms": t["median_ms"], "speedup": original["median_ms"] / t["median_ms"], "ms_p10": t["p10_ms"],
+            "speedup_p10": original["p10_ms"] / t["p10_ms"]}
+
+
 def resnet56(work: Path, criterion: str | None, target: float, runs: int) -> dict:
     """`simprune prune ... --int8` then `simprune bench --int8`, in process; the three-way rows."""
     out = work / "resnet56"
@@ -64,19 +72,20 @@ def resnet56(work: Path, criterion: str | None, target: float, runs: int) -> dic
         return {"model": "ResNet-56", "command": "simprune " + " ".join(argv), "failed": f"exit code {code}"}
     keys = bench_dir(out, threads=1, batch=1, runs=runs, engines=("onnxruntime",), int8=True,
                      log=lambda s: print("  " + s))
-    report = read_json(out / "report.json")
-    q, lat, size = report["int8"], keys["latency_ms"], keys["size_mib"]
+    report, timing = read_json(out / "report.json"), read_json(out / "latency.json")["timings"][0]
+    q, size = report["int8"], keys["size_mib"]
     top1 = (q["original_top1"], q["fp32_top1"], q["int8_top1"])
-    rows = [{"model": "ResNet-56", "file": kind, "top1": acc, "top1_change": acc - top1[0], "ms": ms,
-             "speedup": lat["before"] / ms, "MiB": mib}
-            for kind, acc, ms, mib in zip(KINDS, top1, (lat["before"], lat["after"], lat["int8"]), size.values())]
-    drop, speedup = top1[0] - top1[2], lat["before"] / lat["int8"]
+    times = [timing[k] for k in ("before", "after", "int8")]
+    rows = [{"model": "ResNet-56", "file": kind, "top1": acc, "top1_change": acc - top1[0], **_speed(t, times[0]),
+             "MiB": mib} for kind, acc, t, mib in zip(KINDS, top1, times, size.values())]
+    lat = keys["latency_ms"]
+    drop, speedup, speedup_p10 = top1[0] - top1[2], lat["before"] / lat["int8"], rows[2]["speedup_p10"]
     return {"model": "ResNet-56", "weights": "zoo/resnet56-fashion-mnist", "command": "simprune " + " ".join(argv),
             "criterion": report["criterion"], "macs_removed": report["reduction"]["flops"],
             "torch_top1_bf16": report["accuracy"], "test_images": q["images"], "int8": q, "rows": rows,
             "latency": keys["latency"], "prune_and_int8_seconds": seconds,
-            "goals": {**GOALS, "drop_points": drop, "speedup": speedup,
-                      "met": drop <= GOALS["max_drop_points"] and speedup >= GOALS["min_speedup"]}}
+            "goals": {**GOALS, "drop_points": drop, "speedup": speedup, "speedup_p10": speedup_p10,
+                      "met": drop <= GOALS["max_drop_points"] and min(speedup, speedup_p10) >= GOALS["min_speedup"]}}
 
 
 def mobilenetv2(work: Path, runs: int) -> dict:
@@ -98,9 +107,8 @@ def mobilenetv2(work: Path, runs: int) -> dict:
     files.append(int8_path)
     check = top1_side_by_side([ort_session(f, 1) for f in files], [photos])
     times = measure_onnx_many(files, spec["shape"], 1, 1, runs)
-    rows = [{"model": "MobileNetV2", "file": kind, "agreement": agree, "ms": t["median_ms"],
-             "speedup": times[0]["median_ms"] / t["median_ms"], "MiB": f.stat().st_size / 2**20}
-            for kind, agree, t, f in zip(KINDS, check["agreement"], times, files)]
+    rows = [{"model": "MobileNetV2", "file": kind, "agreement": agree, **_speed(t, times[0]),
+             "MiB": f.stat().st_size / 2**20} for kind, agree, t, f in zip(KINDS, check["agreement"], times, files)]
     return {"model": "MobileNetV2", "weights": spec["weights"], "criterion": spec["label"],
             "options": {**{k: v for k, v in spec["options"].items() if k != "calibration"}, **spec["guards"],
                         "round_to": block},
@@ -116,7 +124,7 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", choices=["resnet56", "mobilenetv2"], default=["resnet56", "mobilenetv2"])
     ap.add_argument("--criterion", default=None, help="ResNet-56: criterion (default: `simprune prune`'s default)")
     ap.add_argument("--target", type=float, default=0.48, help="ResNet-56: fraction of MACs removed")
-    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--wait", type=float, default=30, help="minutes to wait for a quiet machine")
     ap.add_argument("--name", default="int8", help="writes bench/results/NAME.json")
     args = ap.parse_args()
@@ -139,11 +147,12 @@ def main() -> int:
             print(f"  (below the default tolerance of {MIN_AGREEMENT:g} %: `simprune export` would not write this file)")
         if r.get("rows"):
             accuracy = ["top1", "top1_change"] if r["model"] == "ResNet-56" else ["agreement"]
-            print_table(r["rows"], ["file", *accuracy, "ms", "speedup", "MiB"])
+            print_table(r["rows"], ["file", *accuracy, "ms", "speedup", "ms_p10", "speedup_p10", "MiB"])
         if r.get("goals"):
             g = r["goals"]
             print(f"goals: drop {g['drop_points']:.2f} points (<= {g['max_drop_points']}), {g['speedup']:.2f}x faster "
-                  f"(>= {g['min_speedup']}x): {'met' if g['met'] else 'NOT met'}")
+                  f"by medians, {g['speedup_p10']:.2f}x by 10th percentiles (>= {g['min_speedup']}x both): "
+                  f"{'met' if g['met'] else 'NOT met'}")
     import onnxruntime  # noqa: PLC0415
 
     path = write_json(args.name, {"threads": 1, "batch": 1, "runs": args.runs, "onnxruntime": onnxruntime.__version__,

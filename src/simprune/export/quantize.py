@@ -2,15 +2,15 @@
 
 The model is exported to float32 ONNX (verified, :func:`simprune.export.onnx.export_onnx`),
 pre-processed as onnxruntime recommends (``quant_pre_process``: symbolic shape inference and
-graph optimisation), and quantized by ``quantize_static``: QDQ format, int8 weights per output
-channel, uint8 activations (onnxruntime's fast U8S8 kernels on x86; int8 activations ran 2.5x
-slower than float32 here) whose ranges are the 99.99th percentile of their values on the
-calibration images, collected one batch at a time (on the photographs, MobileNetV2's int8 file
-agreed with float32 on 88 % of them where min/max ranges gave 80 %; ResNet-56 on Fashion-MNIST
-lost under 0.1 point either way). The int8 file then runs beside the
-float32 one in onnxruntime on evaluation images; it is written (atomically) only when its top-1
-is within ``max_drop`` points of float32's, or, for images without labels, when it picks the
-same class as float32 on at least ``min_agreement`` % of them.
+graph optimisation) and quantized by ``quantize_static``: QDQ format, int8 weights per output
+channel, uint8 activations (onnxruntime's U8S8 kernels on x86; with int8 activations ResNet-56
+ran 2.5x slower than float32 on this project's Xeon) whose ranges are the 99.99th percentile of
+their values on the calibration images, collected one batch at a time (MobileNetV2's int8 file
+agreed with float32 on 88 % of the photographs where min/max ranges gave 80 %; ResNet-56 on
+Fashion-MNIST lost under 0.1 point either way). The int8 file then runs beside the float32 one
+in onnxruntime on evaluation images; it is written (atomically) only when its top-1 is within
+``max_drop`` points of float32's or, for images without labels, when it picks float32's class
+on at least ``min_agreement`` % of them.
 """
 from __future__ import annotations
 

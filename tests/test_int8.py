@@ -80,6 +80,19 @@ def test_batch_reader_follows_onnxruntimes_strided_protocol():
     assert float(reader.get_next()["input"].max()) == 1.0 and reader.get_next() is None
 
 
+def test_thread_cpu_clock_leaves_out_time_off_the_core():
+    """bench/int8.py times with ``clock=time.thread_time``: a call that waits (as when another process holds
+    the core) costs wall time but no CPU time of the calling thread."""
+    import time
+
+    from simprune.export.latency import time_calls
+
+    wait = lambda: time.sleep(0.01)  # noqa: E731
+    (wall,) = time_calls([wait], runs=3, warmup=0)
+    (cpu,) = time_calls([wait], runs=3, warmup=0, clock=time.thread_time)
+    assert wall.min() >= 0.01 and cpu.max() < 0.002
+
+
 def test_latency_report_int8_fields():
     stat = lambda ms: {"median_ms": ms, "iqr_ms": ms / 10}  # noqa: E731
     timings = {("onnxruntime", 1): [stat(4.0), stat(2.0), stat(1.0)], ("torch", 1): [stat(8.0), stat(4.0)]}
@@ -235,3 +248,14 @@ def test_cli_prune_int8_writes_and_times_the_int8_file(tmp_path, capsys):
     assert report["int8"]["images"] == 500 and "int8" in report["latency_ms"] and len(report["size_mib"]) == 3
     assert report["int8"]["original_top1"] == pytest.approx(report["accuracy"]["before"], abs=1.0)  # fp32 vs bf16
     assert "| pruned int8 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_cli_prune_int8_refused_keeps_the_float32_model(tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["prune", "--checkpoint", str(R20), "--target-flops", "0.3", "--calib-data", SAMPLE,
+                 "--calib-images", "128", "--data", SAMPLE, "--eval-images", "300", "--int8", "--int8-max-drop", "-100",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not written" in err and f"(the pruned float32 model is in {out})" in err
+    assert (out / "model.safetensors").exists() and not (out / INT8_FILE).exists()

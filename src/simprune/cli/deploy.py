@@ -318,9 +318,13 @@ def check_latency_options(args) -> None:
 
 def int8_step(args, out: Path) -> None:
     """`simprune prune --int8`: the int8 file, calibrated on the images the pruning used (model.json's record)."""
-    if args.int8:
+    if not args.int8:
+        return
+    try:
         int8_dir(out, data=args.data, data_dir=args.data_dir, pad_to=args.pad_to, eval_images=args.eval_images,
                  threads=args.threads, max_drop=args.int8_max_drop, log=print)
+    except SimpruneError as exc:
+        raise SimpruneError(f"{exc} (the pruned float32 model is in {out})") from exc
 
 
 def latency_step(args, out: Path) -> None:

@@ -123,7 +123,6 @@ def cmd_prune(args) -> int:
                else "no fine-tuning")
         print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
     print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
-
     int8_step(args, out)
     latency_step(args, out)
     refresh_prune_report(out)  # again, now with the latency keys

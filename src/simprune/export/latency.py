@@ -46,17 +46,22 @@ def summarize(times_s: np.ndarray) -> dict[str, Any]:
             "runs": int(len(times_s))}
 
 
-def time_calls(fns: Sequence[Callable[[], Any]], runs: int, warmup: int) -> list[np.ndarray]:
-    """Warm each of ``fns`` up ``warmup`` times, then time ``runs`` rounds of one call each, in turn (seconds)."""
+def time_calls(fns: Sequence[Callable[[], Any]], runs: int, warmup: int,
+               clock: Callable[[], float] = time.perf_counter) -> list[np.ndarray]:
+    """Warm each of ``fns`` up ``warmup`` times, then time ``runs`` rounds of one call each, in turn (seconds).
+
+    ``clock=time.thread_time`` counts only the CPU time of the calling thread: for one-thread
+    onnxruntime (which then runs on the caller) that is the latency without the time other
+    processes held the core."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times = np.empty((len(fns), runs))
     for i in range(runs):
         for j, fn in enumerate(fns):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[j, i] = time.perf_counter() - start
+            times[j, i] = clock() - start
     return list(times)
 
 
@@ -109,15 +114,17 @@ def ort_session(path: str | Path, threads: int):
 
 
 def measure_onnx_many(paths: Sequence[str | Path], input_shape: Sequence[int], batch: int, threads: int,
-                      runs: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
-    """Latency of each ONNX file (interleaved) in onnxruntime on the CPU (see :func:`ort_session`)."""
+                      runs: int = 30, warmup: int = 5,
+                      clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
+    """Latency of each ONNX file (interleaved) in onnxruntime on the CPU (see :func:`ort_session`;
+    ``clock``: see :func:`time_calls`)."""
     shape = _check(input_shape, batch, threads, runs, warmup)
     require("onnxruntime")
     sessions = [ort_session(p, threads) for p in paths]
     x = _input(shape).numpy()
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
     try:
-        times = time_calls([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs, warmup)
+        times = time_calls([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs, warmup, clock)
     except Exception as exc:
         raise SimpruneError(f"onnxruntime failed on input {shape}: {str(exc).splitlines()[0][:160]}") from exc
     return [{**summarize(t), "batch": batch, "threads": threads} for t in times]

@@ -32,7 +32,9 @@ from simprune.cli.common import (
 )
 from simprune.cli.deploy import (
     add_prune_latency_options,
+    calibration_record,
     check_latency_options,
+    int8_step,
     latency_step,
     prune_latency_target,
 )
@@ -82,10 +84,10 @@ def cmd_prune(args) -> int:
     calibration = None
     if getattr(criterion, "needs_data", False) and not args.calib_data:
         raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
+    calib_pad = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
     if args.calib_data:
         calibration = calibration_loader(args.calib_data, args.calib_images, data_dir=args.data_dir,
-                                         pad_to=args.pad_to if args.pad_to is not None else
-                                         (desc.get("data") or {}).get("pad_to"), seed=args.seed)
+                                         pad_to=calib_pad, seed=args.seed)
     guards = Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio, round_to=args.round_to)
     eval_ds = _eval_dataset(args, desc)
     acc_before = _accuracy(model, eval_ds, "top-1 before pruning", args.device)
@@ -93,6 +95,9 @@ def cmd_prune(args) -> int:
                 "input_shape": list(shape), "command": command_line(),
                 "pruning": {"criterion": args.criterion, "target": target, "schedule": args.schedule,
                             "source": str(args.checkpoint or "")}}
+    if args.calib_data:  # so that `simprune export --int8` calibrates on the same images
+        new_desc["calibration"] = calibration_record(args.calib_data, args.calib_images, args.seed, calib_pad,
+                                                     args.data_dir)
     prune_options = {"ignore": args.ignore or (), "normalization": args.normalization,
                      "cost_weight": args.cost_weight, "compensate": args.compensate,
                      "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn}
@@ -125,7 +130,7 @@ def cmd_prune(args) -> int:
                else "no fine-tuning")
         print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
     print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
-
+    int8_step(args, out)
     latency_step(args, out)
     refresh_prune_report(out)  # again, now with the latency keys
     return 0

@@ -52,17 +52,22 @@ def summarize(times_s: np.ndarray) -> dict[str, Any]:
             "runs": int(len(times_s))}
 
 
-def time_calls(fns: Sequence[Callable[[], Any]], runs: int, warmup: int) -> list[np.ndarray]:
-    """Warm each of ``fns`` up ``warmup`` times, then time ``runs`` rounds of one call each, in turn (seconds)."""
+def time_calls(fns: Sequence[Callable[[], Any]], runs: int, warmup: int,
+               clock: Callable[[], float] = time.perf_counter) -> list[np.ndarray]:
+    """Warm each of ``fns`` up ``warmup`` times, then time ``runs`` rounds of one call each, in turn (seconds).
+
+    ``clock=time.thread_time`` counts only the CPU time of the calling thread: for one-thread
+    onnxruntime (which then runs on the caller) that is the latency without the time other
+    processes held the core."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times = np.empty((len(fns), runs))
     for i in range(runs):
         for j, fn in enumerate(fns):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[j, i] = time.perf_counter() - start
+            times[j, i] = clock() - start
     return list(times)
 
 
@@ -86,18 +91,18 @@ def _unstable(times: list[np.ndarray]) -> float:
 
 
 def time_until_stable(fns: Sequence[Callable[[], Any]], runs: int, warmup: int,
-                      max_runs: int | None = None) -> list[np.ndarray]:
+                      max_runs: int | None = None, clock: Callable[[], float] = time.perf_counter) -> list[np.ndarray]:
     """:func:`time_calls`, then more interleaved rounds (doubling the runs) while the paired ratios against
     the first function spread by more than :data:`MAX_RATIO_SPREAD`, up to ``max_runs`` runs in all."""
     max_runs = max_runs or MAX_RUNS_FACTOR * runs
-    times = time_calls(fns, runs, warmup)
+    times = time_calls(fns, runs, warmup, clock)
     while len(fns) > 1 and len(times[0]) < max_runs:
         spread = _unstable(times)
         if spread <= MAX_RATIO_SPREAD:
             break
         more = min(len(times[0]), max_runs - len(times[0]))
         progress.stage(f"timings spread {spread:.0%}; timing {more} more interleaved runs of each model")
-        times = [np.concatenate([t, n]) for t, n in zip(times, time_calls(fns, more, 0))]
+        times = [np.concatenate([t, n]) for t, n in zip(times, time_calls(fns, more, 0, clock))]
     return times
 
 
@@ -159,8 +164,10 @@ def ort_session(path: str | Path, threads: int):
 
 
 def measure_onnx_many(paths: Sequence[str | Path], input_shape: Sequence[int], batch: int, threads: int,
-                      runs: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
-    """Latency of each ONNX file (interleaved, until the ratios settle) in onnxruntime on the CPU."""
+                      runs: int = 30, warmup: int = 5,
+                      clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
+    """Latency of each ONNX file (interleaved, until the ratios settle) in onnxruntime on the CPU
+    (``clock``: see :func:`time_calls`)."""
     shape = _check(input_shape, batch, threads, runs, warmup)
     require("onnxruntime")
     sessions = [ort_session(p, threads) for p in paths]
@@ -168,7 +175,7 @@ def measure_onnx_many(paths: Sequence[str | Path], input_shape: Sequence[int], b
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
     try:
         times = time_until_stable([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs,
-                                  warmup)
+                                  warmup, clock=clock)
     except Exception as exc:
         raise SimpruneError(f"onnxruntime failed on input {shape}: {str(exc).splitlines()[0][:160]}") from exc
     return _summaries(times, batch, threads)
@@ -209,6 +216,12 @@ def machine_name() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
+def export_for_timing(models: Sequence[nn.Module], input_shape: Sequence[int], folder: str | Path) -> list[Path]:
+    """Each model exported (and verified) to ``folder/m<i>.onnx``, as onnxruntime will time it."""
+    return [Path(export_onnx(m, _input((1, *input_shape)), Path(folder) / f"m{i}.onnx")["path"])
+            for i, m in enumerate(models)]
+
+
 def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, threads: int = 1,
               batches: Sequence[int] = (1, 8), runs: int = 30, warmup: int = 5,
               engines: Sequence[str] = ENGINES, onnx_files: Sequence[str | Path] | None = None
@@ -216,7 +229,8 @@ def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, thread
     """Time every model in every engine at every batch size, models interleaved within each setting.
 
     Returns ``{(engine, batch): [stats per model]}``. ONNX files are exported (and verified) into a
-    temporary folder unless ``onnx_files`` are given, one per model.
+    temporary folder unless ``onnx_files`` are given, one per model and optionally more after them
+    (e.g. an int8 file), which onnxruntime times too.
     """
     unknown = set(engines) - set(ENGINES)
     if unknown or not engines:
@@ -229,8 +243,7 @@ def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, thread
         files = list(onnx_files or [])
         if "onnxruntime" in engines and not files:
             progress.stage(f"exporting {len(models)} models to ONNX for timing")
-            for i, m in enumerate(models):
-                files.append(export_onnx(m, _input((1, *shape)), Path(tmp) / f"m{i}.onnx")["path"])
+            files = export_for_timing(models, shape, tmp)
         for engine in engines:
             for b in batches:
                 progress.stage(f"timing {engine} at batch {b}: {runs} interleaved runs of each model")
@@ -242,11 +255,13 @@ def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, thread
 
 
 def latency_report(timings: dict[tuple[str, int], list[dict[str, Any]]], macs_before: float, macs_after: float,
-                   threads: int, runs: int, before: int = 0, after: int = 1) -> dict[str, Any]:
+                   threads: int, runs: int, before: int = 0, after: int = 1, int8: int = 2) -> dict[str, Any]:
     """The report keys ``latency_ms``, ``speedup`` and ``latency`` from :func:`benchmark`'s timings.
 
     The headline is onnxruntime at batch 1 (torch eager at batch 1 when onnxruntime was not timed);
     ``speedup.ratio`` is the measured speed-up over the MAC speed-up (1.0: latency fell as MACs did).
+    Settings that timed a model at index ``int8`` too (the pruned int8 file) get ``int8_*`` fields,
+    and the headline ``latency_ms.int8`` and ``speedup.int8`` (over the original).
     """
     rows = []
     for (engine, batch), stats in timings.items():
@@ -258,6 +273,9 @@ def latency_report(timings: dict[tuple[str, int], list[dict[str, Any]]], macs_be
             pair = a["vs_first"]
             row.update({"runs": a["runs"], "speedup_low": pair["speedup_low"], "speedup_high": pair["speedup_high"],
                         "stable": pair["stable"]})
+        if len(stats) > int8:
+            q = stats[int8]
+            row.update(int8_ms=q["median_ms"], int8_spread_ms=q["iqr_ms"], int8_speedup=b["median_ms"] / q["median_ms"])
         rows.append(row)
     head = next((r for r in rows if r["engine"] == "onnxruntime" and r["batch"] == 1), None) or \
         next((r for r in rows if r["batch"] == 1), rows[0])
@@ -274,7 +292,11 @@ def latency_report(timings: dict[tuple[str, int], list[dict[str, Any]]], macs_be
         progress.warn(f"timed with a 1-minute load average of {load:.1f} on {os.cpu_count()} cores: other processes "
                       "compete for the CPU and slow the longer-running model more, so the speed-ups may be "
                       "inflated; time again on an idle machine before publishing them")
-    return {"latency_ms": {"before": head["before_ms"], "after": head["after_ms"]},
+    keys = {"latency_ms": {"before": head["before_ms"], "after": head["after_ms"]},
             "speedup": {"measured": head["speedup"], "macs": mac_speedup, "ratio": head["speedup"] / mac_speedup},
             "latency": {"threads": threads, "runs": runs, "machine": machine_name(), "load_average": load,
                         "stable": all(r.get("stable", True) for r in rows), "rows": rows}}
+    if "int8_ms" in head:
+        keys["latency_ms"]["int8"] = head["int8_ms"]
+        keys["speedup"]["int8"] = head["int8_speedup"]
+    return keys

@@ -61,9 +61,12 @@ def _latency_blocks(data: dict) -> list[Block]:
     lat = data.get("latency") or {}
     blocks: list[Block] = []
     if lat.get("rows"):
+        int8 = any("int8_ms" in r for r in lat["rows"])
         rows = [[r["engine"], r["batch"], _ms(r["before_ms"]), _ms(r["after_ms"]), f"{r['speedup']:.2f}x"]
+                + ([_ms(r.get("int8_ms")), f"{r['int8_speedup']:.2f}x" if "int8_speedup" in r else ""] if int8 else [])
                 for r in lat["rows"]]
-        blocks.append(("table", ["engine", "batch", "before (median)", "after (median)", "speedup"], rows))
+        blocks.append(("table", ["engine", "batch", "before (median)", "after (median)", "speedup"]
+                       + (["int8 (median)", "int8 speedup"] if int8 else []), rows))
     speed = data.get("speedup") or {}
     if speed.get("measured") is not None:
         head = "onnxruntime at batch 1" if any(r["engine"] == "onnxruntime" and r["batch"] == 1
@@ -78,6 +81,32 @@ def _latency_blocks(data: dict) -> list[Block]:
                                       "share the cores)" if lat.get("load_average", 0) >= 1 else "") if s)
         blocks.append(("p", text + (f"; {where}." if where else ".")))
     return blocks
+
+
+def _int8_blocks(data: dict, original_top1: float | None) -> list[Block]:
+    """Original float32, pruned float32 and pruned int8 side by side: top-1, onnxruntime batch-1 latency, MiB."""
+    int8, lat, size = data.get("int8") or {}, data.get("latency_ms") or {}, data.get("size_mib") or {}
+    if not int8 and "int8" not in lat:
+        return []
+
+    def top1(v):
+        return "" if v is None else f"{v:.2f} %"
+
+    rows = [[name, top1(acc), _ms(lat.get(key)), "" if size.get(file) is None else f"{size[file]:.2f} MiB"]
+            for name, acc, key, file in (("original float32", int8.get("original_top1") or original_top1, "before",
+                                          "original"),
+                                         ("pruned float32", int8.get("fp32_top1"), "after", "pruned"),
+                                         ("pruned int8", int8.get("int8_top1"), "int8", "int8"))]
+    text = "Latency: onnxruntime, batch 1, median of the interleaved runs above; size: the ONNX file."
+    if int8:
+        tol = int8.get("tolerance") or {}
+        text = (f"Top-1 in onnxruntime on {int8.get('images')} test images of {int8.get('data')}; int8 picks "
+                f"float32's class on {int8.get('agreement', 0):.1f} % of them ("
+                + (f"kept: within {tol['max_drop']:.1f} points of float32" if "max_drop" in tol else
+                   f"kept: at least {tol.get('min_agreement', 0):g} % agreement")
+                + f"). The int8 file: {int8.get('method')}, {int8.get('calibration_images')} calibration images. "
+                + ("" if int8.get("original_top1") is not None else "Original: top-1 measured when pruning. ") + text)
+    return [("table", ["", "top-1", "latency", "size"], rows), ("p", text)]
 
 
 def _provenance(data: dict, versions: dict | None) -> tuple[str, list[Block]]:
@@ -140,6 +169,7 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
         sections.insert(1, ("Warnings", [("p", text) for text in data["warnings"]]))
     if data.get("latency"):
         sections.append(("Latency", _latency_blocks(data)))
+    sections.append(("Float32 and int8", _int8_blocks(data, (acc or {}).get("before"))))
     if data.get("layers"):
         sections.append(("Channels per layer", [("img", "channels.png",
                                                  "output channels of every conv/linear layer before (grey) and after")]))
@@ -282,6 +312,7 @@ def _demo_sections(data: dict, directory: Path, context: dict) -> tuple[str, lis
                                 f"{onnx.get('bytes', 0) / 2**20:.1f} MiB, verified in onnxruntime: max difference "
                                 f"{onnx.get('max_abs_diff', 0):.1e})."))
         sections.append(("Latency", blocks))
+    sections.append(("Float32 and int8", _int8_blocks(data, base)))
     sections.append(("Channels per layer", [("img", "channels.png", "output channels of every layer before "
                                              "(grey bars) and kept by each criterion (lines)")]))
     heat = _figures(directory, "similarity*.png", f"similarity of every pair of channels in each group of the "

@@ -119,8 +119,9 @@ def test_statistics_pass_equals_all_at_once():
     for root, probes in batched.items():
         for a, b in zip(probes, whole[root]):
             assert a.stats.images == 48
-            assert torch.allclose(a.stats.similarity("ssim"), b.stats.similarity("ssim"), atol=1e-10)
-            assert torch.allclose(a.stats.mstd(), b.stats.mstd(), atol=1e-10)
+            # float32 sums within a batch, float64 across: batching moves only the last float32 digits
+            assert torch.allclose(a.stats.similarity("ssim"), b.stats.similarity("ssim"), atol=1e-6)
+            assert torch.allclose(a.stats.mstd(), b.stats.mstd(), rtol=1e-6)
             assert isinstance(a.stats, ChannelStats)
 
 

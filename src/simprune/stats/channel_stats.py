@@ -36,6 +36,7 @@ METRICS = ("ssim", "ssim-windowed", "psnr", "cosine", "mstd", "rank", "gram", "n
 _COUNTS = ("images", "pixels", "null_images")
 _MAXIMA = ("max.hi", "max.neg_lo")
 CHUNK_ELEMENTS = 2**22  # float32 values per temporary (16 MiB): bounds memory whatever B, C, H, W
+ROW_BLOCK_ELEMENTS = 2**18  # float32 values per block of similarity rows (1 MiB): the passes stay in cache
 
 
 def _state_names(metrics, pooled: bool) -> list[str]:
@@ -115,10 +116,17 @@ class ChannelStats:
         flat = x.reshape(B, C, P)
         if any(m in self.metrics for m in MOMENT_METRICS + ("mstd", "gram")):
             nb = max(1, min(B, CHUNK_ELEMENTS // max(C * P, C * C)))
+            self._batch, means = {}, []  # float32 sums over this batch, added to the float64 state once
             for b0 in range(0, B, nb):
-                self._moments_chunk(flat[b0:b0 + nb], P)
+                means.append(self._moments_chunk(flat[b0:b0 + nb], P))
+            for name, total in self._batch.items():
+                self._state[name].add_(total)
+            if "gram" in self.metrics:  # sum over pixels of x x^T = P (cov + mean mean^T), per image
+                m64 = torch.cat(means).double()
+                self._state["gram"].addmm_(m64.T, m64, alpha=P)
+                self._add("channel_sum", P * m64.sum(0))
         else:
-            lo, hi = torch.aminmax(flat, dim=-1)
+            lo, hi = flat.amin(-1), flat.amax(-1)
             self._raise_max(hi.amax(0), lo.amin(0))
         if "ssim-windowed" in self.metrics:
             self._windowed(x)
@@ -134,9 +142,9 @@ class ChannelStats:
             self._state["null_images"] += images - 1 + self._has_prev
             self._has_prev = True
 
-    def _moments_chunk(self, xb: torch.Tensor, P: int) -> None:
+    def _moments_chunk(self, xb: torch.Tensor, P: int) -> torch.Tensor:
         """All moment-based statistics of a chunk of images: one float32 product per image (and one
-        with the previous image for the null); only small per-image results are summed, into float64."""
+        with the previous image for the null), summed over the batch in float32; returns the means."""
         xc = xb.to(torch.float32, copy=True)  # the one full-size temporary
         hi, lo = xc.amax(-1), xc.amin(-1)
         self._raise_max(hi.amax(0), lo.amin(0))
@@ -145,21 +153,39 @@ class ChannelStats:
         cov = torch.bmm(xc, xc.transpose(1, 2)).div_(P)  # (nb, C, C) float32
         var = cov.diagonal(dim1=1, dim2=2).clamp_min(0.0)
         mom = MapMoments(mean, var, lo, hi - lo)
-        kw = self._kw()
         for metric in (m for m in MOMENT_METRICS if m in self.metrics):
-            S = similarity_from_moments(metric, mom, mom, cov, **kw).sum(0).double()
-            S.diagonal().fill_(xb.shape[0] * (kw["cap"] if metric == "psnr" else 1.0))  # identical maps
-            self._add(f"sim.{metric}", S)
+            self._accumulate(f"sim.{metric}", metric, mom, mom, cov, identical=True)
         if "null" in self.metrics:
-            self._null_pairs(xc, mom, kw)
+            self._null_pairs(xc, mom)
         if "mstd" in self.metrics:
-            self._add("mstd", var.sqrt().sum(0))
+            self._batch_add("mstd", slice(None), var.sqrt().sum(0))
         if "gram" in self.metrics:
-            m64 = mean.double()
-            self._add("gram", P * (cov.sum(0).double() + m64.T @ m64))
-            self._add("channel_sum", P * m64.sum(0))
+            self._batch_add("gram", slice(None), cov[0] * P if cov.shape[0] == 1 else cov.sum(0).mul_(P))
+        return mean
 
-    def _null_pairs(self, xc: torch.Tensor, mom: MapMoments, kw: dict) -> None:
+    def _batch_add(self, name: str, rows: slice, value: torch.Tensor) -> None:
+        """Add a float32 partial sum into this batch's accumulator ``name`` (rows of it)."""
+        if name not in self._batch:
+            self._batch[name] = torch.zeros(self._state[name].shape, dtype=torch.float32, device=value.device)
+        self._batch[name][rows].add_(value)
+
+    def _accumulate(self, name: str, metric: str, a: MapMoments, b: MapMoments, cov: torch.Tensor,
+                    identical: bool = False) -> None:
+        """Add sum over images of ``similarity_from_moments`` into state ``name``, a block of rows at a
+        time: the dozen passes over each block then stay in cache however wide the layer. With
+        ``identical`` (a map with itself) the diagonal is exact: 1, or the PSNR cap."""
+        nb, C = cov.shape[0], cov.shape[-1]
+        rows = max(1, min(C, ROW_BLOCK_ELEMENTS // (nb * C)))
+        kw = self._kw()
+        for r0 in range(0, C, rows):
+            r1 = min(C, r0 + rows)
+            block = similarity_from_moments(metric, MapMoments(*(t[..., r0:r1] for t in _fields(a))), b,
+                                            cov[:, r0:r1], **kw).sum(0)
+            if identical:
+                block[torch.arange(r1 - r0), torch.arange(r0, r1)] = nb * (kw["cap"] if metric == "psnr" else 1.0)
+            self._batch_add(name, slice(r0, r1), block)
+
+    def _null_pairs(self, xc: torch.Tensor, mom: MapMoments) -> None:
         """Similarities of channel i on image n with channel j on image n-1 (centred maps xc)."""
         pairs = []
         if xc.shape[0] > 1:
@@ -172,7 +198,7 @@ class ChannelStats:
             pairs.append((MapMoments(*(t[:1] for t in _fields(mom))), pmom, cross))
         for a, b, cross in pairs:
             for metric in (m for m in MOMENT_METRICS if m in self.metrics):
-                self._add(f"null.{metric}", similarity_from_moments(metric, a, b, cross, **kw).sum(0))
+                self._accumulate(f"null.{metric}", metric, a, b, cross)
         self._prev = (xc[-1].clone(), MapMoments(*(t[-1:].clone() for t in _fields(mom))))
 
     def _windowed(self, x: torch.Tensor) -> None:

@@ -26,7 +26,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
           target: dict[str, float] | None = None, *, calibration=None, guards: Guards | None = None,
           ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 0.0,
           compensate: bool | str | None = None, protect_uncompensable: bool | None = None,
-          recalibrate_bn: bool | None = None, inplace: bool = False,
+          recalibrate_bn: bool | None = None, reconstruct: bool | None = None,
+          reconstruct_options: dict | None = None, inplace: bool = False,
           criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
           between: Callable[[nn.Module, int], None] | None = None, latency_table=None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
@@ -46,7 +47,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
                         between=between, inplace=inplace, criterion_options=criterion_options,
                         latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,
                         normalization=normalization, cost_weight=cost_weight, compensate=compensate,
-                        protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn)
+                        protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn,
+                        reconstruct=reconstruct, reconstruct_options=reconstruct_options)
 
 
 def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any], report: dict | None = None,

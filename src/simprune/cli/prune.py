@@ -89,7 +89,8 @@ def cmd_prune(args) -> int:
                             "source": str(args.checkpoint or "")}}
     prune_options = {"ignore": args.ignore or (), "normalization": args.normalization,
                      "cost_weight": args.cost_weight, "compensate": args.compensate,
-                     "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn}
+                     "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn,
+                     "reconstruct": args.reconstruct}
     if "latency" in target:
         pruned, report = prune_latency_target(args, model, example, criterion, target["latency"],
                                               calibration=calibration, guards=guards, prune_options=prune_options)
@@ -167,6 +168,10 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--protect-uncompensable", action=argparse.BooleanOptionalAction, default=None,
                    help="leave groups read by parameter-free layers (option-A shortcut) whole "
                         "(default: on when compensating)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="after removal, refit every layer that lost input channels (all k x k taps, least squares "
+                        "on the calibration images) to reproduce the unpruned model's output, in network order; "
+                        "any criterion (default: on with --calib-data; then --compensate defaults to off)")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the calibration images after pruning "
                         "(default: on with --calib-data)")
@@ -203,6 +208,9 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
         raise SimpruneError("--schedule soft trains while it prunes; give --finetune-epochs N (N >= 1) and --data")
     if args.schedule != "iterative" and (args.steps != 1 or args.epochs_between):
         raise SimpruneError("--steps and --epochs-between belong to --schedule iterative")
+    if args.schedule == "soft" and args.reconstruct:
+        raise SimpruneError("--reconstruct repairs a one-shot or iterative prune; --schedule soft trains instead, "
+                            "drop --reconstruct")
     if not epochs and not args.epochs_between:  # nothing trains: plain pruning, saved atomically by the caller
         if args.resume:
             raise SimpruneError("--resume continues fine-tuning, and this run has none; drop --resume")

@@ -77,7 +77,7 @@ class ScoreCache:
 
 
 def _load_builtin() -> None:
-    from simprune.criteria import weights  # noqa: F401, PLC0415
+    from simprune.criteria import refit_error, weights  # noqa: F401, PLC0415
     try:
         from simprune.criteria import features  # noqa: F401, PLC0415
     except ImportError:

@@ -1,14 +1,20 @@
 """Consumer-output refit and error-aware selection: hand-computed math, constructed networks where the
 answer is known, and the sequential refit on a small ResNet."""
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 import simprune
-from simprune.calibrate.consumer_inputs import RowSums, design_rows, refit_support
+from simprune.calibrate.consumer_inputs import design_rows, refit_support
 from simprune.criteria import get_criterion
 from simprune.engine.reconstruct import RefitOptions, reconstruct, refit_targets
 from simprune.engine.segments import find_chain, plan_segments, trace_calls
@@ -17,7 +23,7 @@ from simprune.graph.groups import PruningGraph
 from simprune.graph.removal import remove_channels
 from simprune.models import build_model
 from simprune.stats.refit import greedy_removal, refit_error, removal_costs, ridge_refit
-from tests.conftest import ZOO
+from tests.conftest import ZOO, require_fashion_mnist
 
 G2 = torch.tensor([[4.0, 2.0], [2.0, 3.0]], dtype=torch.float64)  # Gram of two input columns
 W2 = torch.tensor([[1.0, 2.0]], dtype=torch.float64)  # one output: y = x0 + 2 x1
@@ -142,9 +148,10 @@ def _prune_and_refit(model, channel, **options):
     reference = copy.deepcopy(model).eval()
     graph = PruningGraph(model.eval(), torch.zeros(1, 2, 8, 8))
     remove = {"conv1": [channel]}
-    targets = refit_targets(graph, remove)
+    options = RefitOptions(**{"scope": "readers", **options})
+    targets = refit_targets(graph, remove, options.scope)
     remove_channels(graph, remove)
-    summary = reconstruct(reference, model, targets, _batches(), RefitOptions(**options))
+    summary = reconstruct(reference, model, targets, _batches(), options)
     return reference, model, summary
 
 
@@ -300,3 +307,26 @@ def test_iterators_and_missing_data_are_refused_in_one_line():
     with pytest.raises(SimpruneError, match="reconstruct_options"):
         simprune.prune(model, torch.zeros(1, 3, 32, 32), "l1", {"flops": 0.3}, calibration=_images(),
                        reconstruct_options={"ridges": 1})
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_refit_the_same_weights_as_one_process(tmp_path):
+    require_fashion_mnist()
+    common = ["prune", "--checkpoint", str(ZOO / "resnet20-fashion-mnist"), "--criterion", "refit-error",
+              "--calib-data", "fashion-mnist", "--calib-images", "128", "--target-flops", "0.4", "--no-latency"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([str(Path(sys.executable).parent / "simprune"), *common, "--out", str(one)], check=True, env=env,
+                   capture_output=True)
+    res = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_port=29531",
+                          "-m", "simprune.cli", *common, "--out", str(two)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert set(r2["decision_fingerprint_per_rank"]) == {r1["decision_fingerprint"]}  # same channels everywhere
+    per_rank = r2["reconstructed"]["weights_fingerprint_per_rank"]
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # the same refit weights on every rank
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    refit = [f"{n}.weight" for n in r1["reconstructed"]["relative_error"]["per_layer"]]
+    for name in refit:  # statistics summed over the two halves equal those of all images at once
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-3, atol=1e-4)

@@ -160,7 +160,7 @@ def gram_bytes(layer: nn.Module) -> int:
 
 
 def consumer_grams(model: nn.Module, layers: dict[str, nn.Module], batches, precision: str = "fp32",
-                   max_gram_bytes: int = 1 << 30, max_positions: int | None = 256, seed: int = 0):
+                   max_gram_bytes: int = 1 << 30, max_positions: int | None = 128, seed: int = 0):
     """Yield ``(name, RowSums)`` of every layer's input over ``batches``, summed over ranks.
 
     Layers are gathered in passes whose Grams together stay under ``max_gram_bytes``, so memory is

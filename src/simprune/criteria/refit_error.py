@@ -41,7 +41,7 @@ class RefitError:
     normalization = "none"
 
     def __init__(self, ridge: float = 1e-4, precision: str = "bf16", max_gram_mib: int = 1024,
-                 max_positions: int | None = 256, progress: bool = False):
+                 max_positions: int | None = 128, progress: bool = False):
         """``precision``: the forward pass that gathers the Grams ("bf16" autocast or "fp32"); the products
         are float32 and the sums float64 either way. ``max_gram_mib`` bounds the Grams held at once;
         ``max_positions``: conv output positions read per image (random; None: all)."""

@@ -1,9 +1,11 @@
-"""Consumer-output refit: after channels are removed, every layer that read them gets new weights.
+"""Consumer-output refit: after channels are removed, the layers that read them get new weights.
 
-Each such layer (all k x k taps of its kept input channels, plus an intercept) is refit by ridge-damped
-least squares so that, on the calibration images, it reproduces the ORIGINAL model's output of that
-layer from the inputs the PRUNED network now gives it. Layers are refit in network order, each on the
-inputs of the network already repaired before it, so errors do not compound (ThiNet; He et al. 2017).
+Each layer that lost input channels (by default every conv and linear layer, so that those after a pruned
+one absorb the errors in what they read too) is refit, all k x k taps of its kept input channels plus an
+intercept, by ridge-damped least squares so that, on the calibration images, it reproduces the ORIGINAL
+model's output of that layer from the inputs the PRUNED network now gives it. Layers are refit in network
+order, each on the inputs of the network already repaired before it, so errors do not compound (ThiNet;
+He et al. 2017); the last layer of a residual block also cancels the error its shortcut carries in.
 
 Statistics per layer: the Gram of its unfolded input rows and their cross-correlation with the original
 output, float32 products summed in float64 batch by batch, all-reduced over torchrun ranks; one layer's
@@ -40,20 +42,28 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass
 class RefitOptions:
-    """``ridge``: damping relative to the Gram's mean diagonal; ``precision``: the forward passes ("fp32" or
-    "bf16" autocast; products are float32 either way); ``max_frontier_mib``: the stored block inputs of both
-    models may take this much, else every layer gets whole-model passes; ``max_positions``: conv output
-    positions read per image (drawn with ``seed``; None: all); ``scope``: which layers (see :func:`refit_targets`); ``sequential=False`` takes every layer's statistics
-    on the pruned network before any refit (the comparison that shows what the order buys); ``residual``: the
-    last layer of a residual block also cancels the error the block's shortcut carries in (its target becomes
-    the original output plus (shortcut_original - shortcut_pruned) / BN scale)."""
+    """How the refit runs. Defaults measured on the Fashion-MNIST ResNet-56 (bench/quality.py).
 
-    ridge: float = 1e-4
+    - ``ridge``: damping toward the current weights, relative to the Gram's mean diagonal;
+    - ``precision``: the forward passes, "fp32" or "bf16" autocast (faster, measured less accurate: the
+      refit then fits rounded inputs); products are float32 and sums float64 either way;
+    - ``max_frontier_mib``: the stored block inputs of both models may take this much, else every layer
+      gets whole-model passes (same result, slower);
+    - ``max_positions``: conv output positions read per image, at random (``seed``); None: all;
+    - ``scope``: "all" refits every conv and linear layer, so layers after a pruned one absorb the errors
+      in what they read too; "readers" only those that lost input channels (see :func:`refit_targets`);
+    - ``sequential``: each layer is refit on the inputs of the network already refit before it; False
+      takes every layer's statistics first (the comparison that shows what the order buys);
+    - ``residual``: the last layer of a residual block also cancels the error its shortcut carries in (its
+      target is the original output plus (shortcut_original - shortcut_pruned) / BN scale).
+    """
+
+    ridge: float = 1e-3
     precision: str = "fp32"
     max_frontier_mib: int = 2048
-    max_positions: int | None = 256
+    max_positions: int | None = 128
     seed: int = 0
-    scope: str = "readers"
+    scope: str = "all"
     sequential: bool = True
     residual: bool = True
 
@@ -62,19 +72,20 @@ class RefitOptions:
             raise SimpruneError(f"reconstruction precision must be fp32 or bf16, got {self.precision!r}")
         if not self.ridge >= 0:
             raise SimpruneError(f"reconstruction ridge must be >= 0, got {self.ridge}")
+        if self.scope not in SCOPES:
+            raise SimpruneError(f"reconstruction scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
 
 SCOPES = ("readers", "all")
 
 
-def refit_targets(graph: PruningGraph, remove: dict[str, list[int]], scope: str = "readers") -> dict[str, list[int] | None]:
+def refit_targets(graph: PruningGraph, remove: dict[str, list[int]],
+                  scope: str = "all") -> dict[str, list[int] | None]:
     """Layers (by name) to refit under ``remove`` -> the original output channels each keeps (None: all).
 
     ``scope="readers"``: the layers that lose input channels; ``"all"``: every conv and linear layer, so
     that layers after a pruned one also absorb the small errors in what they read. Call before the
     removal: the indices are the original ones."""
-    if scope not in SCOPES:
-        raise SimpruneError(f"reconstruction scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     readers, out_removed = set(), {}
     for group in graph.groups:
         chans = remove.get(group.root) or []
@@ -305,27 +316,30 @@ def reconstruct(original: nn.Module, pruned: nn.Module, targets: dict[str, list[
         refitter.frontier = None
         for m, training in modes:
             m.train(training)
-    weights = {f"{n}.{k}": v for n in wanted for k, v in pruned.get_submodule(n).state_dict().items()}
+    return _summary(refitter, skipped, options, _count_images(calibration)) | {"seconds": time.perf_counter() - t0}
+
+
+def _summary(refitter: _Refitter, skipped: dict[str, str], options: RefitOptions, images: int) -> dict:
+    """What the refit did, for the report; raises when torchrun ranks ended with different weights."""
+    plan, pruned, errors = refitter.plan, refitter.pruned, refitter.errors
+    weights = {f"{n}.{k}": v for n in errors for k, v in pruned.get_submodule(n).state_dict().items()}
     weights.update({f"{bn}.running_mean": pruned.get_submodule(bn).running_mean for n, bn in plan.bn_after.items()
-                    if n in wanted})
+                    if n in errors})
     per_rank = distributed.gather_fingerprints(weights)
     if len(set(per_rank)) != 1:
         raise SimpruneError(f"ranks disagree on the refit weights ({', '.join(per_rank)}); the processes saw "
                             "different models or data: check --seed, the checkpoint and the data path on every node")
-    errors = refitter.errors
     return {
         "layers": len(errors), "skipped": skipped,
         "blocks": sum(1 for s in plan.segments if s.module is not None),
         "whole_model_passes": sum(len(s.layers) for s in plan.segments if s.module is None),
-        "frontier_mib": 2 * plan.frontier_bytes_per_image * _count_images(calibration) / 2 ** 20,
+        "frontier_mib": 2 * plan.frontier_bytes_per_image * images / 2 ** 20,
         "largest_gram_mib": refitter.largest_gram / 2 ** 20,
         "relative_error": {"before": _mean(e[0] for e in errors.values()),
                            "after": _mean(e[1] for e in errors.values()),
                            "per_layer": {n: {"before": e[0], "after": e[1]} for n, e in errors.items()}},
-        "ridge": options.ridge, "precision": options.precision,
-        "sequential": options.sequential, "scope": options.scope,
-        "weights_fingerprint_per_rank": per_rank,
-        "seconds": time.perf_counter() - t0,
+        "ridge": options.ridge, "precision": options.precision, "sequential": options.sequential,
+        "residual": options.residual, "scope": options.scope, "weights_fingerprint_per_rank": per_rank,
     }
 
 

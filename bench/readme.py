@@ -70,11 +70,21 @@ def _quality_table(m: dict) -> str:
     sp = m.get("speed")
     if sp:
         text += (f" The whole prune with reconstruction at {100 * sp['target']:.0f} % ({sp['criterion']}, from "
-                 f"scratch) took {sp['prune_s']:.1f} s: {sp['ratio_fp32']:.1f}x a bare fp32 forward over the same "
-                 f"images ({sp['bare_forward_fp32_s']:.1f} s), {sp['ratio_bf16']:.1f}x a bf16 one "
-                 f"({sp['bare_forward_bf16_s']:.1f} s); {sp['layers_refit']} layers refit in {sp['blocks']} blocks, "
-                 f"largest Gram {sp['largest_gram_mib']:.1f} MiB, stored block inputs {sp['frontier_mib']:.0f} MiB.")
-    return text + f" `{m['command'].strip()}`"
+                 f"scratch) took {sp['prune_cpu_s']:.1f} s of CPU time: {sp['ratio_fp32']:.1f}x a bare fp32 forward "
+                 f"over the same images ({sp['bare_forward_fp32_cpu_s']:.1f} s), {sp['ratio_bf16']:.1f}x a bf16 "
+                 f"autocast one ({sp['bare_forward_bf16_cpu_s']:.1f} s); {sp['layers_refit']} layers refit in "
+                 f"{sp['blocks']} blocks, largest Gram {sp['largest_gram_mib']:.1f} MiB, stored block inputs "
+                 f"{sp['frontier_mib']:.0f} MiB.")
+    text += f" `{m['command'].strip()}`"
+    if m.get("ablations"):
+        targets = sorted({r["target"] for r in m["ablations"]})
+        cells = {(r["variant"], r["target"]): r for r in m["ablations"]}
+        variants = list(dict.fromkeys(r["variant"] for r in m["ablations"]))
+        text += ("\n\nWhat each part of the refit adds (refit-error selection; `python bench/quality.py "
+                 "--ablations`):\n\n" + _table(["refit", *[f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]],
+                                                [[v, *[f"{cells[(v, t)]['top1']:.2f} ({cells[(v, t)]['change']:+.2f})"
+                                                       if (v, t) in cells else "" for t in targets]] for v in variants]))
+    return text
 
 
 def render_quality(data: dict) -> str:

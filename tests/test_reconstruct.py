@@ -239,6 +239,8 @@ def test_the_chain_runs_block_by_block_through_the_flatten_into_the_classifier()
     assert [s.module for s in plan.segments][:1] == [None]  # the stem conv reads the images: a model pass
     assert plan.segments[-1].module == "fc" and plan.segments[-1].flatten
     assert plan.bn_after["layer1.0.conv2"] == "layer1.0.bn2"
+    residual = {s.module: s.residual for s in plan.segments}  # what each block adds to its last BN's output
+    assert residual["layer1.1"] == "" and residual["layer2.0"] == "layer2.0.shortcut" and residual["fc"] is None
     small = plan_segments(model, torch.randn(2, 3, 32, 32), layers, 1, images=64)  # no room to store inputs
     assert all(s.module is None for s in small.segments) and len(small.segments) == len(layers)
 
@@ -330,3 +332,52 @@ def test_torchrun_ranks_refit_the_same_weights_as_one_process(tmp_path):
     refit = [f"{n}.weight" for n in r1["reconstructed"]["relative_error"]["per_layer"]]
     for name in refit:  # statistics summed over the two halves equal those of all images at once
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-3, atol=1e-4)
+
+
+class Flat(nn.Module):
+    """A conv read through a flatten by a linear layer: each channel is four columns of fc1's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(16, 6)
+        self.fc2 = nn.Linear(6, 3)
+        with torch.no_grad():  # channel 3 duplicates channel 0
+            self.conv.weight[3], self.conv.bias[3] = self.conv.weight[0], self.conv.bias[0]
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(self.conv(x).flatten(1))))
+
+
+def test_a_flatten_consumer_rebuilds_a_duplicate_channel_and_scores_it_free():
+    torch.manual_seed(0)
+    model = Flat().eval()
+    batches = [(torch.randn(32, 2, 4, 4),) for _ in range(3)]
+    graph = PruningGraph(model, torch.zeros(1, 2, 4, 4))
+    scores = get_criterion("refit-error", precision="fp32", ridge=1e-9).score(graph, batches).scores["conv"]
+    assert int(torch.argmin(scores)) in (0, 3) and float(scores.min()) < 1e-6 and float(scores[1]) > 1e-3
+    reference = copy.deepcopy(model)
+    targets = refit_targets(graph, {"conv": [3]}, "readers")
+    remove_channels(graph, {"conv": [3]})
+    assert model.fc1.in_features == 12
+    reconstruct(reference, model, targets, batches, RefitOptions(ridge=1e-9, scope="readers"))
+    x = torch.randn(8, 2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", pytest.param("vgg16", marks=pytest.mark.slow)])
+def test_refit_runs_on_depthwise_and_plain_chains_and_lowers_the_output_error(name):
+    torch.manual_seed(0)
+    reference = build_model(name, num_classes=10).eval()
+    images = [(torch.randn(8, 3, 32, 32),) for _ in range(2)]
+    test = torch.randn(8, 3, 32, 32)
+    errors = {}
+    for refit in (False, True):
+        pruned, report = simprune.prune(reference, torch.zeros(1, 3, 32, 32), "l1", {"flops": 0.3},
+                                        calibration=images, reconstruct=refit, recalibrate_bn=False)
+        with torch.no_grad():
+            errors[refit] = float(((pruned(test) - reference(test)) ** 2).mean())
+    refit_info = report["reconstructed"]
+    assert refit_info["layers"] > 0 and refit_info["blocks"] > 0
+    assert errors[True] < errors[False]

@@ -52,9 +52,9 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--target-kind", choices=["flops", "params"], default="flops")
     p.add_argument("--compensate", default="default",
                    help=f"comma-separated, for criteria that compensate: {', '.join(COMPENSATIONS)}")
-    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
-                   help="refit every layer that lost input channels to reproduce the unpruned model's output, "
-                        "for every criterion (default: on)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the layers to reproduce the unpruned model's outputs after every prune (default: "
+                        "on, except for rows of an explicit --compensate lstsq/twin fold)")
     p.add_argument("--schedules", default="oneshot",
                    help="comma-separated: oneshot, iterative[:STEPS] (re-scored steps, no fine-tuning between)")
     p.add_argument("--protect-uncompensable", action=argparse.BooleanOptionalAction, default=True,

@@ -171,7 +171,8 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="after removal, refit every layer that lost input channels (all k x k taps, least squares "
                         "on the calibration images) to reproduce the unpruned model's output, in network order; "
-                        "any criterion (default: on with --calib-data; then --compensate defaults to off)")
+                        "any criterion (default: on with --calib-data unless --compensate asks for the criterion's "
+                        "channel fold; with the refit the fold defaults to off)")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the calibration images after pruning "
                         "(default: on with --calib-data)")

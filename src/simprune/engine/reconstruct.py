@@ -332,6 +332,8 @@ def _summary(refitter: _Refitter, skipped: dict[str, str], options: RefitOptions
     return {
         "layers": len(errors), "skipped": skipped,
         "blocks": sum(1 for s in plan.segments if s.module is not None),
+        "residual_blocks": sum(1 for s in plan.segments if s.residual is not None and s.layers) if options.residual
+        else 0,
         "whole_model_passes": sum(len(s.layers) for s in plan.segments if s.module is None),
         "frontier_mib": 2 * plan.frontier_bytes_per_image * images / 2 ** 20,
         "largest_gram_mib": refitter.largest_gram / 2 ** 20,

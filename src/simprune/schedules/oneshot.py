@@ -50,11 +50,11 @@ def select_channels(graph: PruningGraph, crit, target: dict[str, float], cost: C
 
 
 def _repair_options(crit, compensate, protect_uncompensable, recalibrate_bn, calibration, refit):
-    """Resolve the defaults: reconstruction when calibration data is given; compensation by the criterion's
-    default unless the refit replaces it; protection when compensating or refitting; BN re-estimation when
-    calibration data is given."""
+    """Resolve the defaults: the refit when calibration data is given and no channel fold was asked for;
+    then the criterion's own fold only without the refit; protection when folding or refitting; BN
+    re-estimation when calibration data is given."""
     if refit is None:
-        refit = calibration is not None
+        refit = calibration is not None and not compensate
     if refit and calibration is None:
         raise SimpruneError("reconstruction needs calibration data; pass calibration= (the CLI's --calib-data) "
                             "or reconstruct=False (--no-reconstruct)")
@@ -78,9 +78,10 @@ def prune_oneshot(model: nn.Module, example_input: torch.Tensor, crit, target: d
                   latency_table=None) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place to ``target`` with ``crit`` (a criterion or its name); returns (model, report).
 
-    ``reconstruct`` (default: on when ``calibration`` is given) refits every layer that lost input channels
-    so it reproduces the unpruned model's output (:mod:`simprune.engine.reconstruct`), before BatchNorm
-    re-estimation; ``reconstruct_options`` (a RefitOptions or its fields) tunes it."""
+    ``reconstruct`` (default: on when ``calibration`` is given and no channel fold was asked for with
+    ``compensate``) refits the layers so they reproduce the unpruned model's outputs
+    (:mod:`simprune.engine.reconstruct`), before BatchNorm re-estimation; ``reconstruct_options`` (a
+    RefitOptions or its fields) tunes it."""
     crit = resolve_criterion(crit, None, calibration)
     model.eval()
     if calibration is not None:

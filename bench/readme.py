@@ -61,21 +61,53 @@ def render_scale(data: dict) -> str:
         f"{data['batch']}, random weights and images; torchrun rows: `--images --keep --torchrun 1 2`)."
 
 
+def _quality_table(m: dict) -> str:
+    """One model: a line per (criterion, repair), a column per MACs target."""
+    by: dict[tuple[str, str], dict] = {}
+    for r in m["rows"]:
+        by.setdefault((r["criterion"], r["repair"]), {})[r["target"]] = r
+    order = list(dict.fromkeys(r["criterion"] for r in m["rows"]))
+    keys = sorted(by, key=lambda k: (order.index(k[0]), k[1] == "refit"))
+    targets = sorted({r["target"] for r in m["rows"]})
+    header = ["criterion", "reconstruction"] + [f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]
+    rows = [[crit, repair] + [f"{by[(crit, repair)][t]['top1']:.2f} ({by[(crit, repair)][t]['change']:+.2f})"
+                              if t in by[(crit, repair)] else "" for t in targets] for crit, repair in keys]
+    best = []
+    for t in targets:
+        ours = [r for r in m["rows"] if r["target"] == t and not r["criterion"].startswith("tp:")]
+        peers = [r for r in m["rows"] if r["target"] == t and r["criterion"].startswith("tp:") and not r["reconstructed"]]
+        if ours:
+            top = max(ours, key=lambda r: r["top1"])
+            line = f"{100 * t:.0f} %: {top['criterion']} + {top['repair']} {top['top1']:.2f}"
+            if peers:
+                peer = max(peers, key=lambda r: r["top1"])
+                line += f" (best Torch-Pruning importance as it comes: {peer['criterion']} {peer['top1']:.2f})"
+            best.append(line)
+    text = (f"**{m['model']}** (`{m['checkpoint']}`, baseline top-1 {m['baseline_top1']:.2f} % on "
+            f"{m['eval_images']} test images, {m['calib_images']} calibration images):\n\n" + _table(header, rows) +
+            "\n\nBest simprune row per target: " + "; ".join(best) + ".")
+    sp = m.get("speed")
+    if sp:
+        text += (f" The whole prune with reconstruction at {100 * sp['target']:.0f} % ({sp['criterion']}, from "
+                 f"scratch) took {sp['prune_cpu_s']:.1f} s of CPU time: {sp['ratio_fp32']:.1f}x a bare fp32 forward "
+                 f"over the same images ({sp['bare_forward_fp32_cpu_s']:.1f} s), {sp['ratio_bf16']:.1f}x a bf16 "
+                 f"autocast one ({sp['bare_forward_bf16_cpu_s']:.1f} s); {sp['layers_refit']} layers refit in "
+                 f"{sp['blocks']} blocks, largest Gram {sp['largest_gram_mib']:.1f} MiB, stored block inputs "
+                 f"{sp['frontier_mib']:.0f} MiB.")
+    text += f" `{m['command'].strip()}`"
+    if m.get("ablations"):
+        targets = sorted({r["target"] for r in m["ablations"]})
+        cells = {(r["variant"], r["target"]): r for r in m["ablations"]}
+        variants = list(dict.fromkeys(r["variant"] for r in m["ablations"]))
+        text += ("\n\nWhat each part of the refit adds (refit-error selection; `python bench/quality.py "
+                 "--ablations`):\n\n" + _table(["refit", *[f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]],
+                                                [[v, *[f"{cells[(v, t)]['top1']:.2f} ({cells[(v, t)]['change']:+.2f})"
+                                                       if (v, t) in cells else "" for t in targets]] for v in variants]))
+    return text
+
+
 def render_quality(data: dict) -> str:
-    by = {}
-    for r in data["rows"]:
-        comp = r["compensated"]
-        label = r["criterion"] + ("" if not comp else f" + {comp}")
-        by.setdefault(label, {})[r["target"]] = r
-    targets = sorted({r["target"] for r in data["rows"]})
-    header = ["criterion"] + [f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]
-    rows = []
-    for label, cells in by.items():
-        rows.append([label] + [f"{cells[t]['top1']:.2f} ({cells[t]['change']:+.2f})" if t in cells else ""
-                               for t in targets])
-    return _table(header, rows) + (
-        f"\n\nBaseline top-1 {data['baseline_top1']:.2f} % on {data['eval_images']} Fashion-MNIST test images; "
-        f"{data['calib_images']} calibration images; no fine-tuning. {_machine(data)} `python bench/quality.py`.")
+    return "\n\n".join(_quality_table(m) for m in data["models"]) + f"\n\nNo fine-tuning. {_machine(data)}"
 
 
 def render_finetune(data: dict) -> str:

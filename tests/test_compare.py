@@ -23,7 +23,9 @@ def test_compare_on_a_small_trained_model(cli, tmp_path):
     assert code == 0, err
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
-    assert [(r["label"], r["target"]) for r in rows] == [(c, t) for c in ("qsfm", "l1", "random") for t in (0.3, 0.5)]
+    assert [(r["label"], r["target"]) for r in rows] == \
+        [(f"{c} + refit", t) for c in ("qsfm", "l1", "random") for t in (0.3, 0.5)]  # the refit is the default
+    assert all(r["reconstructed"] and r["compensated"] is False for r in rows)
     assert data["baseline_top1"] > 90 and data["test_images"] == 300 and data["calibration"]["images"] == 64
     for r in rows:
         assert abs(r["flops_removed"] - r["target"]) <= 0.02, r
@@ -38,7 +40,7 @@ def test_compare_on_a_small_trained_model(cli, tmp_path):
         [(r["label"], r["target"], r["top1"]) for r in rows]
     md = (out / "results.md").read_text()
     assert "| criterion | 30 % MACs: top-1 (change) | 50 % MACs: top-1 (change) |" in md
-    for name in ("qsfm", "l1", "random"):
+    for name in ("qsfm + refit", "l1 + refit", "random + refit"):
         cells = [f"{r['top1']:.2f} ({r['change']:+.2f})" for r in rows if r["label"] == name]
         assert f"| {name} | {cells[0]} | {cells[1]} |" in md and f"| {name} | {cells[0]} | {cells[1]} |" in stdout
     assert (out / "accuracy_vs_flops.png").read_bytes().startswith(b"\x89PNG")
@@ -51,10 +53,11 @@ def test_compare_iterative_schedule_and_errors(cli, tmp_path):
     out = tmp_path / "it"
     code, _, err = cli("compare", "--model", "resnet20", "--data", "fashion-mnist-sample", "--pad-to", "32",
                        "--criteria", "l1", "--targets", "0.4", "--schedules", "oneshot,iterative:2",
-                       "--eval-images", "32", "--calib-images", "32", "--out", out, "--quiet")
+                       "--eval-images", "32", "--calib-images", "32", "--no-reconstruct", "--out", out, "--quiet")
     assert code == 0, err
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["l1", "l1 / iterative:2"]
+    assert [r["label"] for r in rows] == ["l1", "l1 / iterative:2"]  # --no-reconstruct: no refit, no suffix
+    assert not any(r["reconstructed"] for r in rows)
     assert all(abs(r["flops_removed"] - 0.4) <= 0.02 for r in rows)
     assert rows[0]["params"] != rows[1]["params"]  # re-scored after the first step: another structure
     assert [r["model_dir"] for r in rows] == ["models/l1-0.4", "models/l1-iterative-2-0.4"]

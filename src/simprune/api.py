@@ -21,7 +21,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
           target: dict[str, float] | None = None, *, calibration=None, guards: Guards | None = None,
           ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 0.0,
           compensate: bool | str | None = None, protect_uncompensable: bool | None = None,
-          recalibrate_bn: bool | None = None, inplace: bool = False,
+          recalibrate_bn: bool | None = None, reconstruct: bool | None = None,
+          reconstruct_options: dict | None = None, inplace: bool = False,
           criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
           between: Callable[[nn.Module, int], None] | None = None, latency_table=None,
           calib_precision: str | None = None, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
@@ -48,7 +49,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
                         latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,
                         normalization=normalization, cost_weight=cost_weight, compensate=compensate,
                         protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn,
-                        calib_precision=calib_precision, device=device)
+                        calib_precision=calib_precision, device=device, reconstruct=reconstruct,
+                        reconstruct_options=reconstruct_options)
 
 
 def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any] | None = None,

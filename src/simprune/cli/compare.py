@@ -60,6 +60,9 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--target-kind", choices=["flops", "params"], default="flops")
     p.add_argument("--compensate", default="default",
                    help=f"comma-separated, for criteria that compensate: {', '.join(COMPENSATIONS)}")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the layers to reproduce the unpruned model's outputs after every prune (default: "
+                        "on, except for rows of an explicit --compensate lstsq/twin fold)")
     p.add_argument("--schedules", default="oneshot",
                    help="comma-separated: oneshot, iterative[:STEPS] (re-scored steps, no fine-tuning between)")
     p.add_argument("--protect-uncompensable", action=argparse.BooleanOptionalAction, default=True,
@@ -141,6 +144,7 @@ def cmd_compare(args) -> int:
         for run in run_grid(model, torch.zeros(1, *shape), specs, targets, calibration=calibration, test=test,
                             base_top1=base_top1, kind=args.target_kind, compensations=compensations,
                             schedules=schedules, protect_uncompensable=args.protect_uncompensable,
+                            reconstructions=(args.reconstruct,),
                             progress=True, guards=Guards(round_to=args.round_to), device=args.device):
             rows.append(run["row"])
             if run["row"]["target"] == chart_target:

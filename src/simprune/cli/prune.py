@@ -100,7 +100,8 @@ def cmd_prune(args) -> int:
                                                      args.data_dir)
     prune_options = {"ignore": args.ignore or (), "normalization": args.normalization,
                      "cost_weight": args.cost_weight, "compensate": args.compensate,
-                     "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn}
+                     "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn,
+                     "reconstruct": args.reconstruct}
     if "latency" in target:
         pruned, report = prune_latency_target(args, model, example, criterion, target["latency"],
                                               calibration=calibration, guards=guards, prune_options=prune_options)
@@ -204,6 +205,11 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--protect-uncompensable", action=argparse.BooleanOptionalAction, default=None,
                    help="leave groups read by parameter-free layers (option-A shortcut) whole "
                         "(default: on when compensating)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="after removal, refit every layer that lost input channels (all k x k taps, least squares "
+                        "on the calibration images) to reproduce the unpruned model's output, in network order; "
+                        "any criterion (default: on with --calib-data unless --compensate asks for the criterion's "
+                        "channel fold; with the refit the fold defaults to off)")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the calibration images after pruning "
                         "(default: on with --calib-data)")
@@ -237,6 +243,9 @@ def _check_schedule_flags(args, epochs: int) -> None:
         raise SimpruneError("--steps and --epochs-between belong to --schedule iterative")
     if args.resume and not epochs and not args.epochs_between:
         raise SimpruneError("--resume continues fine-tuning, and this run has none; drop --resume")
+    if args.schedule == "soft" and args.reconstruct:
+        raise SimpruneError("--reconstruct repairs a one-shot or iterative prune; --schedule soft trains instead, "
+                            "drop --reconstruct")
 
 
 def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion: Any, target: dict, *,

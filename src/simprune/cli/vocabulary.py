@@ -31,6 +31,7 @@ API_FLAGS: dict[str, tuple[str, str]] = {
     "max_layer_ratio": ("--max-layer-ratio", "R"),
     "round_to": ("--round-to", "N"),
     "model": ("--model", "NAME"),
+    "reconstruct": ("--reconstruct", ""),
     "builder": ("--model", "pkg.module:factory"),
     "num_classes": ("--num-classes", "N"),
     "in_channels": ("--in-channels", "N"),

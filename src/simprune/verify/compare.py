@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ from simprune.verify.reports import write_report
 from simprune.verify.tables import markdown_table, pivot_table, run_label
 
 COMPENSATIONS = ("default", "lstsq", "twin", "none")
-COLUMNS = ["label", "criterion", "compensated", "schedule", "target", "flops_removed", "params_removed", "macs",
-           "params", "top1", "change", "score_s", "seconds", "latency_ms", "speedup", "model_dir"]
+COLUMNS = ["label", "criterion", "compensated", "reconstructed", "schedule", "target", "flops_removed",
+           "params_removed", "macs", "params", "top1", "change", "score_s", "seconds", "latency_ms", "speedup",
+           "model_dir"]
 
 
 @dataclass(frozen=True)
@@ -103,42 +105,46 @@ def schedule_options(schedule: str) -> dict:
 
 def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[float], *, calibration, test,
              base_top1: float, kind: str = "flops", compensations=("default",), schedules=("oneshot",),
-             protect_uncompensable: bool = True, progress: bool = False, **prune_options) -> Iterator[dict]:
-    """Prune ``model`` for every (criterion, compensation, schedule, target) and evaluate on ``test``.
+             reconstructions=(None,), protect_uncompensable: bool = True, progress: bool = False,
+             **prune_options) -> Iterator[dict]:
+    """Prune ``model`` for every (criterion, compensation, refit, schedule, target) and evaluate on ``test``.
 
+    ``reconstructions``: values of ``reconstruct`` to run (None: the default, on with calibration data).
     Yields {"row", "model", "report", "result"} one run at a time (``result``: the criterion's
     CriterionResult, e.g. its similarity matrices); ``model`` itself is never modified.
     ``prune_options`` (e.g. ``cost_weight``, ``guards``) go to every :func:`simprune.schedules.run.run_schedule` call.
     """
     crits = [get_criterion(s.name, **s.options) for s in specs]
-    total = sum(len(_modes(c, list(compensations))) for c in crits) * len(schedules) * len(targets)
+    total = sum(len(_modes(c, list(compensations))) for c in crits) * len(schedules) * len(targets) * \
+        len(reconstructions)
     done = 0
     for spec, crit in zip(specs, crits):
         for schedule in schedules:
             extra = schedule_options(schedule)
             cache = ScoreCache(crit, reuse=not extra)  # re-scored at every step of a schedule
             score_s = None
-            for comp in _modes(crit, list(compensations)):
-                for target in targets:
-                    t0 = time.perf_counter()
-                    pruned, report = run_schedule(model, example, cache, {kind: target}, calibration=calibration,
-                                               compensate=comp, protect_uncompensable=protect_uncompensable,
-                                               recalibrate_bn=calibration is not None, **extra,
-                                               **prune_options)
-                    score_s = (report.get("seconds") or {}).get("scores") if score_s is None else score_s
-                    top1 = evaluate(pruned, test, progress=progress, desc=f"top-1 of {spec.label} at {target:g}",
-                                    device=prune_options.get("device"))["top1"]
-                    row = {"criterion": spec.label, "compensated": report["compensated"], "schedule": schedule,
-                           "target": target, "flops_removed": report["reduction"]["flops"],
-                           "params_removed": report["reduction"]["params"], "macs": report["macs"]["after"],
-                           "params": report["params"]["after"], "top1": top1, "change": top1 - base_top1,
-                           "score_s": score_s, "seconds": time.perf_counter() - t0}
-                    row = {"label": run_label(row), **row}
-                    done += 1
-                    if progress:
-                        progress_note(f"[{done}/{total}] {row['label']} at {target:g}: MACs "
-                                      f"-{row['flops_removed']:.1%}, top-1 {top1:.2f} % ({row['seconds']:.0f} s)")
-                    yield {"row": row, "model": pruned, "report": report, "result": cache.result}
+            for comp, refit, target in itertools.product(_modes(crit, list(compensations)), reconstructions,
+                                                     targets):
+                t0 = time.perf_counter()
+                pruned, report = run_schedule(model, example, cache, {kind: target}, calibration=calibration,
+                                              compensate=comp, protect_uncompensable=protect_uncompensable,
+                                              recalibrate_bn=calibration is not None, reconstruct=refit,
+                                              **extra, **prune_options)
+                score_s = (report.get("seconds") or {}).get("scores") if score_s is None else score_s
+                top1 = evaluate(pruned, test, progress=progress, desc=f"top-1 of {spec.label} at {target:g}",
+                                device=prune_options.get("device"))["top1"]
+                row = {"criterion": spec.label, "compensated": report["compensated"],
+                       "reconstructed": bool(report.get("reconstructed")), "schedule": schedule,
+                       "target": target, "flops_removed": report["reduction"]["flops"],
+                       "params_removed": report["reduction"]["params"], "macs": report["macs"]["after"],
+                       "params": report["params"]["after"], "top1": top1, "change": top1 - base_top1,
+                       "score_s": score_s, "seconds": time.perf_counter() - t0}
+                row = {"label": run_label(row), **row}
+                done += 1
+                if progress:
+                    progress_note(f"[{done}/{total}] {row['label']} at {target:g}: MACs "
+                                  f"-{row['flops_removed']:.1%}, top-1 {top1:.2f} % ({row['seconds']:.0f} s)")
+                yield {"row": row, "model": pruned, "report": report, "result": cache.result}
 
 
 def results_markdown(data: dict) -> str:

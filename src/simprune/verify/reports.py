@@ -180,6 +180,7 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     settings = [["criterion", data["criterion"]], ["target", _title_target(data["target"])],
                 ["compensation", data.get("compensated") or "none"],
                 ["groups left whole (uncompensable)", len(data.get("protected_groups") or [])],
+                ["reconstruction (layer refit)", _refit_summary(data.get("reconstructed"))],
                 ["BatchNorm re-estimated", "yes" if data.get("bn_recalibrated") else "no"]]
     if data.get("schedule"):
         settings.append(["schedule", ", ".join(f"{k}={v}" for k, v in data["schedule"].items())])
@@ -190,6 +191,20 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
         settings.append(["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())])
     sections.append(("Settings", [("table", ["", ""], settings)]))
     return title, sections
+
+
+def _refit_summary(refit: dict | None) -> str:
+    """One line on the consumer refit: how many layers, how, and the error it left."""
+    if not refit:
+        return "no"
+    err = refit.get("relative_error") or {}
+    line = (f"{refit['layers']} layers refit {'in network order' if refit.get('sequential', True) else 'at once'} "
+            f"({refit.get('blocks', 0)} blocks)")
+    if err.get("before") is not None:
+        line += f", mean relative error {err['before']:.4f} -> {err['after']:.4f}"
+    if refit.get("skipped"):
+        line += f", {len(refit['skipped'])} skipped: " + "; ".join(f"{k} ({v})" for k, v in refit["skipped"].items())
+    return line
 
 
 # ---- analyze --------------------------------------------------------------------------------

@@ -381,3 +381,15 @@ def test_refit_runs_on_depthwise_and_plain_chains_and_lowers_the_output_error(na
     refit_info = report["reconstructed"]
     assert refit_info["layers"] > 0 and refit_info["blocks"] > 0
     assert errors[True] < errors[False]
+
+
+def test_in_place_operations_do_not_link_blocks():
+    # torchvision's BasicBlock runs ReLU(inplace=True) between bn1 and conv2 and `out += identity` after bn2:
+    # the same tensor object, changed in between, must not chain bn1 -> conv2
+    model = build_model("torchvision:resnet18", num_classes=10).eval()
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    plan = plan_segments(model, torch.randn(1, 3, 64, 64), layers, 1 << 30, images=64)
+    blocks = [s.module for s in plan.segments if s.module]
+    assert "layer1.0" in blocks and not any(b.startswith("layer1.0.") for b in blocks)
+    residual = {s.module: s.residual for s in plan.segments}
+    assert residual["layer1.0"] == ""  # relu(bn2 + block input), verified on the traced values

@@ -297,7 +297,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, targets: dict[str, list[
     t0 = time.perf_counter()
     skipped = {n: r for n in targets if (r := refit_support(pruned.get_submodule(n))) is not None}
     wanted = {n: keep for n, keep in targets.items() if n not in skipped}
-    example = _images(next(iter(calibration)))[:2]
+    example = _images(next(iter(calibration)))[:1]
     plan = plan_segments(pruned, example, list(wanted), options.max_frontier_mib << 20, _count_images(calibration))
     for n in list(wanted):
         if plan.calls[n] != 1:

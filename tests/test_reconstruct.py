@@ -103,7 +103,7 @@ def test_design_rows_times_the_weights_is_the_layer_output(conv):
     if conv.padding_mode == "zeros":
         ref = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
         torch.testing.assert_close(rows, ref.transpose(1, 2).reshape(-1, ref.shape[1]))
-    sub = list(design_rows(conv, x, y, max_positions=5, generator=torch.Generator().manual_seed(0)))
+    sub = list(design_rows(conv, x, y, max_positions=5, seed=0))
     rows, target = torch.cat([p[0] for p in sub]), torch.cat([p[1] for p in sub])
     assert rows.shape[0] == 3 * min(5, y[0, 0].numel())  # a few positions per image, targets alongside
     torch.testing.assert_close(rows @ conv.weight.detach().reshape(3, -1).T + conv.bias.detach(), target,
@@ -330,8 +330,8 @@ def test_torchrun_ranks_refit_the_same_weights_as_one_process(tmp_path):
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # the same refit weights on every rank
     w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     refit = [f"{n}.weight" for n in r1["reconstructed"]["relative_error"]["per_layer"]]
-    for name in refit:  # statistics summed over the two halves equal those of all images at once
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-3, atol=1e-4)
+    for name in refit:  # statistics summed over the two halves equal those of all images at once (up to rounding)
+        assert float((w2[name] - w1[name]).norm() / w1[name].norm()) < 1e-3, name
 
 
 class Flat(nn.Module):
@@ -381,3 +381,15 @@ def test_refit_runs_on_depthwise_and_plain_chains_and_lowers_the_output_error(na
     refit_info = report["reconstructed"]
     assert refit_info["layers"] > 0 and refit_info["blocks"] > 0
     assert errors[True] < errors[False]
+
+
+def test_in_place_operations_do_not_link_blocks():
+    # torchvision's BasicBlock runs ReLU(inplace=True) between bn1 and conv2 and `out += identity` after bn2:
+    # the same tensor object, changed in between, must not chain bn1 -> conv2
+    model = build_model("torchvision:resnet18", num_classes=10).eval()
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    plan = plan_segments(model, torch.randn(1, 3, 64, 64), layers, 1 << 30, images=64)
+    blocks = [s.module for s in plan.segments if s.module]
+    assert "layer1.0" in blocks and not any(b.startswith("layer1.0.") for b in blocks)
+    residual = {s.module: s.residual for s in plan.segments}
+    assert residual["layer1.0"] == ""  # relu(bn2 + block input), verified on the traced values

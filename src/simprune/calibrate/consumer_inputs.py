@@ -75,13 +75,14 @@ def _patch_rows(layer: nn.Conv2d, x: torch.Tensor, positions: torch.Tensor | Non
 
 
 def design_rows(layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
-                max_positions: int | None = None, generator: torch.Generator | None = None):
+                max_positions: int | None = None, seed: int = 0):
     """Yield ``(rows, target rows)``: float32 blocks of the layer's input ``x`` as rows (a bounded slice of the
     batch at a time) and the matching rows of the layer's output ``target`` (None when not given).
 
     A conv with more than ``max_positions`` output positions per image is read at that many positions,
-    drawn at random (``generator``) for each batch: the Gram of a few hundred patches per image is
-    already many times over-determined, and the cost falls in proportion."""
+    the same for every image, drawn at random once per output size with ``seed``: the Gram of a hundred
+    patches per image is already many times over-determined, the cost falls in proportion, and the sums
+    do not depend on how the images are batched or sharded over torchrun ranks."""
     x = x.detach().float()
     if isinstance(layer, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
@@ -93,7 +94,7 @@ def design_rows(layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None =
     total = output_size(layer, x)
     positions = None
     if max_positions and total > max_positions:
-        positions = torch.randperm(total, generator=generator)[:max_positions].sort().values
+        positions = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_positions].sort().values
     per_image = 4 * weight_matrix(layer).shape[1] * (total if positions is None else positions.numel())
     step = max(1, ROW_CHUNK_BYTES // per_image)
     for k in range(0, x.shape[0], step):
@@ -181,11 +182,10 @@ def consumer_grams(model: nn.Module, layers: dict[str, nn.Module], batches, prec
 def _one_pass(model: nn.Module, layers: dict[str, nn.Module], batches, precision: str, max_positions: int | None,
               seed: int) -> dict[str, RowSums]:
     sums = {name: RowSums(weight_matrix(layer).shape[1]) for name, layer in layers.items()}
-    generator = torch.Generator().manual_seed(seed)
 
     def make_hook(name: str, layer: nn.Module):
         def hook(module, inputs):
-            for rows, _ in design_rows(layer, inputs[0], max_positions=max_positions, generator=generator):
+            for rows, _ in design_rows(layer, inputs[0], max_positions=max_positions, seed=seed):
                 sums[name].update(rows)
         return hook
 

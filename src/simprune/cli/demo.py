@@ -121,7 +121,8 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
                  "params": cost.params, "flops_removed": 0.0, "params_removed": 0.0}]
         layers, kept = {}, None
         for run in run_grid(model, torch.zeros(1, *shape), SPECS, [target], calibration=calib, test=test,
-                            base_top1=base, progress=progress, guards=Guards(round_to=round_to)):
+                            base_top1=base, progress=progress, guards=Guards(round_to=round_to),
+                            reconstructions=(False,)):  # the papers' methods side by side, as before the refit
             rows.append(run["row"])
             layers[run["row"]["label"]] = run["report"]["layers"]
             if kept is None:  # the first criterion, qsfm, is the one we keep

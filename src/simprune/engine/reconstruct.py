@@ -49,7 +49,8 @@ class RefitOptions:
       refit then fits rounded inputs); products are float32 and sums float64 either way;
     - ``max_frontier_mib``: the stored block inputs of both models may take this much, else every layer
       gets whole-model passes (same result, slower);
-    - ``max_positions``: conv output positions read per image, at random (``seed``); None: all;
+    - ``max_positions``: conv output positions read per image (a random set drawn with ``seed``, the same for
+      every image); None: all;
     - ``scope``: "all" refits every conv and linear layer, so layers after a pruned one absorb the errors
       in what they read too; "readers" only those that lost input channels (see :func:`refit_targets`);
     - ``sequential``: each layer is refit on the inputs of the network already refit before it; False
@@ -167,7 +168,6 @@ class _Refitter:
         self.frontier: list[list] | None = None  # per batch: [original input, pruned input] of the current block
         self.errors: dict[str, list[float]] = {}
         self.largest_gram = 0
-        self.generator = torch.Generator().manual_seed(options.seed)
         self.deferred: list = []
 
     def run(self) -> None:
@@ -224,7 +224,7 @@ class _Refitter:
             if y.shape[1] != outputs:
                 raise SimpruneError(f"layer {name}: {y.shape[1]} original outputs kept but the pruned layer has "
                                     f"{outputs}; the pruned model does not match the original")
-            for rows, target in design_rows(lp, x_in, y, self.options.max_positions, self.generator):
+            for rows, target in design_rows(lp, x_in, y, self.options.max_positions, self.options.seed):
                 sums.update(rows, target)
         self.largest_gram = max(self.largest_gram, sums.gram.numel() * 8)
         sums.all_reduce().check(name)
@@ -296,7 +296,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, targets: dict[str, list[
     t0 = time.perf_counter()
     skipped = {n: r for n in targets if (r := refit_support(pruned.get_submodule(n))) is not None}
     wanted = {n: keep for n, keep in targets.items() if n not in skipped}
-    example = _images(next(iter(calibration)))[:2]
+    example = _images(next(iter(calibration)))[:1]
     plan = plan_segments(pruned, example, list(wanted), options.max_frontier_mib << 20, _count_images(calibration))
     for n in list(wanted):
         if plan.calls[n] != 1:

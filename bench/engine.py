@@ -13,10 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
-
 from simprune.allocation.allocator import CostModel, Guards, allocate  # noqa: E402
-from simprune.graph.counting import count  # noqa: E402
 from simprune.criteria import get_criterion  # noqa: E402
+from simprune.graph.counting import count  # noqa: E402
 from simprune.graph.groups import PruningGraph  # noqa: E402
 from simprune.models import build_model  # noqa: E402
 

@@ -28,17 +28,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
-
 import simprune  # noqa: E402
+from common import print_table, write_json  # noqa: E402
 from simprune.allocation.allocator import Guards  # noqa: E402
 from simprune.criteria import ScoreCache, get_criterion  # noqa: E402
-from simprune.export.onnx import export_onnx  # noqa: E402
-from simprune.io.files import load_model  # noqa: E402
-from simprune.graph.groups import PruningGraph  # noqa: E402
-from simprune.io.imagenet import PHOTOS, calibration_photos, evaluation_photos, load_pretrained, top1_agreement  # noqa: E402
 from simprune.export.latency import measure_onnx_many, measure_torch_many  # noqa: E402
-from simprune.schedules.latency import build_latency_table, prune_to_latency, vector_block  # noqa: E402
+from simprune.export.onnx import export_onnx  # noqa: E402
+from simprune.graph.groups import PruningGraph  # noqa: E402
+from simprune.io.files import load_model  # noqa: E402
+from simprune.io.imagenet import (  # noqa: E402
+    PHOTOS,
+    calibration_photos,
+    evaluation_photos,
+    load_pretrained,
+    top1_agreement,
+)
+from simprune.schedules.latency import (  # noqa: E402
+    build_latency_table,
+    prune_to_latency,
+    vector_block,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSY = "bench/finetune|simprune finetune|simprune train"

@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
-
 from simprune.allocation.allocator import normalize  # noqa: E402
 from simprune.calibrate.calibration import Probe  # noqa: E402
 from simprune.criteria.qsfm import group_redundancy, similarity_ceiling  # noqa: E402

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from common import print_table, write_json  # noqa: E402
-
 from tests import hostile, interrupt  # noqa: E402
+
+from common import print_table, write_json  # noqa: E402
 
 FAILURES = ("traceback", "multiline", "wrong", "hang", "memory", "code-ran")
 

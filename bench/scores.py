@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
-
 import simprune  # noqa: E402
+from common import print_table, write_json  # noqa: E402
 from simprune.calibrate.calibration import calibration_loader  # noqa: E402
 from simprune.io.data import load_dataset  # noqa: E402
 from simprune.io.files import load_model  # noqa: E402

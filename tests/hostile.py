@@ -32,8 +32,21 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from simprune.errors import SimpruneError
-from tests.mutations import (BYTES, CIFAR, IDX, IMAGES, JSONS, SAFETENSORS, VALID_CONTENT, _cifar_entry, _idx, gz_bomb,
-                             gz_concat, gz_header, ts_metadata)
+from tests.mutations import (
+    BYTES,
+    CIFAR,
+    IDX,
+    IMAGES,
+    JSONS,
+    SAFETENSORS,
+    VALID_CONTENT,
+    _cifar_entry,
+    _idx,
+    gz_bomb,
+    gz_concat,
+    gz_header,
+    ts_metadata,
+)
 
 OK = ("refused", "identical", "accepted")
 SENTINEL = "PAYLOAD-RAN"  # a pickle payload creates this file next to the case's files
@@ -145,7 +158,7 @@ def _make_state(folder: Path):
 
 
 def _load_state(folder: Path):
-    from simprune.train.loop import TrainConfig, make_optimizer, load_train_state
+    from simprune.train.loop import TrainConfig, load_train_state, make_optimizer
 
     model = _Tiny()
     opt = make_optimizer(model, TrainConfig())

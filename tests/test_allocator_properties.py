@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from simprune.allocation.allocator import CostModel, Guards, allocate
-from simprune.graph.counting import count
 from simprune.errors import SimpruneError
+from simprune.graph.counting import count
 from simprune.graph.groups import PruningGraph
 from simprune.graph.removal import remove_channels
 

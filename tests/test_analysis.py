@@ -8,10 +8,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from simprune.calibrate import calibration
-from simprune.verify.analysis import add_analyze_parser, analyze, max_offdiag
+from simprune.cli.analyze import add_analyze_parser
 from simprune.errors import SimpruneError
 from simprune.io.files import save_model
 from simprune.models import build_model
+from simprune.verify.analysis import analyze, max_offdiag
 from simprune.verify.plots import redundancy_bars, similarity_heatmaps, twin_order
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -199,7 +200,7 @@ def test_command_refuses_a_full_output_dir(tmp_path, fake_data):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     args = _args("--model", "resnet20", "--calib-data", "mnist", "--out", tmp_path / "out")
-    with pytest.raises(SimpruneError, match="--overwrite"):
+    with pytest.raises(SimpruneError, match="overwrite=True"):  # the CLI's main() says --overwrite
         args.fn(args)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert fake_data == {}  # refused before loading anything

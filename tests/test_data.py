@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from simprune.io.data import load_dataset, pad_images, read_cifar_batch, read_idx
 from simprune.errors import SimpruneError
+from simprune.io.data import load_dataset, pad_images, read_cifar_batch, read_idx
 from tests.conftest import require_fashion_mnist
 
 

@@ -7,11 +7,10 @@ from torch import nn
 
 import simprune
 from simprune.allocation.allocator import Guards
-from simprune.criteria import CriterionResult
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
-from simprune.models import build_model
 from simprune.graph.removal import remove_channels
+from simprune.models import build_model
 
 CIFAR = ["resnet20", "resnet56", "resnet20_b", "resnet56_b", "vgg16", "mobilenetv2"]
 TORCHVISION = ["torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2",

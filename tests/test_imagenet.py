@@ -10,8 +10,14 @@ from simprune.errors import SimpruneError
 
 pytest.importorskip("skimage")
 
-from simprune.io.imagenet import (PHOTOS, calibration_photos, evaluation_photos, load_pretrained,  # noqa: E402
-                               top1_agreement, weights_path)
+from simprune.io.imagenet import (  # noqa: E402
+    PHOTOS,
+    calibration_photos,
+    evaluation_photos,
+    load_pretrained,
+    top1_agreement,
+    weights_path,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}

@@ -11,14 +11,20 @@ import pytest
 import torch
 
 import simprune
+from simprune.errors import SimpruneError
 from simprune.io import files
 from simprune.io.data import DatasetInfo, ImageTensorDataset
-from simprune.errors import SimpruneError
 from simprune.io.files import atomic_output_dir, read_safetensors
 from simprune.models import build_model
 from simprune.train.loop import STATE_FILE, TrainConfig, train
 from tests import interrupt
-from tests.interrupt import ENV, prune_scenario, simprune as cmd, train_scenario, write_checkpoint, write_tiny_mnist
+from tests.interrupt import (
+    ENV,
+    prune_scenario,
+    train_scenario,
+    write_checkpoint,
+    write_tiny_mnist,
+)
 
 
 class Crash(BaseException):

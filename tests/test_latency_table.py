@@ -11,11 +11,18 @@ from torch import nn
 import simprune
 from simprune.allocation.allocator import CostModel, Guards, allocate
 from simprune.cli.main import main
-from simprune.graph.counting import count
 from simprune.criteria import get_criterion
+from simprune.graph.counting import count
 from simprune.graph.groups import PruningGraph
-from simprune.schedules.latency import LayerLatency, LatencyTable, build_latency_table, monotone, next_guess, widths
 from simprune.models import build_model
+from simprune.schedules.latency import (
+    LatencyTable,
+    LayerLatency,
+    build_latency_table,
+    monotone,
+    next_guess,
+    widths,
+)
 
 
 def test_widths_are_multiples_of_8_ending_at_the_layer_width():

@@ -6,7 +6,11 @@ import re
 import pytest
 
 from simprune.errors import SimpruneError
-from simprune.verify.reports import environment_versions, refresh_prune_report, write_report
+from simprune.verify.reports import (
+    environment_versions,
+    refresh_prune_report,
+    write_report,
+)
 
 LAYERS = [{"name": "conv1", "channels_before": 16, "channels_after": 16},
           {"name": "layer1.0.conv1", "channels_before": 16, "channels_after": 7},

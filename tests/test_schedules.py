@@ -3,14 +3,20 @@ import pytest
 import torch
 
 import simprune
-from simprune import api
-from simprune.graph.counting import count
 from simprune.allocation.allocator import Guards
 from simprune.criteria import get_criterion
-from simprune.io.data import DatasetInfo, ImageTensorDataset
+from simprune.graph.counting import count
 from simprune.graph.groups import PruningGraph
+from simprune.io.data import DatasetInfo, ImageTensorDataset
 from simprune.models import build_model
-from simprune.schedules.soft import SoftPruning, finish_soft, iterative, soft_selector, soft_shares, step_targets, zero_exact
+from simprune.schedules.iterative import iterative, step_targets
+from simprune.schedules.soft import (
+    SoftPruning,
+    finish_soft,
+    soft_selector,
+    soft_shares,
+    zero_exact,
+)
 from simprune.train.loop import TrainConfig, train
 
 
@@ -23,7 +29,7 @@ def test_step_targets_remove_equal_shares_of_what_is_left():
 def test_soft_shares_rise_linearly_then_hold():
     assert soft_shares(0.6, 3) == pytest.approx([0.2, 0.4, 0.6])
     assert soft_shares(0.6, 4, hold=2) == pytest.approx([0.3, 0.6, 0.6, 0.6])
-    with pytest.raises(simprune.SimpruneError, match="soft-hold"):
+    with pytest.raises(simprune.SimpruneError, match="hold="):  # the API names the keyword (the CLI says --soft-hold)
         soft_shares(0.6, 2, hold=2)
 
 
@@ -67,7 +73,7 @@ def test_iterative_reaches_the_target_within_one_point(ratio, steps):
     model = build_model("resnet20").eval()
     calls = []
     pruned, report = iterative(model, torch.zeros(1, 3, 32, 32), "filter-similarity", {"flops": ratio}, steps,
-                               api.prune, between=lambda m, k: calls.append(k))
+                               between=lambda m, k: calls.append(k))
     assert abs(report["reduction"]["flops"] - ratio) <= 0.01
     assert [s["step"] for s in report["schedule"]["steps"]] == list(range(1, steps + 1))
     assert calls == list(range(1, steps))  # fine-tuning between steps, not after the last

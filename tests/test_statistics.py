@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from simprune.errors import SimpruneError
-from simprune.stats.similarity import SIMILARITIES, map_rank, spatial_std
 from simprune.stats.channel_stats import METRICS, ChannelStats, fit_compensation, is_maximum
+from simprune.stats.similarity import SIMILARITIES, map_rank, spatial_std
 
 
 def calibration_maps(n=10, c=4, h=5, w=5):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from simprune.io.data import DatasetInfo, ImageTensorDataset, load_dataset
 from simprune.errors import SimpruneError
+from simprune.io.data import DatasetInfo, ImageTensorDataset, load_dataset
 from simprune.io.files import load_model, save_model
 from simprune.models import build_model
 from simprune.train.loop import TrainConfig, evaluate, lr_at, train

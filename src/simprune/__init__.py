@@ -10,13 +10,17 @@ command line reaches its Ctrl-C handling before the slow imports start.
 """
 __version__ = "0.1.0"
 
+from simprune.compat import install_import_hook as _install_import_hook  # noqa: E402 - no torch import
+
+_install_import_hook()  # a later ``import torchvision`` (or timm) works on CPU-only torch
+
 _LAZY = {"prune": "api", "save": "api", "load": "api", "build_model": "models", "SimpruneError": "errors"}
 __all__ = ["prune", "save", "load", "build_model", "SimpruneError", "__version__"]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
+        import importlib  # noqa: PLC0415 - keeps `import simprune` free of torch (see above)
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'simprune' has no attribute {name!r}")

@@ -3,10 +3,57 @@ measure and write the pruned model with its report. A thin shell over :func:`sim
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
+from typing import Any
 
-from simprune.cli.main import _check_compatible, _command_line, _data_options, _load_or_build, _model_options, _positive
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from simprune import api, distributed, progress
+from simprune.allocation.allocator import Guards
+from simprune.calibrate.calibration import calibration_loader
+from simprune.cli.common import (
+    add_training_options,
+    check_compatible,
+    command_line,
+    data_options,
+    device_option,
+    keep_log,
+    load_or_build,
+    make_finetune,
+    model_options,
+    positive,
+    provenance,
+    run_log,
+    train_config,
+    warn_if_random,
+)
+from simprune.cli.deploy import (
+    add_prune_latency_options,
+    calibration_record,
+    check_latency_options,
+    int8_step,
+    latency_step,
+    prune_latency_target,
+)
+from simprune.cli.vocabulary import cli_wording
+from simprune.criteria import ScoreCache, get_criterion, set_calib_precision
 from simprune.errors import SimpruneError
+from simprune.graph.removal import get_structure
+from simprune.io.data import load_dataset
+from simprune.io.files import atomic_write_json, load_model, read_json, save_model
+from simprune.schedules.soft import soft_prune
+from simprune.train.finetune import (
+    MARKER,
+    check_output,
+    finish,
+    mark_incomplete,
+    run_finetune,
+)
+from simprune.train.loop import evaluate
+from simprune.verify.reports import prune_report_writer, refresh_prune_report
 
 
 def _target(args) -> dict[str, float]:
@@ -22,18 +69,7 @@ def _target(args) -> dict[str, float]:
 
 
 def cmd_prune(args) -> int:
-    import torch  # noqa: PLC0415
-
-    from simprune import api  # noqa: PLC0415
-    from simprune.allocation.allocator import Guards  # noqa: PLC0415
-    from simprune.criteria import ScoreCache, get_criterion, set_calib_precision  # noqa: PLC0415
-    from simprune.verify.reports import prune_report_writer, refresh_prune_report  # noqa: PLC0415
-
-    from simprune import distributed  # noqa: PLC0415
-    from simprune.train.finetune import prune_with_schedule  # noqa: PLC0415
-
     target = _target(args)
-    from simprune.cli.deploy import check_latency_options  # noqa: PLC0415
 
     check_latency_options(args)  # before any work: onnxruntime is there when latency was asked for
     out = Path(args.out)
@@ -43,45 +79,46 @@ def cmd_prune(args) -> int:
     criterion = ScoreCache(get_criterion(args.criterion, **options))  # keeps the scores for the report
     if args.calib_precision:
         set_calib_precision(criterion, args.calib_precision, "--calib-precision")
-    model, desc, shape = _load_or_build(args, args.input)
+    model, desc, shape = load_or_build(args, args.input)
     example = torch.zeros(1, *shape)
     calibration = None
     if getattr(criterion, "needs_data", False) and not args.calib_data:
         raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
+    calib_pad = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
     if args.calib_data:
-        from simprune.calibrate.calibration import calibration_loader  # noqa: PLC0415
-
         calibration = calibration_loader(args.calib_data, args.calib_images, data_dir=args.data_dir,
-                                         pad_to=args.pad_to if args.pad_to is not None else
-                                         (desc.get("data") or {}).get("pad_to"), seed=args.seed)
+                                         pad_to=calib_pad, seed=args.seed)
     guards = Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio, round_to=args.round_to)
     eval_ds = _eval_dataset(args, desc)
-    acc_before = _accuracy(model, eval_ds)
+    acc_before = _accuracy(model, eval_ds, "top-1 before pruning", args.device)
     new_desc = {**{k: v for k, v in desc.items() if k in ("model", "model_args", "data")},
-                "input_shape": list(shape), "command": _command_line(),
+                "input_shape": list(shape), "command": command_line(),
                 "pruning": {"criterion": args.criterion, "target": target, "schedule": args.schedule,
                             "source": str(args.checkpoint or "")}}
+    if args.calib_data:  # so that `simprune export --int8` calibrates on the same images
+        new_desc["calibration"] = calibration_record(args.calib_data, args.calib_images, args.seed, calib_pad,
+                                                     args.data_dir)
     prune_options = {"ignore": args.ignore or (), "normalization": args.normalization,
                      "cost_weight": args.cost_weight, "compensate": args.compensate,
-                     "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn}
+                     "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn,
+                     "reconstruct": args.reconstruct}
     if "latency" in target:
-        from simprune.cli.deploy import prune_latency_target  # noqa: PLC0415
-
         pruned, report = prune_latency_target(args, model, example, criterion, target["latency"],
                                               calibration=calibration, guards=guards, prune_options=prune_options)
         worked_in_out = False
     else:
         pruned, report, worked_in_out = prune_with_schedule(
             args, model, example, criterion, target, calibration=calibration, guards=guards, desc=desc,
-            new_desc=new_desc, command=_command_line(), prune_options=prune_options)
+            new_desc=new_desc, command=command_line(), prune_options=prune_options, eval_ds=eval_ds)
     report["model"] = desc.get("model")
-    report["accuracy"] = None if eval_ds is None else {"before": acc_before, "after": _accuracy(pruned, eval_ds)}
-    report["command"] = _command_line()
+    report["accuracy"] = None if eval_ds is None else {"before": acc_before,
+                                                       "after": _accuracy(pruned, eval_ds, "top-1 after pruning", args.device)}
+    report["provenance"] = provenance(desc, calibration, args)
+    report["warnings"] = [cli_wording(w) for w in report.get("warnings") or []] + warn_if_random(args)
+    report["command"] = command_line()
     if distributed.is_main():
-        from simprune.train.finetune import _keep_log, finish  # noqa: PLC0415
-
         api.save(out, pruned, new_desc, report, overwrite=args.overwrite or worked_in_out,
-                 extra=prune_report_writer(report, new_desc, criterion, also=_keep_log(out) if worked_in_out else None))
+                 extra=prune_report_writer(report, new_desc, criterion, also=keep_log(out) if worked_in_out else None))
         finish(out)
     if not distributed.is_main():
         return 0
@@ -94,8 +131,7 @@ def cmd_prune(args) -> int:
                else "no fine-tuning")
         print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
     print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
-    from simprune.cli.deploy import latency_step  # noqa: PLC0415
-
+    int8_step(args, out)
     latency_step(args, out)
     refresh_prune_report(out)  # again, now with the latency keys
     return 0
@@ -104,74 +140,172 @@ def cmd_prune(args) -> int:
 def _eval_dataset(args, desc):
     if not getattr(args, "data", None):
         return None
-    from simprune.io.data import load_dataset  # noqa: PLC0415
 
     pad_to = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
     ds = load_dataset(args.data, "test", args.data_dir, pad_to)
-    _check_compatible(None, desc, ds)
+    check_compatible(None, desc, ds)
     if args.eval_images:
-        from torch.utils.data import Subset  # noqa: PLC0415
-
         ds = Subset(ds, range(min(args.eval_images, len(ds))))
     return ds
 
 
-def _accuracy(model, ds) -> float | None:
+def _accuracy(model, ds, desc: str = "top-1", device=None) -> float | None:
     if ds is None:
         return None
-    from simprune.train.loop import evaluate  # noqa: PLC0415
 
-    return evaluate(model, ds)["top1"]
+    return evaluate(model, ds, progress=True, desc=desc, device=device)["top1"]
+
+
+def _step_accuracy(eval_ds, steps: int, then=None):
+    """`between` for --schedule iterative: optional fine-tuning (``then``), then the step's top-1 as a line."""
+    def between(model: nn.Module, k: int) -> None:
+        if then is not None:
+            then(model, k)
+        if eval_ds is not None:
+            progress.note(f"step {k}/{steps}: top-1 {_accuracy(model, eval_ds, f'top-1 after step {k}'):.2f} %")
+    return between
+
+
+COMPENSATE_MODES = ("lstsq", "twin")
+
+
+def compensation_mode(text: str) -> str:
+    """--compensate MODE: one of :data:`COMPENSATE_MODES` (a bare --compensate means the criterion's default)."""
+    if text not in COMPENSATE_MODES:
+        raise argparse.ArgumentTypeError(f"choose {' or '.join(COMPENSATE_MODES)}, got {text!r}")
+    return text
 
 
 def add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model to a FLOPs or parameter target")
-    _model_options(p, required=False)
+    device_option(p)
+    model_options(p, required=False)
     p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture)")
     p.add_argument("--criterion", default="l1", help="see `simprune criteria`")
     p.add_argument("--similarity", default=None, help="similarity metric for qsfm / filter-similarity")
     p.add_argument("--target-flops", type=float, default=None, help="fraction of MACs to remove, e.g. 0.5")
     p.add_argument("--target-params", type=float, default=None, help="fraction of parameters to remove")
-    from simprune.cli.deploy import add_prune_latency_options  # noqa: PLC0415
 
     add_prune_latency_options(p)
     p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else 3x32x32)")
-    p.add_argument("--min-channels", type=_positive, default=4, help="never keep fewer channels in a group")
+    p.add_argument("--min-channels", type=positive, default=4, help="never keep fewer channels in a group")
     p.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this share of a group")
-    p.add_argument("--round-to", type=_positive, default=1, help="keep channel counts multiples of this")
+    p.add_argument("--round-to", type=positive, default=None,
+                   help="keep channel counts multiples of this (default: the CPU's vector block, 16 with AVX-512, "
+                        "relaxed where the target needs it; 1: as ranked)")
     p.add_argument("--ignore", action="append", metavar="LAYER_PATTERN", help="glob of layers never pruned")
     p.add_argument("--normalization", choices=["none", "mean", "max", "rank"], default=None,
                    help="how scores are made comparable across layers (default: the criterion's)")
     p.add_argument("--cost-weight", type=float, default=0.0,
                    help="rank by importance / cost^W (0: importance alone; 1: most MACs saved per importance lost)")
-    p.add_argument("--compensate", nargs="?", const=True, default=None, choices=[True, "lstsq", "twin"],
+    p.add_argument("--compensate", nargs="?", const=True, default=None, type=compensation_mode, metavar="MODE",
                    help="fold removed channels into the next layer: lstsq (default) or twin; "
                         "on by default for qsfm and feature-stats")
     p.add_argument("--no-compensate", dest="compensate", action="store_false")
     p.add_argument("--protect-uncompensable", action=argparse.BooleanOptionalAction, default=None,
                    help="leave groups read by parameter-free layers (option-A shortcut) whole "
                         "(default: on when compensating)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="after removal, refit every layer that lost input channels (all k x k taps, least squares "
+                        "on the calibration images) to reproduce the unpruned model's output, in network order; "
+                        "any criterion (default: on with --calib-data unless --compensate asks for the criterion's "
+                        "channel fold; with the refit the fold defaults to off)")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the calibration images after pruning "
                         "(default: on with --calib-data)")
     p.add_argument("--calib-data", default=None, help="calibration data set for data-driven criteria")
-    p.add_argument("--calib-images", type=_positive, default=640)
+    p.add_argument("--calib-images", type=positive, default=640)
     p.add_argument("--calib-precision", choices=["fp32", "bf16"], default=None,
                    help="forward pass of a data criterion's calibration (default: the criterion's, bf16)")
-    _data_options(p, required=False)
-    p.add_argument("--eval-images", type=_positive, default=None, help="evaluate on the first N test images only")
+    data_options(p, required=False)
+    p.add_argument("--eval-images", type=positive, default=None, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", choices=["oneshot", "iterative", "soft"], default="oneshot",
                    help="oneshot (default); iterative: --steps K re-scored steps; soft: zero, train, re-select "
                         "each epoch for --finetune-epochs, then remove")
-    p.add_argument("--steps", type=_positive, default=1, help="steps of --schedule iterative")
+    p.add_argument("--steps", type=positive, default=1, help="steps of --schedule iterative")
     p.add_argument("--epochs-between", type=int, default=0, help="fine-tuning epochs between iterative steps")
     p.add_argument("--soft-hold", type=int, default=0,
                    help="soft: last N epochs train with the final selection frozen and zeroed (beyond the papers)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune N epochs on --data after pruning")
-    from simprune.train.finetune import add_training_options  # noqa: PLC0415
 
     add_training_options(p)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_prune)
+
+
+def _check_schedule_flags(args, epochs: int) -> None:
+    """Refuse flag combinations that belong to another schedule, before any work."""
+    if args.schedule == "soft" and epochs < 1:
+        raise SimpruneError("--schedule soft trains while it prunes; give --finetune-epochs N (N >= 1) and --data")
+    if args.schedule != "iterative" and (args.steps != 1 or args.epochs_between):
+        raise SimpruneError("--steps and --epochs-between belong to --schedule iterative")
+    if args.resume and not epochs and not args.epochs_between:
+        raise SimpruneError("--resume continues fine-tuning, and this run has none; drop --resume")
+    if args.schedule == "soft" and args.reconstruct:
+        raise SimpruneError("--reconstruct repairs a one-shot or iterative prune; --schedule soft trains instead, "
+                            "drop --reconstruct")
+
+
+def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion: Any, target: dict, *,
+                        calibration, guards, desc: dict, new_desc: dict, command: str,
+                        prune_options: dict, eval_ds=None) -> tuple[nn.Module, dict, bool]:
+    """`simprune prune` past one-shot: iterative/soft schedules, fine-tuning, resume.
+
+    Returns (model, report, whether OUT was used as the working directory)."""
+    out = Path(args.out)
+    epochs = args.finetune_epochs or 0
+    _check_schedule_flags(args, epochs)
+    if not epochs and not args.epochs_between:  # nothing trains: plain pruning, saved atomically by the caller
+        between = _step_accuracy(eval_ds, args.steps) if args.schedule == "iterative" else None
+        pruned, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
+                                   inplace=True, schedule=args.schedule, steps=args.steps, between=between, device=args.device,
+                                   **prune_options)
+        return pruned, report, False
+    marker = check_output(out, args.resume, args.overwrite)
+    log = run_log(out)
+    teacher = copy.deepcopy(model).eval() if args.distill and not args.teacher else None
+    ft = make_finetune(args, desc, out, max(epochs, args.epochs_between or 0, 1), log, teacher)
+    if marker is None:
+        mark_incomplete(out, args.schedule if args.schedule == "soft" else "prune", command)
+    log(f"# {command}")
+    if args.schedule == "soft":
+        if marker is not None and marker.get("phase") != "soft":
+            raise SimpruneError(f"--resume: {out} is an unfinished {marker.get('phase')} run, not --schedule soft")
+        ft.description = {**new_desc}
+        soft_opts = {k: prune_options[k] for k in ("ignore", "normalization", "cost_weight") if k in prune_options}
+        pruned, report = soft_prune(model, example, criterion, target, ft, hold=args.soft_hold,
+                                    calibration=calibration, guards=guards, **soft_opts)
+        return pruned, report, True
+    if marker is not None and marker.get("phase") == "finetune":  # pruning done: continue fine-tuning
+        model, _ = load_model(out, allow_incomplete=True)
+        report = read_json(out / "report.json")
+    else:
+        if marker is not None:
+            raise SimpruneError(f"--resume: {out} was interrupted while pruning, before any checkpoint; "
+                                "start again with --overwrite")
+        ft.resume = False  # the between-steps epochs start fresh; only the final fine-tune checkpoints
+        between = None
+        if args.epochs_between:
+            def between(m: nn.Module, k: int) -> None:
+                ft.log(f"fine-tuning {args.epochs_between} epoch(s) after step {k}")
+                ft.run(m, epochs=args.epochs_between, checkpoint=False)
+        if args.schedule == "iterative":
+            between = _step_accuracy(eval_ds, args.steps, between)
+        model, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
+                                  inplace=True, schedule=args.schedule, steps=args.steps, between=between, device=args.device,
+                                  **prune_options)
+        if not epochs:
+            return model, report, True
+        if distributed.is_main():
+            save_model(out, model, {**new_desc, "structure": get_structure(model)})
+            atomic_write_json(out / "report.json", report)
+            atomic_write_json(out / MARKER, {"phase": "finetune", "command": command,
+                                             "resume": "rerun the same command with --resume"})
+        distributed.barrier()
+    ft.cfg = train_config(args, epochs)
+    ft.description = {**new_desc, "structure": get_structure(model)}
+    ft.resume = marker is not None
+    run_finetune(model, ft, report)
+    return model, report, True

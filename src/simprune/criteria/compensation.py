@@ -72,9 +72,9 @@ def _fold_lstsq(layer, cols: torch.Tensor, probe: Probe, removed: list[int], aff
     else:
         A, b = lstsq_coefficients(stats.gram(), removed, kept), None
     w_removed = w[:, cols[removed]]  # (out, R, k, ...)
-    w[:, cols[kept]] += torch.einsum("or...,rk->ok...", w_removed, A.to(w.dtype))
+    w[:, cols[kept]] += torch.einsum("or...,rk->ok...", w_removed, A.to(w))
     if affine:
-        layer.bias.data += w_removed.flatten(2).sum(2) @ b.to(w.dtype)  # the offset reaches every tap
+        layer.bias.data += w_removed.flatten(2).sum(2) @ b.to(w)  # the offset reaches every tap
 
 
 def _fold_twins(layer, cols: torch.Tensor, probe: Probe, chans: list[int], twins: dict[int, int],

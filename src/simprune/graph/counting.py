@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from simprune.errors import SimpruneError
+
 
 @dataclass
 class Cost:
@@ -24,14 +26,12 @@ class Cost:
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """``"3x32x32"`` -> ``(3, 32, 32)``."""
-    from simprune.errors import SimpruneError
-
     try:
         shape = tuple(int(p) for p in text.lower().split("x"))
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) <= 0:
-        raise SimpruneError(f"--input {text!r} is not CxHxW with positive sizes, e.g. 3x32x32")
+        raise SimpruneError(f"input shape {text!r} is not CxHxW with positive sizes, e.g. 3x32x32")
     return shape
 
 
@@ -60,3 +60,14 @@ def count(model: nn.Module, example_input: torch.Tensor) -> Cost:
                 per_layer[name] = {"macs": int(layer_flops // 2 // batch), "params": params}
     total = sum(flops.get("Global", {}).values())
     return Cost(macs=int(total // 2 // batch), params=count_params(model), per_layer=per_layer)
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every conv and output features of every linear layer, by module name."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[name] = m.out_features
+    return out

@@ -21,6 +21,7 @@ from torch.utils.data import TensorDataset
 
 from simprune.compat import import_torchvision
 from simprune.errors import SimpruneError
+from simprune.models import build_model
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "grass", "gravel", "brick",
           "hubble_deep_field", "immunohistochemistry", "retina")
@@ -43,8 +44,6 @@ def weights_path(model: str, weights: str) -> Path:
 
 def load_pretrained(model: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1") -> nn.Module:
     """A torchvision classifier with its pretrained weights from the local cache (never downloaded)."""
-    from simprune.models import build_model  # noqa: PLC0415
-
     entry = weights_enum(model, weights)
     path = weights_path(model, weights)
     if not path.exists():

@@ -8,8 +8,9 @@ Two shortcut options for the blocks that change width:
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
 
 
 class ZeroPadShortcut(nn.Module):
@@ -98,3 +99,37 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ZeroPadShortcutPruner(tp.pruner.BasePruningFunc):
+    """Prunes the index map of :class:`ZeroPadShortcut` (no weights)."""
+
+    TARGET_MODULES = ZeroPadShortcut
+
+    def prune_out_channels(self, layer: ZeroPadShortcut, idxs):
+        removed = set(int(i) for i in idxs)
+        keep = [c for c in range(layer.out_channels) if c not in removed]
+        new_pos = {old: new for new, old in enumerate(keep)}
+        # an input channel whose target was removed no longer reaches the output
+        pairs = [(s, new_pos[d]) for s, d in layer.pairs() if d in new_pos]
+        layer.out_channels = len(keep)
+        layer.set_mapping(pairs, in_channels=layer.in_channels)
+        return layer
+
+    def prune_in_channels(self, layer: ZeroPadShortcut, idxs):
+        removed = set(int(i) for i in idxs)
+        keep = [c for c in range(layer.in_channels) if c not in removed]
+        new_src = {old: new for new, old in enumerate(keep)}
+        pairs = [(new_src[s], d) for s, d in layer.pairs() if s in new_src]
+        layer.set_mapping(pairs, in_channels=len(keep))
+        return layer
+
+    def get_out_channels(self, layer: ZeroPadShortcut):
+        return layer.out_channels
+
+    def get_in_channels(self, layer: ZeroPadShortcut):
+        return layer.in_channels
+
+
+# parameter-free channel maps of this family, for Torch-Pruning's DependencyGraph
+CUSTOM_PRUNERS = {ZeroPadShortcut: ZeroPadShortcutPruner()}

@@ -1,46 +1,38 @@
-"""Pruning schedules: one-shot, iterative (hard) and soft.
+"""Soft pruning (SFP, and the filter-similarity paper's soft mode).
 
-- ``oneshot``: score once, remove once (``api.prune``).
-- ``iterative``: K steps; step k removes channels until ``1 - (1 - R)^(k/K)`` of the original cost is
-  gone (the same share of what is left each time), re-scoring the smaller model each step, with an
-  optional fine-tuning callback between steps.
-- ``soft`` (SFP, and the filter-similarity paper's soft mode): the network keeps its full width while
-  it fine-tunes; after each epoch the selected filters are zeroed and may recover in the next epoch,
-  and the zeroed share rises linearly to the target. For the last ``hold`` epochs (beyond the papers,
-  default 0) the final selection is frozen and kept fully zeroed after every step. At the end the
-  selected channels are zeroed everywhere they act (filters, norms, readers' input weights) and then
-  removed for good: the outputs before and after removal are identical.
+The network keeps its full width while it fine-tunes; after each epoch the selected filters are zeroed
+and may recover in the next epoch, and the zeroed share rises linearly to the target. For the last
+``hold`` epochs (beyond the papers, default 0) the final selection is frozen and kept fully zeroed
+after every step. At the end the selected channels are zeroed everywhere they act (filters, norms,
+readers' input weights) and then removed for good: the outputs before and after removal are identical.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from simprune import progress
 from simprune.allocation.allocator import CostModel, Guards
-from simprune.graph.counting import count
 from simprune.errors import SimpruneError
+from simprune.graph.counting import count, layer_widths
 from simprune.graph.groups import PARAM_LAYERS, ChannelGroup, PruningGraph
 from simprune.graph.removal import remove_channels
+from simprune.schedules.checks import check_result, soft_epochs
+from simprune.schedules.oneshot import resolve_criterion, select_channels
+from simprune.schedules.report import prune_report
+from simprune.train.finetune import FineTune
 from simprune.train.loop import TrainHooks
 
-SCHEDULES = ("oneshot", "iterative", "soft")
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-
-
-def step_targets(ratio: float, steps: int) -> list[float]:
-    """Cumulative reductions after each of ``steps`` steps: equal shares of what is left each time."""
-    if steps < 1:
-        raise SimpruneError(f"--steps must be >= 1, got {steps}")
-    return [1 - (1 - ratio) ** (k / steps) for k in range(1, steps + 1)]
 
 
 def soft_shares(ratio: float, epochs: int, hold: int = 0) -> list[float]:
     """Zeroed share after each epoch: linear rise to ``ratio`` by epoch ``epochs - hold``, then flat."""
     if epochs < 1 or not 0 <= hold < epochs:
-        raise SimpruneError(f"soft pruning needs >= 1 epoch and 0 <= --soft-hold < epochs, got {epochs}, {hold}")
+        raise SimpruneError(f"soft pruning needs at least 1 epoch and hold= below the epochs; got {epochs} "
+                            f"epoch(s), hold={hold}")
     ramp = epochs - hold
     return [ratio * min(1.0, e / ramp) for e in range(1, epochs + 1)]
 
@@ -127,58 +119,15 @@ class SoftPruning(TrainHooks):
 def finish_soft(hooks: SoftPruning) -> dict[str, list[int]]:
     """Make the final selection inert and remove it for good; returns what was removed."""
     if not hooks.frozen:
-        raise SimpruneError("soft pruning ended before its final selection; resume the run with --resume")
+        raise SimpruneError("soft pruning ended before its final selection; resume the run with resume=True")
     hooks._apply(full=True)
     remove_channels(hooks.graph, hooks.selected)
     return hooks.selected
 
 
-def iterative(model: nn.Module, example: torch.Tensor, criterion: Any, target: dict[str, float], steps: int,
-              prune_step: Callable[..., tuple[nn.Module, dict]],
-              between: Callable[[nn.Module, int], None] | None = None, **options) -> tuple[nn.Module, dict]:
-    """Hard iterative pruning: ``steps`` one-shot prunes toward the cumulative targets, re-scoring each time;
-    ``between(model, k)`` (e.g. a fine-tuning epoch) runs after every step but the last."""
-    kind, ratio = next(iter(target.items()))
-    key = "macs" if kind == "flops" else "params"
-    base = count(model, example)
-    base_value = getattr(base, key)
-    reports = []
-    for k, cumulative in enumerate(step_targets(ratio, steps), start=1):
-        current = getattr(count(model, example), key)
-        step_ratio = 1 - base_value * (1 - cumulative) / current
-        if step_ratio <= 0:
-            continue
-        model, rep = prune_step(model, example, criterion, {kind: step_ratio}, inplace=True, **options)
-        rep["step"], rep["cumulative_target"] = k, cumulative
-        reports.append(rep)
-        if between is not None and k < steps:
-            between(model, k)
-    if not reports:
-        raise SimpruneError("iterative pruning removed nothing; raise the target")
-    final = copy.deepcopy(reports[-1])
-    after = count(model, example)
-    final["macs"]["before"], final["params"]["before"] = base.macs, base.params
-    final["macs"]["after"], final["params"]["after"] = after.macs, after.params
-    final["reduction"] = {"flops": 1 - after.macs / base.macs, "params": 1 - after.params / base.params}
-    final["target"] = dict(target)
-    final["schedule"] = {"name": "iterative", "steps": [
-        {"step": r["step"], "cumulative_target": r["cumulative_target"], "macs_after": r["macs"]["after"],
-         "params_after": r["params"]["after"], "decision_fingerprint": r.get("decision_fingerprint")}
-        for r in reports]}
-    groups_before = {g["root"]: g["channels_before"] for g in reports[0]["groups"]}
-    final["groups"] = [{**g, "channels_before": groups_before.get(g["root"], g["channels_before"])}
-                       for g in final["groups"]]
-    layers_before = {g["name"]: g["channels_before"] for g in reports[0]["layers"]}
-    final["layers"] = [{**g, "channels_before": layers_before.get(g["name"], g["channels_before"])}
-                       for g in final["layers"]]
-    return model, final
-
-
 def soft_selector(graph: PruningGraph, crit: Any, example: torch.Tensor, *, calibration=None,
                   guards: Guards | None = None, normalization: str | None = None, cost_weight: float = 0.0):
     """A ``select(target, protected)`` function over the full-width model for :class:`SoftPruning`."""
-    from simprune.api import select_channels  # noqa: PLC0415 - api imports this module's users
-
     cost = CostModel(graph.groups, count(graph.model, example))
 
     def select(target: dict[str, float], protected: list[str]):
@@ -187,3 +136,34 @@ def soft_selector(graph: PruningGraph, crit: Any, example: torch.Tensor, *, cali
         return alloc
 
     return select
+
+
+def soft_prune(model: nn.Module, example: torch.Tensor, criterion: Any, target: dict[str, float],
+               finetune: FineTune, *, hold: int = 0, calibration=None, guards=None, ignore=(),
+               normalization: str | None = None, cost_weight: float = 0.0) -> tuple[nn.Module, dict]:
+    """Soft pruning for ``finetune.cfg.epochs`` epochs, then removal for good.
+
+    Returns (pruned model, report); the report's accuracy after removal equals the zeroed model's."""
+    crit = resolve_criterion(criterion, None, calibration)
+    kind, ratio = next(iter(target.items()))
+    before, layers_before = count(model, example), layer_widths(model)
+    graph = PruningGraph(model, example, ignore=ignore)
+    select = soft_selector(graph, crit, example, calibration=calibration, guards=guards,
+                           normalization=normalization, cost_weight=cost_weight)
+    hooks = SoftPruning(graph, select, kind, ratio, finetune.cfg.epochs, hold, log=finetune.log)
+    early = soft_epochs(ratio, finetune.cfg.epochs, hold)
+    for text in early:
+        progress.warn(text)
+    groups_before = {g.root: g.size for g in graph.groups}
+    history = finetune.run(model, hooks)
+    removed = finish_soft(hooks)
+    model.eval()
+    report = prune_report(
+        model_name=getattr(model, "simprune_name", type(model).__name__), criterion=crit.name, target=target,
+        schedule={"name": "soft", "epochs": finetune.cfg.epochs, "hold": hold, "shares": hooks.shares},
+        before=before, after=count(model, example), layers_before=layers_before, layers_after=layer_widths(model),
+        groups=graph.groups, groups_before=groups_before, removed=removed, protected=hooks.protected,
+        compensated=False, bn_recalibrated=False,
+        finetune={"epochs": finetune.cfg.epochs, "history": history, "soft": True}, warnings=early)
+    check_result(model, example, report, ignore=ignore)
+    return model, report

@@ -21,8 +21,16 @@ from __future__ import annotations
 import torch
 
 from simprune.errors import SimpruneError
-from simprune.stats.similarity import (C1, C2, MOMENT_METRICS, SIMILARITIES, MapMoments, map_rank,
-                                       similarity_from_moments, windowed_ssim_matrix)
+from simprune.stats.similarity import (
+    C1,
+    C2,
+    MOMENT_METRICS,
+    SIMILARITIES,
+    MapMoments,
+    map_rank,
+    similarity_from_moments,
+    windowed_ssim_matrix,
+)
 
 METRICS = ("ssim", "ssim-windowed", "psnr", "cosine", "mstd", "rank", "gram", "null")
 _COUNTS = ("images", "pixels", "null_images")

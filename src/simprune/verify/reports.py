@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from simprune.errors import SimpruneError
-from simprune.io.files import atomic_write_bytes
+from simprune.io.files import atomic_write_bytes, read_json
+from simprune.verify.tables import markdown_table, pivot_table
 
 KINDS = ("prune", "analyze", "compare", "demo")
 PACKAGES = ("simprune", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "numpy")
@@ -60,9 +61,12 @@ def _latency_blocks(data: dict) -> list[Block]:
     lat = data.get("latency") or {}
     blocks: list[Block] = []
     if lat.get("rows"):
+        int8 = any("int8_ms" in r for r in lat["rows"])
         rows = [[r["engine"], r["batch"], _ms(r["before_ms"]), _ms(r["after_ms"]), f"{r['speedup']:.2f}x"]
+                + ([_ms(r.get("int8_ms")), f"{r['int8_speedup']:.2f}x" if "int8_speedup" in r else ""] if int8 else [])
                 for r in lat["rows"]]
-        blocks.append(("table", ["engine", "batch", "before (median)", "after (median)", "speedup"], rows))
+        blocks.append(("table", ["engine", "batch", "before (median)", "after (median)", "speedup"]
+                       + (["int8 (median)", "int8 speedup"] if int8 else []), rows))
     speed = data.get("speedup") or {}
     if speed.get("measured") is not None:
         head = "onnxruntime at batch 1" if any(r["engine"] == "onnxruntime" and r["batch"] == 1
@@ -77,6 +81,32 @@ def _latency_blocks(data: dict) -> list[Block]:
                                       "share the cores)" if lat.get("load_average", 0) >= 1 else "") if s)
         blocks.append(("p", text + (f"; {where}." if where else ".")))
     return blocks
+
+
+def _int8_blocks(data: dict, original_top1: float | None) -> list[Block]:
+    """Original float32, pruned float32 and pruned int8 side by side: top-1, onnxruntime batch-1 latency, MiB."""
+    int8, lat, size = data.get("int8") or {}, data.get("latency_ms") or {}, data.get("size_mib") or {}
+    if not int8 and "int8" not in lat:
+        return []
+
+    def top1(v):
+        return "" if v is None else f"{v:.2f} %"
+
+    rows = [[name, top1(acc), _ms(lat.get(key)), "" if size.get(file) is None else f"{size[file]:.2f} MiB"]
+            for name, acc, key, file in (("original float32", int8.get("original_top1") or original_top1, "before",
+                                          "original"),
+                                         ("pruned float32", int8.get("fp32_top1"), "after", "pruned"),
+                                         ("pruned int8", int8.get("int8_top1"), "int8", "int8"))]
+    text = "Latency: onnxruntime, batch 1, median of the interleaved runs above; size: the ONNX file."
+    if int8:
+        tol = int8.get("tolerance") or {}
+        text = (f"Top-1 in onnxruntime on {int8.get('images')} test images of {int8.get('data')}; int8 picks "
+                f"float32's class on {int8.get('agreement', 0):.1f} % of them ("
+                + (f"kept: within {tol['max_drop']:.1f} points of float32" if "max_drop" in tol else
+                   f"kept: at least {tol.get('min_agreement', 0):g} % agreement")
+                + f"). The int8 file: {int8.get('method')}, {int8.get('calibration_images')} calibration images. "
+                + ("" if int8.get("original_top1") is not None else "Original: top-1 measured when pruning. ") + text)
+    return [("table", ["", "top-1", "latency", "size"], rows), ("p", text)]
 
 
 def _provenance(data: dict, versions: dict | None) -> tuple[str, list[Block]]:
@@ -125,14 +155,21 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     if lat and lat.get("after"):
         rows.append(["latency (onnxruntime, batch 1)", _ms(lat["before"]), _ms(lat["after"]),
                      f"{lat['before'] / lat['after']:.2f}x faster"])
-    model_rows = [["model", data.get("model")], ["pruned from", (desc.get("pruning") or {}).get("source") or "-"],
-                  ["input", "x".join(map(str, desc.get("input_shape") or [])) or "-"],
-                  ["data", (desc.get("data") or {}).get("name") or "-"],
+    origin = data.get("provenance") or {}
+    model_rows = [["model", data.get("model")],
+                  ["pruned from", (desc.get("pruning") or {}).get("source") or "the architecture (no checkpoint)"],
+                  ["weights", origin.get("weights") or "not recorded"],
+                  ["calibration", origin.get("calibration") or "not recorded"],
+                  ["input", "x".join(map(str, desc.get("input_shape") or [])) or "not recorded"],
+                  ["trained on", (desc.get("data") or {}).get("name") or "not recorded"],
                   ["prunable groups", len(data.get("groups", []))]]
     sections = [("Summary", [("cards", cards), ("table", ["", "before", "after", "change"], rows)]),
                 ("Model", [("table", ["", ""], model_rows)])]
+    if data.get("warnings"):
+        sections.insert(1, ("Warnings", [("p", text) for text in data["warnings"]]))
     if data.get("latency"):
         sections.append(("Latency", _latency_blocks(data)))
+    sections.append(("Float32 and int8", _int8_blocks(data, (acc or {}).get("before"))))
     if data.get("layers"):
         sections.append(("Channels per layer", [("img", "channels.png",
                                                  "output channels of every conv/linear layer before (grey) and after")]))
@@ -143,6 +180,7 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     settings = [["criterion", data["criterion"]], ["target", _title_target(data["target"])],
                 ["compensation", data.get("compensated") or "none"],
                 ["groups left whole (uncompensable)", len(data.get("protected_groups") or [])],
+                ["reconstruction (layer refit)", _refit_summary(data.get("reconstructed"))],
                 ["BatchNorm re-estimated", "yes" if data.get("bn_recalibrated") else "no"]]
     if data.get("schedule"):
         settings.append(["schedule", ", ".join(f"{k}={v}" for k, v in data["schedule"].items())])
@@ -155,6 +193,20 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     return title, sections
 
 
+def _refit_summary(refit: dict | None) -> str:
+    """One line on the consumer refit: how many layers, how, and the error it left."""
+    if not refit:
+        return "no"
+    err = refit.get("relative_error") or {}
+    line = (f"{refit['layers']} layers refit {'in network order' if refit.get('sequential', True) else 'at once'} "
+            f"({refit.get('blocks', 0)} blocks)")
+    if err.get("before") is not None:
+        line += f", mean relative error {err['before']:.4f} -> {err['after']:.4f}"
+    if refit.get("skipped"):
+        line += f", {len(refit['skipped'])} skipped: " + "; ".join(f"{k} ({v})" for k, v in refit["skipped"].items())
+    return line
+
+
 # ---- analyze --------------------------------------------------------------------------------
 
 def _analyze_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:
@@ -163,29 +215,38 @@ def _analyze_sections(data: dict, directory: Path, context: dict) -> tuple[str, 
     weights = "random weights" if data.get("weights") == "random" else (data.get("checkpoint") or "checkpoint")
     title = f"Redundancy analysis: {data.get('model')} ({weights})"
     keys = list(net["twins"])
-    low = keys[0]  # the most inclusive threshold
-    cards = [(f"{100 * net['twin_share'][low]:.1f} %", f"of channels have a twin above {low}"),
-             (str(net["groups"]), "channel groups"), (str(net["channels"]), "channels"),
-             (str(net["dead_channels"]), "dead channels")]
+    levels = list(net.get("removable_within") or {})
+    mid = levels[len(levels) // 2] if levels else None
+    cards = ([(_pct(net["macs_removed_within"][mid]), f"of MACs in channels reproducible within {float(mid):.0%}")]
+             if mid else []) + [(str(net["groups"]), "channel groups"), (str(net["channels"]), "channels"),
+                                (str(net["dead_channels"]), "dead channels")]
     rows = [[f"> {k}", net["twins"][k], _pct(net["twin_share"][k]), net["removable"][k]] for k in keys]
+    removable = [[f"{float(e):.0%}", net["removable_within"][e], _pct(net["removable_within"][e] / net["channels"]),
+                  _pct(net["macs_removed_within"][e])] for e in levels]
     model_rows = [["model", data.get("model")], ["weights", weights],
                   ["input", "x".join(map(str, data.get("input_shape") or []))],
                   ["calibration", f"{cal.get('images')} images of {cal.get('data')} (seed {cal.get('seed')})"],
                   ["similarity", net["similarity"]]]
-    top = sorted(data["groups"], key=lambda g: -(g.get("mean_max_similarity") or float("-inf")))[:10]
-    top_rows = [[g["group"], g["channels"], "yes" if g["residual"] else "",
-                 "" if g.get("mean_max_similarity") is None else f"{g['mean_max_similarity']:.3f}"]
+    top = sorted(data["groups"], key=lambda g: (-g["removable_within"][mid] / g["channels"]) if mid else
+                 -(g.get("mean_max_similarity") or float("-inf")))[:10]
+    top_rows = [[g["group"], g["channels"], "yes" if g["residual"] else ""]
+                + [g["removable_within"][e] for e in levels]
+                + ["" if g.get("mean_max_similarity") is None else f"{g['mean_max_similarity']:.3f}"]
                 + [g["twins"][k] for k in keys] + [g["dead_channels"]] for g in top]
+    what_can_go = [("table", ["error within", "channels that can go", "share", "MACs saved"], removable),
+                   ("p", "Channels the other channels of their layer reproduce by least squares (what `--compensate "
+                         "lstsq` folds into the next layer), removed greedily; the error is the share of the layer's "
+                         "map energy the kept channels cannot reproduce.")] if levels else []
     sections = [
-        ("Summary", [("cards", cards), ("table", ["max similarity", "channels with a twin", "share",
-                                                  "removable as twins"], rows)]),
+        ("Summary", [("cards", cards)] + what_can_go + [
+            ("table", ["max similarity", "channels with a near-copy", "share", "removable as twins"], rows)]),
         ("Model", [("table", ["", ""], model_rows)]),
         ("Redundancy per group", _figures(directory, "redundancy.png", "share of channels with a twin per group "
                                           "(top) and the spread of each channel's highest similarity (bottom)")),
-        ("Most redundant groups", [("table", ["group", "channels", "residual", "mean max similarity"]
+        ("Most redundant groups", [("table", ["group", "channels", "residual"]
+                                   + [f"can go within {float(e):.0%}" for e in levels] + ["mean max similarity"]
                                    + [f"twins > {k}" for k in keys] + ["dead"], top_rows),
-                                  ("p", "The ten groups whose channels are, on average, most similar to their "
-                                        "closest other channel.")]),
+                                  ("p", "The ten groups with the largest share of channels that can go.")]),
         ("Channel similarity", _figures(directory, "similarity*.png", "similarity of every pair of channels in "
                                         "each group")),
     ]
@@ -218,7 +279,6 @@ def _setup_rows(data: dict) -> list[list]:
 
 
 def _compare_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:
-    from simprune.verify.compare import pivot_table  # noqa: PLC0415
 
     title = f"Criteria compared: {data.get('model')} on {data.get('data')}"
     header, rows = pivot_table(data["rows"], data.get("target_kind", "flops"))
@@ -267,6 +327,7 @@ def _demo_sections(data: dict, directory: Path, context: dict) -> tuple[str, lis
                                 f"{onnx.get('bytes', 0) / 2**20:.1f} MiB, verified in onnxruntime: max difference "
                                 f"{onnx.get('max_abs_diff', 0):.1e})."))
         sections.append(("Latency", blocks))
+    sections.append(("Float32 and int8", _int8_blocks(data, base)))
     sections.append(("Channels per layer", [("img", "channels.png", "output channels of every layer before "
                                              "(grey bars) and kept by each criterion (lines)")]))
     heat = _figures(directory, "similarity*.png", f"similarity of every pair of channels in each group of the "
@@ -281,16 +342,6 @@ BUILDERS = {"prune": _prune_sections, "analyze": _analyze_sections, "compare": _
 
 
 # ---- rendering ------------------------------------------------------------------------------
-
-def _md_cell(v: Any) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: list, rows: list[list]) -> str:
-    """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
-
 
 def render_markdown(title: str, sections: list) -> str:
     lines = [f"# {title}", ""]
@@ -429,7 +480,6 @@ def prune_report_writer(report: dict, desc: dict, criterion=None, also=None):
 def refresh_prune_report(directory: str | Path) -> list[Path]:
     """Render a pruned model folder's report again from its report.json and model.json (e.g. after
     ``simprune bench`` added the latency keys); keeps the heat maps already there."""
-    from simprune.io.files import read_json  # noqa: PLC0415
 
     directory = Path(directory)
     return write_report(directory, "prune", read_json(directory / "report.json"),

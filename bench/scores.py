@@ -1,6 +1,7 @@
 """What the score definitions do to accuracy: chance-corrected vs raw similarity, on the committed
 Fashion-MNIST ResNets, one FLOPs target, 640 calibration images, BatchNorm re-estimated, no
-fine-tuning (top-1 on the 10,000-image test set). Default allocator settings of ``simprune prune``.
+fine-tuning (top-1 on the 10,000-image test set). Default allocator settings of ``simprune prune``,
+without the consumer refit (``reconstruct=False``: the scores alone, with each criterion's own fold).
 
     python bench/scores.py                          # table + bench/results/scores.json
     python bench/scores.py --models resnet20 --criteria qsfm qsfm-raw
@@ -46,7 +47,7 @@ def run(model_name: str, label: str, calib_images: int, eval_images: int | None)
     opts = dict(options, progress=False) if name in ("qsfm", "feature-stats", "hrank") else options
     t0 = time.perf_counter()
     pruned, report = simprune.prune(model, torch.zeros(1, *desc["input_shape"]), name, {"flops": target},
-                                    calibration=calib, criterion_options=opts)
+                                    calibration=calib, criterion_options=opts, reconstruct=False)
     seconds = time.perf_counter() - t0
     groups = {g["root"]: g["channels_after"] for g in report["groups"]}
     return {"model": model_name, "criterion": label, "target": target,

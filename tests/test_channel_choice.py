@@ -177,7 +177,7 @@ def test_residual_duplicate_removed_from_every_producer_and_folded_into_every_re
         _plant(conv, bn, "dup", 6, 1, k=2.0)
     x = _calibration().dataset.tensors[0][:16]
     pruned, _ = simprune.prune(model, torch.zeros(1, 3, 8, 8), "qsfm", {"flops": 0.005}, calibration=_calibration(),
-                               ignore=["convs.0", "convs.2"], recalibrate_bn=False,
+                               ignore=["convs.0", "convs.2"], recalibrate_bn=False, compensate="lstsq",
                                criterion_options={"progress": False, "calib_precision": "fp32"})
     assert pruned.stem.out_channels == pruned.convs[1].out_channels == pruned.convs[3].out_channels == 7
     assert pruned.convs[0].in_channels == pruned.convs[2].in_channels == pruned.fc.in_features == 7

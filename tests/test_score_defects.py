@@ -68,8 +68,8 @@ def test_bn_reestimation_that_sees_nothing_says_so_and_keeps_the_trained_statist
         assert torch.equal(v, before[k]), k
 
 
-def test_prune_never_reports_bn_recalibrated_when_no_image_came():
-    with pytest.raises(simprune.SimpruneError, match="saw no calibration images"):
+def test_an_empty_calibration_is_refused_before_any_work():
+    with pytest.raises(simprune.SimpruneError, match="calibration= holds no batches"):
         simprune.prune(build_model("resnet20", in_channels=1), torch.zeros(1, 1, 32, 32), "l1", {"flops": 0.3},
                        calibration=(b for b in []), recalibrate_bn=True)
 
@@ -197,4 +197,5 @@ def test_affine_compensation_without_a_bias_is_refused():
     with pytest.raises(simprune.SimpruneError, match="fc1 has none; drop affine=True"):
         simprune.prune(OffsetNet(bias=False).eval(), torch.zeros(1, 3, 4, 4), "qsfm", {"flops": 0.005},
                        calibration=_loader(torch.randn(32, 3, 4, 4)), ignore=["fc1"], recalibrate_bn=False,
+                       compensate="lstsq",
                        criterion_options={"progress": False, "affine": True})

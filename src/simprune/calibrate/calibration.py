@@ -249,13 +249,14 @@ def check_calibration(batches, example_input: torch.Tensor):
     the model's input shape (C, H, W): statistics taken at another resolution or channel count would
     silently describe another model."""
     batches = reusable(batches)
-    for batch in batches:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
-            want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
-            raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
-                                "give calibration= images of that shape (pad_to=) or another example_input=")
-        break
+    first = next(iter(batches), None)
+    if first is None:
+        raise SimpruneError("calibration= holds no batches; pass a DataLoader or a list of (images, labels)")
+    x = first[0] if isinstance(first, (list, tuple)) else first
+    if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
+        want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
+        raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
+                            "give calibration= images of that shape (pad_to=) or another example_input=")
     return batches
 
 

@@ -41,13 +41,13 @@ from common import print_table, write_json  # noqa: E402
 from latency import EDGE_SPEEDUP, wait_for_quiet  # noqa: E402
 from latency import models as latency_models  # noqa: E402
 from simprune.allocation.allocator import Guards  # noqa: E402
+from simprune.allocation.rounding import vector_block  # noqa: E402
 from simprune.api import prune  # noqa: E402
 from simprune.cli.main import main as simprune  # noqa: E402
 from simprune.export.latency import export_for_timing, measure_onnx_many, ort_session  # noqa: E402
 from simprune.export.quantize import INT8_FILE, MAX_DROP, MIN_AGREEMENT, int8_verdict, quantize_int8, top1_side_by_side  # noqa: E402
 from simprune.io.files import load_model, read_json  # noqa: E402
 from simprune.io.imagenet import PHOTOS  # noqa: E402
-from simprune.schedules.latency import vector_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET56 = ROOT / "zoo" / "resnet56-fashion-mnist"

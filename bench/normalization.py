@@ -6,6 +6,8 @@ allocator strips the layers where chance looks like redundancy. For each criteri
 the median importance, after the allocator's normalisation, of 64 such channels, with the
 criterion's default (chance-corrected similarity, rank fraction, mean-normalised norms) and with
 the raw score it replaced; ``spread`` is the largest minus the smallest median across shapes.
+filter-similarity keeps the raw score by default (the correction is an option; see
+criteria/filter_similarity.py for the accuracy it cost), hence the ``default`` column.
 
     python bench/normalization.py        # table + bench/results/normalization.json
 """
@@ -26,6 +28,9 @@ from simprune.stats.channel_stats import ChannelStats  # noqa: E402
 from simprune.stats.similarity import filter_similarity_matrix, redundancy_order  # noqa: E402
 
 CHANNELS = 64
+DEFAULTS = {("qsfm-ssim", "chance-corrected"), ("qsfm-psnr", "chance-corrected"),
+            ("qsfm-cosine / feature-stats SFS", "chance-corrected"), ("hrank", "rank fraction"),
+            ("filter-similarity", "none (raw)"), ("l1", "mean"), ("fpgm", "mean")}
 MAP_SIZES = (2, 4, 8, 16, 32)
 FAN_INS = (27, 144, 576, 4608)
 
@@ -53,7 +58,8 @@ def map_rows(images: int) -> list[dict]:
         rank = probe.stats
         rows.setdefault(("hrank", "rank fraction"), {})[size] = float(rank.rank_fraction().median())
         rows.setdefault(("hrank", "none (raw mean rank)"), {})[size] = float(rank.mean_rank().median())
-    return [{"criterion": c, "normalisation": n, "images": images, **{f"{s}x{s}": v for s, v in m.items()},
+    return [{"criterion": c, "normalisation": n, "default": "yes" if (c, n) in DEFAULTS else "",
+             "images": images, **{f"{s}x{s}": v for s, v in m.items()},
              "spread": max(m.values()) - min(m.values())} for (c, n), m in rows.items()]
 
 
@@ -71,17 +77,18 @@ def filter_rows() -> list[dict]:
         rows.setdefault(("l1", "none (raw)"), {})[d] = float(l1.median())
         fpgm = torch.cdist(w.double(), w.double()).sum(1)
         rows.setdefault(("fpgm", "mean"), {})[d] = float(normalize(fpgm, "mean").median())
-    return [{"criterion": c, "normalisation": n, **{f"fan-in {d}": v for d, v in m.items()},
+    return [{"criterion": c, "normalisation": n, "default": "yes" if (c, n) in DEFAULTS else "",
+             **{f"fan-in {d}": v for d, v in m.items()},
              "spread": max(m.values()) - min(m.values())} for (c, n), m in rows.items()]
 
 
 def main() -> None:
     torch.set_num_threads(1)
     maps = map_rows(16) + map_rows(640)
-    print_table(maps, ["criterion", "normalisation", "images"] + [f"{s}x{s}" for s in MAP_SIZES] + ["spread"])
+    print_table(maps, ["criterion", "normalisation", "default", "images"] + [f"{s}x{s}" for s in MAP_SIZES] + ["spread"])
     print()
     filters = filter_rows()
-    print_table(filters, ["criterion", "normalisation"] + [f"fan-in {d}" for d in FAN_INS] + ["spread"])
+    print_table(filters, ["criterion", "normalisation", "default"] + [f"fan-in {d}" for d in FAN_INS] + ["spread"])
     print(f"wrote {write_json('normalization', {'channels': CHANNELS, 'maps': maps, 'filters': filters})}")
 
 

@@ -1,85 +1,188 @@
-"""Criteria side by side on the committed Fashion-MNIST ResNet-56, without fine-tuning.
+"""Accuracy without fine-tuning: every criterion, with and without the consumer refit, on the committed
+Fashion-MNIST ResNets.
 
-Every criterion prunes the same model to the same FLOPs targets under the same allocator
-settings (``simprune.verify.compare.run_grid``): groups that cannot be compensated (read by the option-A
-shortcut) are left whole for all, and every pruned model gets its BatchNorm statistics
-re-estimated on the same 640 calibration images (seeded). Data-driven criteria are evaluated with
-least-squares compensation, the twin fold of the method, and none. Top-1 on the 10,000-image test
-set. The same table comes from the command line:
+Every run prunes the same model to the same MACs target on the same footing: the same allocator, groups
+read by the parameter-free option-A shortcut left whole for all, the same 640 seeded calibration images,
+BatchNorm statistics re-estimated on them, no fine-tuning. "refit" rows run the reconstruction
+(``simprune.prune(..., reconstruct=True)``: every layer that lost input channels is refit by least squares
+to reproduce the unpruned model's output, in network order); the other rows use the criterion's own
+repair (qsfm and feature-stats: the least-squares channel fold) or none. Torch-Pruning's importances run
+through Torch-Pruning's own classes (``tp:*``). Top-1 on the 10,000-image test set. A criterion's scores
+are computed once per model and reused for every target. Rows are written to the JSON as they finish;
+a rerun keeps the rows of other models, criteria or targets (``--fresh`` starts over).
 
-    simprune compare --checkpoint zoo/resnet56-fashion-mnist --data fashion-mnist \\
-        --criteria qsfm:ssim,qsfm:ssim-windowed,qsfm:psnr,qsfm:cosine,feature-stats,hrank,filter-similarity,l1,fpgm,random \\
-        --compensate lstsq,twin,none --targets 0.3,0.48,0.7 --out runs/criteria
+The timing line prunes once more from scratch (refit-error + refit at 48 %) and divides its CPU time by
+that of a bare forward over the same 640 images (fp32, the refit's precision; and bf16 autocast).
 
-    python bench/quality.py                      # table + bench/results/quality.json
-    python bench/quality.py --targets 0.48 --criteria l1 qsfm-ssim   # a subset
+    python bench/quality.py                                  # ResNet-56 table + bench/results/quality.json
+    python bench/quality.py --checkpoint zoo/resnet20-fashion-mnist   # the same table for ResNet-20
+    python bench/quality.py --targets 0.48 --criteria refit-error qsfm-ssim   # a subset
+    python bench/quality.py --ablations                      # what each part of the refit adds
+    python bench/readme.py                                   # the README tables from the JSON
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+import simprune  # noqa: E402
+from common import RESULTS, print_table, write_json  # noqa: E402
 from simprune.calibrate.calibration import calibration_loader  # noqa: E402
+from simprune.criteria import ScoreCache, get_criterion  # noqa: E402
 from simprune.io.data import load_dataset  # noqa: E402
 from simprune.io.files import load_model  # noqa: E402
 from simprune.train.loop import evaluate  # noqa: E402
-from simprune.verify.compare import Spec, run_grid  # noqa: E402
+from tp_importances import IMPORTANCES, tp_criterion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CRITERIA = {label: Spec(label, name, options) for label, (name, options) in {
+CRITERIA = {  # label -> (registry name, options)
+    "refit-error": ("refit-error", {}),
     "qsfm-ssim": ("qsfm", {"similarity": "ssim"}),
-    "qsfm-ssim-windowed": ("qsfm", {"similarity": "ssim-windowed"}),
     "qsfm-psnr": ("qsfm", {"similarity": "psnr"}),
-    "qsfm-cosine": ("qsfm", {"similarity": "cosine"}),
     "feature-stats": ("feature-stats", {}),
     "hrank": ("hrank", {}),
     "filter-similarity": ("filter-similarity", {}),
     "l1": ("l1", {}),
     "fpgm": ("fpgm", {}),
     "random": ("random", {}),
-}.items()}
+    **{name: (name, {}) for name in IMPORTANCES},
+}
+TARGETS = [0.30, 0.48, 0.62, 0.70]
+ABLATIONS = {  # what each part of the refit adds: refit-error selection, the refit with one part changed
+    "as is": ({}, True),
+    "only the layers that lost inputs": ({"scope": "readers"}, True),
+    "no residual cancellation": ({"residual": False}, True),
+    "all layers at once, not in order": ({"sequential": False}, True),
+    "no BatchNorm re-estimation": ({}, False),
+}
+
+
+def make_criterion(label: str):
+    name, options = CRITERIA[label]
+    crit = tp_criterion(name) if name.startswith("tp:") else get_criterion(name, **options)
+    if hasattr(crit, "progress"):
+        crit.progress = False
+    return crit
+
+
+def prune_row(model, example, crit, label: str, target: float, refit: bool, calib, test, base: float,
+              model_name: str) -> dict:
+    """One pruned model, evaluated: the row of the table."""
+    pruned, report = simprune.prune(model, example, crit, {"flops": target}, calibration=calib, reconstruct=refit,
+                                    protect_uncompensable=True, recalibrate_bn=True)
+    top1 = evaluate(pruned, test)["top1"]
+    refit_info = report.get("reconstructed") or {}
+    return {"model": model_name, "criterion": label, "reconstructed": refit,
+            "repair": "refit" if refit else (report["compensated"] if isinstance(report["compensated"], str)
+                                             else ("lstsq fold" if report["compensated"] else "none")),
+            "target": target, "flops_removed_%": 100 * report["reduction"]["flops"],
+            "params_removed_%": 100 * report["reduction"]["params"], "top1": top1, "change": top1 - base,
+            "refit_relative_error": (refit_info.get("relative_error") or {}).get("after"),
+            "seconds": report["seconds"]}
+
+
+def bare_forward(model, calib, bf16: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds of one forward over the calibration batches, no hooks."""
+    model.eval()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for x, _ in calib:
+            model(x)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def speed(model, example, calib) -> dict:
+    """The whole prune with reconstruction at 48 % from scratch, against a bare forward over the same images.
+
+    CPU time is the figure to read (one thread; the machine's cores are shared, so wall time also counts
+    the neighbours); the refit runs its forwards in fp32, so the fp32 forward is the like-for-like one."""
+    fp32 = min((bare_forward(model, calib, False) for _ in range(2)), key=lambda t: t[1])
+    bf16 = min((bare_forward(model, calib, True) for _ in range(2)), key=lambda t: t[1])
+    t0, c0 = time.perf_counter(), time.process_time()
+    _, report = simprune.prune(model, example, make_criterion("refit-error"), {"flops": 0.48}, calibration=calib)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    refit = report["reconstructed"]
+    return {"criterion": "refit-error", "target": 0.48, "prune_s": wall, "prune_cpu_s": cpu,
+            "bare_forward_fp32_s": fp32[0], "bare_forward_fp32_cpu_s": fp32[1],
+            "bare_forward_bf16_s": bf16[0], "bare_forward_bf16_cpu_s": bf16[1],
+            "ratio_fp32": cpu / fp32[1], "ratio_bf16": cpu / bf16[1], "wall_ratio_fp32": wall / fp32[0],
+            "breakdown_s": report["seconds"], "layers_refit": refit["layers"], "blocks": refit["blocks"],
+            "largest_gram_mib": refit["largest_gram_mib"], "frontier_mib": refit["frontier_mib"]}
+
+
+def ablations(model, example, calib, test, base: float, targets: list[float]) -> list[dict]:
+    """refit-error + refit with one part of the refit changed at a time (scores computed once)."""
+    crit, rows = ScoreCache(make_criterion("refit-error"), reuse=True), []
+    for label, (options, recalibrate) in ABLATIONS.items():
+        for target in targets:
+            pruned, report = simprune.prune(model, example, crit, {"flops": target}, calibration=calib,
+                                            reconstruct_options=options, recalibrate_bn=recalibrate)
+            top1 = evaluate(pruned, test)["top1"]
+            rows.append({"variant": label, "target": target, "top1": top1, "change": top1 - base,
+                         "refit_seconds": report["seconds"]["reconstruction"]})
+            print(f"ablation {label} {target}: {top1:.2f}", file=sys.stderr)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(ROOT / "zoo" / "resnet56-fashion-mnist"))
-    ap.add_argument("--targets", nargs="+", type=float, default=[0.30, 0.48, 0.70])
+    ap.add_argument("--targets", nargs="+", type=float, default=TARGETS)
     ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=list(CRITERIA))
     ap.add_argument("--calib-images", type=int, default=640)
     ap.add_argument("--eval-images", type=int, default=None, help="default: the whole test set")
-    ap.add_argument("--cost-weight", type=float, default=0.0)
-    ap.add_argument("--name", default="quality", help="write bench/results/NAME.json")
+    ap.add_argument("--no-speed", action="store_true", help="skip the timing line")
+    ap.add_argument("--fresh", action="store_true", help="drop the rows already in the JSON")
+    ap.add_argument("--ablations", nargs="*", type=float, default=None, metavar="TARGET",
+                    help="only the ablation rows of the refit, at these targets (default 0.48 0.7)")
     args = ap.parse_args()
+    torch.set_num_threads(1)
 
     model, desc = load_model(args.checkpoint)
-    shape = tuple(desc["input_shape"])
-    pad_to = desc["data"]["pad_to"]
-    test = load_dataset(desc["data"]["name"], "test", pad_to=pad_to)
+    name, pad_to = desc["data"]["name"], desc["data"]["pad_to"]
+    test = load_dataset(name, "test", pad_to=pad_to)
     if args.eval_images:
         test = torch.utils.data.Subset(test, range(args.eval_images))
-    calib = calibration_loader(desc["data"]["name"], args.calib_images, pad_to=pad_to, seed=0)
-    base_top1 = evaluate(model, test)["top1"]
-    print(f"baseline top-1 {base_top1:.2f} %", file=sys.stderr)
-    rows = []
-    for run in run_grid(model, torch.zeros(1, *shape), [CRITERIA[c] for c in args.criteria], sorted(args.targets),
-                        calibration=calib, test=test, base_top1=base_top1, compensations=("lstsq", "twin", "none"),
-                        cost_weight=args.cost_weight):
-        r = run["row"]
-        rows.append({"criterion": r["criterion"], "compensated": r["compensated"], "target": r["target"],
-                     "flops_removed_%": 100 * r["flops_removed"], "params_removed_%": 100 * r["params_removed"],
-                     "top1": r["top1"], "change": r["change"], "score_s": r["score_s"]})
-        print(f"{r['label']} {r['target']}: {r['top1']:.2f}", file=sys.stderr)
-    print_table(rows, ["criterion", "compensated", "target", "flops_removed_%", "params_removed_%", "top1",
-                       "change"])
-    out = write_json(args.name, {"checkpoint": args.checkpoint, "baseline_top1": base_top1,
-                                 "calib_images": args.calib_images, "cost_weight": args.cost_weight,
-                                 "eval_images": len(test), "rows": rows})
-    print(f"wrote {out}")
+    calib = calibration_loader(name, args.calib_images, pad_to=pad_to, seed=0)
+    example = torch.zeros(1, *desc["input_shape"])
+    base = evaluate(model, test)["top1"]
+    print(f"{desc['model']}: baseline top-1 {base:.2f} %", file=sys.stderr)
+    path = RESULTS / "quality.json"
+    data = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    models = {m["model"]: m for m in data.get("models", [])}
+    entry = models.setdefault(desc["model"], {"model": desc["model"], "rows": []})
+    entry.update(checkpoint=str(Path(args.checkpoint).resolve().relative_to(ROOT)), baseline_top1=base,
+                 calib_images=args.calib_images, eval_images=len(test),
+                 command="python bench/quality.py " + " ".join(sys.argv[1:]))
+    if args.ablations is not None:
+        entry["ablations"] = ablations(model, example, calib, test, base, args.ablations or [0.48, 0.70])
+        write_json("quality", {"models": list(models.values())})
+        print_table(entry["ablations"], ["variant", "target", "top1", "change", "refit_seconds"])
+        return
+    if not args.no_speed:
+        entry["speed"] = speed(model, example, calib)
+        sp = entry["speed"]
+        print(f"prune + refit at 48 %: {sp['prune_cpu_s']:.1f} CPU s = {sp['ratio_fp32']:.1f}x a bare fp32 forward "
+              f"({sp['ratio_bf16']:.1f}x a bf16 one); wall {sp['prune_s']:.1f} s", file=sys.stderr)
+    for label in args.criteria:
+        crit = ScoreCache(make_criterion(label), reuse=True)  # one scoring pass serves every target
+        for refit in (False, True):
+            for target in sorted(args.targets):
+                row = prune_row(model, example, crit, label, target, refit, calib, test, base, desc["model"])
+                key = (row["criterion"], row["reconstructed"], row["target"])
+                entry["rows"] = [r for r in entry["rows"] if (r["criterion"], r["reconstructed"], r["target"]) != key]
+                entry["rows"].append(row)
+                print(f"{label} {row['repair']} {target}: {row['top1']:.2f}", file=sys.stderr)
+                write_json("quality", {"models": list(models.values())})
+    print_table(entry["rows"], ["criterion", "repair", "target", "flops_removed_%", "params_removed_%", "top1",
+                                "change"])
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Render the benchmark JSON files into the README's result tables (never typed by hand).
+"""Render the benchmark JSON files into the result tables of README.md and docs/*.md (never typed by hand).
 
-    python bench/readme.py          # rewrite the <!-- bench:NAME --> blocks of README.md
-    python bench/readme.py --check  # exit 1 if README.md differs from what the JSON files give
+    python bench/readme.py          # rewrite the <!-- bench:NAME --> blocks of README.md and docs/*.md
+    python bench/readme.py --check  # exit 1 if a page differs from what the JSON files give
 """
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
+
+
+def pages() -> list[Path]:
+    """Every page that may hold rendered blocks: the README and the docs."""
+    return [README] + sorted((ROOT / "docs").glob("*.md"))
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -42,21 +47,67 @@ def render_calibration(data: dict) -> str:
         f"\n\n{_machine(data)} `python bench/calibration.py` (ResNet-56, one statistics pass)."
 
 
+def render_scale(data: dict) -> str:
+    rows = [[r["sweep"], r["model"].replace("torchvision:", ""), r["resolution"], r["images"], f"{r['stats_s']:.1f}",
+             f"{r['forward_s']:.1f}", f"{r['ratio']:.1f}", f"{r['stats_growth_mib']:.0f}",
+             f"{r['forward_growth_mib']:.0f}"] for r in data["rows"]]
+    text = _table(["sweep", "model", "px", "images", "statistics s", "bare forward s", "ratio",
+                   "statistics peak growth MiB", "forward peak growth MiB"], rows)
+    if data.get("torchrun"):
+        text += "\n\n" + _table(["torchrun processes", "images", "px", "statistics wall s", "speed-up"],
+                                 [[r["processes"], r["images"], r["resolution"], f"{r['stats_s']:.1f}",
+                                   f"{r['speedup']:.2f}"] for r in data["torchrun"]])
+    return text + f"\n\n{_machine(data)} `OMP_NUM_THREADS=1 python bench/scale.py` (qsfm statistics, batches of " \
+        f"{data['batch']}, random weights and images; torchrun rows: `--images --keep --torchrun 1 2`)."
+
+
+def _quality_table(m: dict) -> str:
+    """One model: a line per (criterion, repair), a column per MACs target."""
+    by: dict[tuple[str, str], dict] = {}
+    for r in m["rows"]:
+        by.setdefault((r["criterion"], r["repair"]), {})[r["target"]] = r
+    order = list(dict.fromkeys(r["criterion"] for r in m["rows"]))
+    keys = sorted(by, key=lambda k: (order.index(k[0]), k[1] == "refit"))
+    targets = sorted({r["target"] for r in m["rows"]})
+    header = ["criterion", "reconstruction"] + [f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]
+    rows = [[crit, repair] + [f"{by[(crit, repair)][t]['top1']:.2f} ({by[(crit, repair)][t]['change']:+.2f})"
+                              if t in by[(crit, repair)] else "" for t in targets] for crit, repair in keys]
+    best = []
+    for t in targets:
+        ours = [r for r in m["rows"] if r["target"] == t and not r["criterion"].startswith("tp:")]
+        peers = [r for r in m["rows"] if r["target"] == t and r["criterion"].startswith("tp:") and not r["reconstructed"]]
+        if ours:
+            top = max(ours, key=lambda r: r["top1"])
+            line = f"{100 * t:.0f} %: {top['criterion']} + {top['repair']} {top['top1']:.2f}"
+            if peers:
+                peer = max(peers, key=lambda r: r["top1"])
+                line += f" (best Torch-Pruning importance as it comes: {peer['criterion']} {peer['top1']:.2f})"
+            best.append(line)
+    text = (f"**{m['model']}** (`{m['checkpoint']}`, baseline top-1 {m['baseline_top1']:.2f} % on "
+            f"{m['eval_images']} test images, {m['calib_images']} calibration images):\n\n" + _table(header, rows) +
+            "\n\nBest simprune row per target: " + "; ".join(best) + ".")
+    sp = m.get("speed")
+    if sp:
+        text += (f" The whole prune with reconstruction at {100 * sp['target']:.0f} % ({sp['criterion']}, from "
+                 f"scratch) took {sp['prune_cpu_s']:.1f} s of CPU time: {sp['ratio_fp32']:.1f}x a bare fp32 forward "
+                 f"over the same images ({sp['bare_forward_fp32_cpu_s']:.1f} s), {sp['ratio_bf16']:.1f}x a bf16 "
+                 f"autocast one ({sp['bare_forward_bf16_cpu_s']:.1f} s); {sp['layers_refit']} layers refit in "
+                 f"{sp['blocks']} blocks, largest Gram {sp['largest_gram_mib']:.1f} MiB, stored block inputs "
+                 f"{sp['frontier_mib']:.0f} MiB.")
+    text += f" `{m['command'].strip()}`"
+    if m.get("ablations"):
+        targets = sorted({r["target"] for r in m["ablations"]})
+        cells = {(r["variant"], r["target"]): r for r in m["ablations"]}
+        variants = list(dict.fromkeys(r["variant"] for r in m["ablations"]))
+        text += ("\n\nWhat each part of the refit adds (refit-error selection; `python bench/quality.py "
+                 "--ablations`):\n\n" + _table(["refit", *[f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]],
+                                                [[v, *[f"{cells[(v, t)]['top1']:.2f} ({cells[(v, t)]['change']:+.2f})"
+                                                       if (v, t) in cells else "" for t in targets]] for v in variants]))
+    return text
+
+
 def render_quality(data: dict) -> str:
-    by = {}
-    for r in data["rows"]:
-        comp = r["compensated"]
-        label = r["criterion"] + ("" if not comp else f" + {comp}")
-        by.setdefault(label, {})[r["target"]] = r
-    targets = sorted({r["target"] for r in data["rows"]})
-    header = ["criterion"] + [f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]
-    rows = []
-    for label, cells in by.items():
-        rows.append([label] + [f"{cells[t]['top1']:.2f} ({cells[t]['change']:+.2f})" if t in cells else ""
-                               for t in targets])
-    return _table(header, rows) + (
-        f"\n\nBaseline top-1 {data['baseline_top1']:.2f} % on {data['eval_images']} Fashion-MNIST test images; "
-        f"{data['calib_images']} calibration images; no fine-tuning. {_machine(data)} `python bench/quality.py`.")
+    return "\n\n".join(_quality_table(m) for m in data["models"]) + f"\n\nNo fine-tuning. {_machine(data)}"
 
 
 def render_finetune(data: dict) -> str:
@@ -91,9 +142,9 @@ def render_latency(data: dict) -> str:
                f"({edge[0]['pruning']}, {edge[0]['speedup']:.2f}x, top-1 agreement "
                f"{edge[0]['top1_agreement']:.1f} %)." if edge else f" MobileNetV2 never reaches {goal}x here.")
     load = f"1-minute load average {data['load_average_at_start']:.2f} at the start"
-    busy = (f" The background fine-tuning job was still running on the other core after waiting "
-            f"{data['waited_minutes']:.0f} min ({load})." if data["background_busy"] else
-            f" No training job was running ({load}).")
+    busy = (f" Another process kept one of the two cores busy during the measurement ({load}), so the ~10 ms "
+            "MobileNetV2 runs are the noisiest figures here." if data["background_busy"] else
+            f" The machine was otherwise idle ({load}).")
     return _table(["model", "pruning", "kept channels", "MACs removed %", "MACs (M)", "params (M)",
                    "ORT b1 before ms", "ORT b1 after ms", "speed-up", "MAC speed-up", "ratio",
                    "top-1 agreement %"], rows) + (
@@ -135,7 +186,7 @@ def render_robustness(data: dict) -> str:
             f"{data['per_mutation']} seeded cases per mutation. {_machine(data)} `python bench/robustness.py`.")
 
 
-RENDERERS = {"engine": render_engine, "calibration": render_calibration, "quality": render_quality,
+RENDERERS = {"engine": render_engine, "calibration": render_calibration, "scale": render_scale, "quality": render_quality,
              "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
              "robustness": render_robustness}
 
@@ -154,14 +205,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
-    text = README.read_text()
-    new = rendered_readme(text)
-    if args.check:
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        new = rendered_readme(text)
         if new != text:
-            print("README.md result tables differ from bench/results/*.json; run python bench/readme.py")
-            return 1
-        return 0
-    README.write_text(new)
+            stale.append(page.relative_to(ROOT))
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print(f"{', '.join(map(str, stale))}: result tables differ from bench/results/*.json; run python bench/readme.py")
+        return 1
     return 0
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import simprune
 from simprune import api
 from simprune.criteria import ScoreCache, get_criterion
 from simprune.errors import SimpruneError
@@ -22,7 +23,9 @@ def test_compare_on_a_small_trained_model(cli, tmp_path):
     assert code == 0, err
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
-    assert [(r["label"], r["target"]) for r in rows] == [(c, t) for c in ("qsfm", "l1", "random") for t in (0.3, 0.5)]
+    assert [(r["label"], r["target"]) for r in rows] == \
+        [(f"{c} + refit", t) for c in ("qsfm", "l1", "random") for t in (0.3, 0.5)]  # the refit is the default
+    assert all(r["reconstructed"] and r["compensated"] is False for r in rows)
     assert data["baseline_top1"] > 90 and data["test_images"] == 300 and data["calibration"]["images"] == 64
     for r in rows:
         assert abs(r["flops_removed"] - r["target"]) <= 0.02, r
@@ -37,7 +40,7 @@ def test_compare_on_a_small_trained_model(cli, tmp_path):
         [(r["label"], r["target"], r["top1"]) for r in rows]
     md = (out / "results.md").read_text()
     assert "| criterion | 30 % MACs: top-1 (change) | 50 % MACs: top-1 (change) |" in md
-    for name in ("qsfm", "l1", "random"):
+    for name in ("qsfm + refit", "l1 + refit", "random + refit"):
         cells = [f"{r['top1']:.2f} ({r['change']:+.2f})" for r in rows if r["label"] == name]
         assert f"| {name} | {cells[0]} | {cells[1]} |" in md and f"| {name} | {cells[0]} | {cells[1]} |" in stdout
     assert (out / "accuracy_vs_flops.png").read_bytes().startswith(b"\x89PNG")
@@ -50,12 +53,16 @@ def test_compare_iterative_schedule_and_errors(cli, tmp_path):
     out = tmp_path / "it"
     code, _, err = cli("compare", "--model", "resnet20", "--data", "fashion-mnist-sample", "--pad-to", "32",
                        "--criteria", "l1", "--targets", "0.4", "--schedules", "oneshot,iterative:2",
-                       "--eval-images", "32", "--calib-images", "32", "--out", out, "--quiet")
+                       "--eval-images", "32", "--calib-images", "32", "--no-reconstruct", "--out", out, "--quiet")
     assert code == 0, err
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["l1", "l1 / iterative:2"]
+    assert [r["label"] for r in rows] == ["l1", "l1 / iterative:2"]  # --no-reconstruct: no refit, no suffix
+    assert not any(r["reconstructed"] for r in rows)
     assert all(abs(r["flops_removed"] - 0.4) <= 0.02 for r in rows)
     assert rows[0]["params"] != rows[1]["params"]  # re-scored after the first step: another structure
+    assert [r["model_dir"] for r in rows] == ["models/l1-0.4", "models/l1-iterative-2-0.4"]
+    kept = simprune.load(out / "models" / "l1-iterative-2-0.4")  # every pruned model is kept, loadable
+    assert sum(p.numel() for p in kept.parameters()) == rows[1]["params"]
 
     code, _, err = cli("compare", "--model", "resnet20", "--data", "fashion-mnist-sample", "--out", out)
     assert code == 2 and "already exists" in err
@@ -126,3 +133,19 @@ def test_score_cache_reuses_scores_across_targets(reuse, calls):
     uncached, _ = api.prune(model, x, "l1", {"flops": 0.6})
     assert [p.shape for p in large.parameters()] == [p.shape for p in uncached.parameters()]
     assert sum(p.numel() for p in small.parameters()) > sum(p.numel() for p in large.parameters())
+
+
+@pytest.mark.slow
+def test_compare_times_every_kept_model(cli, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "lat"
+    code, stdout, err = cli("compare", "--model", "resnet20", "--data", "fashion-mnist-sample", "--pad-to", "32",
+                            "--criteria", "l1,random", "--targets", "0.5", "--eval-images", "32",
+                            "--calib-images", "32", "--latency", "--out", out)
+    assert code == 0, err
+    data = json.loads((out / "results.json").read_text())
+    assert data["baseline_latency_ms"] > 0
+    for r in data["rows"]:
+        assert r["latency_ms"] > 0 and r["speedup"] > 0 and isinstance(r["speedup_stable"], bool)
+        assert (out / r["model_dir"] / "model.safetensors").exists()
+    assert "onnxruntime batch 1" in stdout and "| l1 | 0.5 |" in stdout

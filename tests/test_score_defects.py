@@ -68,6 +68,12 @@ def test_bn_reestimation_that_sees_nothing_says_so_and_keeps_the_trained_statist
         assert torch.equal(v, before[k]), k
 
 
+def test_prune_never_reports_bn_recalibrated_when_no_image_came():
+    with pytest.raises(simprune.SimpruneError, match="saw no calibration images"):
+        simprune.prune(build_model("resnet20", in_channels=1), torch.zeros(1, 1, 32, 32), "l1", {"flops": 0.3},
+                       calibration=(b for b in []), recalibrate_bn=True)
+
+
 def test_a_huge_one_shot_iterator_is_refused_naming_the_keyword(monkeypatch):
     monkeypatch.setattr(calibration, "MAX_MATERIALISED_BYTES", 10_000)
     gen = ((torch.zeros(4, 1, 32, 32), torch.zeros(4)) for _ in range(5))
@@ -120,7 +126,7 @@ def test_unrelated_filters_score_alike_at_fan_in_27_and_4608():
     narrow = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 16, 2))
     for conv in (wide[2], narrow[0]):  # fan-in 512 * 9 = 4608 and 3 * 9 = 27, independent Gaussian filters
         nn.init.normal_(conv.weight)
-    crit = get_criterion("filter-similarity")
+    crit = get_criterion("filter-similarity", chance_corrected=True)  # an option: see criteria/filter_similarity.py
     big = crit.score(PruningGraph(wide, torch.zeros(1, 3, 4, 4))).scores["2"]
     small = crit.score(PruningGraph(narrow, torch.zeros(1, 3, 4, 4))).scores["0"]
     assert abs(float(big.median()) - float(small.median())) < 0.05

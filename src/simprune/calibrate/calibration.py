@@ -4,22 +4,34 @@ A group's feature maps are read where they are consumed: the input of each layer
 that reads the group's channels (a conv or linear "probe"), i.e. the root output
 after BN and activation (and after any residual sum). Residual groups have one
 probe per consumer; depthwise-separable groups are probed at the projection
-input. Statistics are sums (``ChannelStats``), accumulated batch by batch under
-no_grad in bounded memory, and all-reduced across processes when distributed.
+input. A reader after global pooling sees one value per channel and image: its probe is
+*pooled*, the map of a channel being its vector of values over the calibration images (a 1 x 1
+map would min-max scale to 0 and make every pair identical). A reader after flatten sees C x k
+values: the k positions are the map. Statistics are sums (``ChannelStats``), accumulated batch by
+batch under no_grad in bounded memory, and all-reduced across processes when distributed.
+Calibration batches are read several times, so a one-shot iterator is kept (:func:`reusable`).
+
+Devices: every batch goes to the device of the model's weights (``distributed.model_device``), and
+the float64 sums stay on that device while the batches come (no host round trip per probe and batch;
+the sums are (C, C), small next to the maps, and nccl reduces device tensors); once reduced they move
+to the CPU, so scoring and selection run the same code on every device. The decision then differs
+from a CPU run only by the forward pass's rounding (other kernels; bf16 products, or TF32 if allowed,
+which the fp32 statistics pass turns off): near-ties may flip, nothing else.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from simprune import distributed
 from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph, is_depthwise
 from simprune.io.data import load_dataset
+from simprune.progress import bar as progress_bar
 from simprune.stats.channel_stats import ChannelStats, is_maximum
 
 PRECISIONS = ("fp32", "bf16")
@@ -105,7 +117,7 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
         def hook(module, inputs):
             maps, pooled = _maps_for(probe.member, inputs[0].detach(), channels)
             if probe.stats is None:
-                probe.stats = ChannelStats(channels, metrics, window=window, pooled=pooled)
+                probe.stats = ChannelStats(channels, metrics, window=window, pooled=pooled, device=maps.device)
             probe.stats.update(maps)
         return hook
 
@@ -117,10 +129,11 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     was_training = model.training
     model.eval()
     seen = varied = 0
+    device = distributed.model_device(model)
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            for batch in tqdm(batches, desc="calibration", leave=False, disable=not (progress and distributed.is_main())):
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        with torch.no_grad(), _forward_precision(device, precision == "bf16"):
+            for batch in progress_bar(batches, "calibration statistics", unit="batches", enabled=progress):
+                x = _images(batch, device)
                 _forward(model, x)
                 seen += x.shape[0]
                 flat = x.flatten(1)
@@ -132,7 +145,7 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     if reduce is not None:
         seen, varied = (int(v) for v in reduce(torch.tensor([float(seen), float(varied)], dtype=torch.float64)))
     if seen == 0:
-        raise SimpruneError("no calibration images were seen; check --calib-data and --calib-images")
+        raise SimpruneError("no calibration images were seen; pass calibration= batches of images")
     if varied == 0:
         raise SimpruneError(f"all {seen} calibration images are constant (no pixel differs), so every feature-map "
                             "similarity ties; calibrate on real images")
@@ -142,7 +155,28 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
                 raise SimpruneError(f"layer {p.member.name} never ran on the calibration images; it cannot be scored")
             if reduce is not None:
                 p.stats = _reduced(p.stats, reduce)
+            p.stats.to("cpu")  # scores and decisions are computed on the CPU, whatever the device
     return probes
+
+
+def _images(batch, device: torch.device) -> torch.Tensor:
+    """The images of a batch ((images, labels) or images alone), on ``device``."""
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return x.to(device, non_blocking=True)
+
+
+@contextmanager
+def _forward_precision(device: torch.device, bf16: bool):
+    """bf16 autocast on ``device``, or true fp32: on CUDA the convolutions would otherwise use TF32
+    (cuDNN's default, 10-bit mantissa), which moves the statistics away from a CPU run's."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if device.type == "cuda" and not bf16:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _reduced(stats: ChannelStats, reduce) -> ChannelStats:
@@ -150,20 +184,25 @@ def _reduced(stats: ChannelStats, reduce) -> ChannelStats:
     out = {}
     for name, t in stats.tensors().items():
         if is_maximum(name):
-            slots = torch.zeros((distributed.world_size(), *t.shape), dtype=t.dtype)
+            slots = torch.zeros((distributed.world_size(), *t.shape), dtype=t.dtype, device=t.device)
             slots[distributed.rank()] = t
             out[name] = reduce(slots).amax(0)
         else:
             out[name] = reduce(t)
-    return ChannelStats.from_tensors(out, channels=stats.channels, metrics=stats.metrics, **stats.options)
+    return ChannelStats.from_tensors(out, channels=stats.channels, metrics=stats.metrics,
+                                     device=stats.device, **stats.options)
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> None:
     try:
         model(x)
+    except torch.OutOfMemoryError as exc:
+        raise SimpruneError(f"out of memory on {x.device} with calibration batches of {x.shape[0]} images; "
+                            "use smaller batches, or device=cpu") from exc
     except RuntimeError as exc:  # wrong channel count or size: torch's own message, in one line
         raise SimpruneError(f"the model cannot read calibration images of shape {tuple(x.shape[1:])} "
-                            f"({str(exc).splitlines()[0][:120]}); pick matching --calib-data/--pad-to") from exc
+                            f"({str(exc).splitlines()[0][:120]}); give calibration= images of the model's input "
+                            "shape (pad_to=)") from exc
 
 
 def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
@@ -215,7 +254,7 @@ def check_calibration(batches, example_input: torch.Tensor):
         if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
             want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
             raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
-                                "pick matching --calib-data/--pad-to or --input")
+                                "give calibration= images of that shape (pad_to=) or another example_input=")
         break
     return batches
 
@@ -239,10 +278,11 @@ def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> int:
         m.momentum = None  # cumulative moving average over all batches
         m.train()
     seen = 0
+    device = distributed.model_device(model)
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for batch in batches:
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        with torch.no_grad(), _forward_precision(device, bf16):
+            for batch in progress_bar(batches, "BatchNorm re-estimation", unit="batches"):
+                x = _images(batch, device)
                 _forward(model, x)
                 seen += x.shape[0]
         if distributed.active():

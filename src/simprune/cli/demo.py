@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -115,14 +114,15 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
             test = torch.utils.data.Subset(test, range(min(eval_images, len(test))))
         calib = calibration_loader(data, calib_images, pad_to=pad_to, seed=0)
         t0 = time.perf_counter()
-        base = evaluate(model, test)["top1"]
+        base = evaluate(model, test, progress=True, desc="top-1 of the unpruned model")["top1"]
         seconds["evaluate_unpruned"] = time.perf_counter() - t0
         cost = count(model, torch.zeros(1, *shape))
         rows = [{"label": "unpruned", "criterion": "unpruned", "top1": base, "change": 0.0, "macs": cost.macs,
                  "params": cost.params, "flops_removed": 0.0, "params_removed": 0.0}]
         layers, kept = {}, None
         for run in run_grid(model, torch.zeros(1, *shape), SPECS, [target], calibration=calib, test=test,
-                            base_top1=base, progress=progress, guards=Guards(round_to=round_to)):
+                            base_top1=base, progress=progress, guards=Guards(round_to=round_to),
+                            reconstructions=(False,)):  # the papers' methods side by side, as before the refit
             rows.append(run["row"])
             layers[run["row"]["label"]] = run["report"]["layers"]
             if kept is None:  # the first criterion, qsfm, is the one we keep
@@ -211,6 +211,6 @@ def add_demo_parser(sub) -> None:
 def cmd_demo(args) -> int:
     summary = run_demo(Path(args.out), args.target, args.data, args.eval_images, args.calib_images,
                        Path(args.checkpoint) if args.checkpoint else None, args.threads, args.latency_runs,
-                       args.round_to, progress=not args.quiet and sys.stderr.isatty(), command=command_line())
+                       args.round_to, progress=True, command=command_line())
     print_summary(summary, args.out)
     return 0

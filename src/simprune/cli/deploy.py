@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from simprune.allocation.allocator import Guards
+from simprune.allocation.rounding import vector_block
 from simprune.calibrate.calibration import calibration_loader
 from simprune.cli.common import data_options, positive
 from simprune.errors import SimpruneError
@@ -31,7 +32,7 @@ from simprune.graph.counting import count
 from simprune.io.data import load_dataset
 from simprune.io.files import atomic_write_json, load_model, read_json
 from simprune.models import build_model
-from simprune.schedules.latency import prune_to_latency, vector_block
+from simprune.schedules.latency import prune_to_latency
 from simprune.verify.reports import refresh_prune_report
 
 DEFAULT_BATCH = 8
@@ -110,16 +111,22 @@ def bench_dir(directory: str | Path, *, threads: int = 1, batch: int = DEFAULT_B
 
 def _print_rows(keys: dict, log: Callable[[str], None]) -> None:
     lat = keys["latency"]
+    load = lat.get("load_average")
     int8 = any("int8_ms" in r for r in lat["rows"])
-    log(f"latency, median of {lat['runs']} runs with {lat['threads']} thread(s) on {lat['machine']}:")
-    log(f"  {'engine':12s} {'batch':>5s} {'before ms':>10s} {'after ms':>10s} {'speed-up':>9s}"
+    log(f"latency, median (inter-quartile range) of at least {lat['runs']} interleaved runs with {lat['threads']} "
+        f"thread(s) on {lat['machine']}" + (f", 1-minute load average {load:.2f}:" if load is not None else ":"))
+    log(f"  {'engine':12s} {'batch':>5s} {'before ms':>16s} {'after ms':>16s} {'speed-up':>9s} {'95 % interval':>13s}"
         + (f" {'int8 ms':>9s} {'speed-up':>9s}" if int8 else ""))
     for r in lat["rows"]:
-        log(f"  {r['engine']:12s} {r['batch']:5d} {r['before_ms']:10.3f} {r['after_ms']:10.3f} {r['speedup']:8.2f}x"
-            + (f" {r['int8_ms']:9.3f} {r['int8_speedup']:8.2f}x" if "int8_ms" in r else ""))
+        middle = f"{r['speedup_low']:.2f}-{r['speedup_high']:.2f}x" if "speedup_low" in r else ""
+        flag = "  unstable" if r.get("stable") is False else ""
+        log(f"  {r['engine']:12s} {r['batch']:5d} {r['before_ms']:8.3f} ({r['before_spread_ms']:5.2f}) "
+            f"{r['after_ms']:8.3f} ({r['after_spread_ms']:5.2f}) {r['speedup']:8.2f}x {middle:>13s}"
+            + (f" {r['int8_ms']:9.3f} {r['int8_speedup']:8.2f}x" if "int8_ms" in r else "") + flag)
     s = keys["speedup"]
     log(f"measured speed-up {s['measured']:.2f}x (onnxruntime, batch 1) vs MAC speed-up {s['macs']:.2f}x: "
-        f"ratio {s['ratio']:.2f}" + (f"; int8 {s['int8']:.2f}x" if "int8" in s else ""))
+        f"ratio {s['ratio']:.2f}" + (f"; int8 {s['int8']:.2f}x" if "int8" in s else "")
+        + ("" if lat.get("stable", True) else " (unstable timings: see the warning)"))
     if keys.get("size_mib"):
         log("ONNX file size: " + ", ".join(f"{k} {v:.2f} MiB" for k, v in keys["size_mib"].items()))
 

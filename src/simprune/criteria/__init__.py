@@ -7,7 +7,7 @@ One module per family: ``weights`` (L1, L2, FPGM, random), ``qsfm``, ``feature_s
 :class:`Criterion` and decorate with :func:`register` to add one.
 """
 # The built-in families register themselves on import; an error in one is raised here, as itself.
-from simprune.criteria import feature_stats, filter_similarity, hrank, qsfm, torch_pruning, weights  # noqa: E402, F401, I001
+from simprune.criteria import feature_stats, filter_similarity, hrank, qsfm, refit_error, torch_pruning, weights  # noqa: E402, F401, I001
 from simprune.criteria.base import Criterion, CriterionResult, DataCriterion
 from simprune.criteria.registry import ScoreCache, available_criteria, get_criterion, register, set_calib_precision
 

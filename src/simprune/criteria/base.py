@@ -55,6 +55,6 @@ class DataCriterion(Criterion):
 
     def statistics(self, graph: PruningGraph, calibration) -> dict[str, list[Probe]]:
         if calibration is None:
-            raise SimpruneError(f"criterion {self.name!r} needs calibration data; pass --calib-data")
+            raise SimpruneError(f"criterion {self.name!r} needs calibration data; pass calibration=")
         return collect_statistics(graph.model, graph, calibration, set(self.metrics), precision=self.calib_precision,
                                   progress=self.progress, window=self.window, reduce=self.reduce)

@@ -39,22 +39,22 @@ def channel_columns(member: Member, channels: int) -> torch.Tensor:
     return idxs.reshape(channels, -1)
 
 
-def lstsq_coefficients(gram: torch.Tensor, removed: list[int], kept: list[int], ridge: float = 1e-6,
-                       sums: torch.Tensor | None = None, count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, b): A (|removed| x |kept|) and b (|removed|) minimising sum ||x_r - A x_k - b||^2 over the
-    calibration pixels, ridge-damped; b = 0 unless channel ``sums`` over ``count`` pixels are given."""
+def lstsq_coefficients(gram: torch.Tensor, removed: list[int], kept: list[int], ridge: float = 1e-6) -> torch.Tensor:
+    """A (|removed| x |kept|) minimising sum ||x_r - A x_k||^2 over the calibration pixels (ridge-damped)."""
     g = gram.double()
-    if sums is not None and count > 0:  # centre: the offset is fitted exactly, A on the deviations
-        s = sums.double()
-        g = g - torch.outer(s, s) / count
     g_kk = g[kept][:, kept]
     damp = ridge * g_kk.diagonal().mean().clamp(min=1e-12)
     lhs = g_kk + damp * torch.eye(len(kept), dtype=g.dtype)
-    A = torch.linalg.solve(lhs, g[kept][:, removed]).T
-    b = torch.zeros(len(removed), dtype=g.dtype)
-    if sums is not None and count > 0:
-        b = (s[removed] - A @ s[kept]) / count
-    return A, b
+    return torch.linalg.solve(lhs, g[kept][:, removed]).T
+
+
+def affine_lstsq_coefficients(gram: torch.Tensor, sums: torch.Tensor, count: int, removed: list[int],
+                              kept: list[int], ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, b) minimising sum ||x_r - A x_k - b||^2 over ``count`` pixels with channel ``sums``: A from the
+    centred Gram, b = mean_r - A mean_k."""
+    s = sums.double()
+    A = lstsq_coefficients(gram.double() - torch.outer(s, s) / count, removed, kept, ridge)
+    return A, (s[removed] - A @ s[kept]) / count
 
 
 def _check_compensation(mode: str) -> str:
@@ -67,12 +67,14 @@ def _fold_lstsq(layer, cols: torch.Tensor, probe: Probe, removed: list[int], aff
     w = layer.weight.data
     kept = [c for c in range(cols.shape[0]) if c not in set(removed)]
     stats = probe.stats
-    A, b = lstsq_coefficients(stats.gram(), removed, kept, sums=stats.channel_sum() if affine else None,
-                              count=stats.pixels)
-    w_removed = w[:, cols[removed]]  # (out, R, k, ...)
-    w[:, cols[kept]] += torch.einsum("or...,rk->ok...", w_removed, A.to(w.dtype))
     if affine:
-        layer.bias.data += w_removed.flatten(2).sum(2) @ b.to(w.dtype)  # the offset reaches every tap
+        A, b = affine_lstsq_coefficients(stats.gram(), stats.channel_sum(), stats.pixels, removed, kept)
+    else:
+        A, b = lstsq_coefficients(stats.gram(), removed, kept), None
+    w_removed = w[:, cols[removed]]  # (out, R, k, ...)
+    w[:, cols[kept]] += torch.einsum("or...,rk->ok...", w_removed, A.to(w))
+    if affine:
+        layer.bias.data += w_removed.flatten(2).sum(2) @ b.to(w)  # the offset reaches every tap
 
 
 def _fold_twins(layer, cols: torch.Tensor, probe: Probe, chans: list[int], twins: dict[int, int],

@@ -96,7 +96,7 @@ class TPTaylor(TorchPruningImportance):
 
     def score(self, graph: PruningGraph, calibration=None) -> CriterionResult:
         if calibration is None:
-            raise SimpruneError("criterion 'tp:taylor' needs calibration data; pass --calib-data")
+            raise SimpruneError("criterion 'tp:taylor' needs calibration data; pass calibration=")
         model = graph.model
         params = list(model.parameters())
         saved = [(p.requires_grad, p.grad) for p in params]
@@ -117,13 +117,14 @@ class TPTaylor(TorchPruningImportance):
         """Sum of the cross-entropy gradients over all calibration images; returns what the targets were."""
         was_training, used = model.training, set()
         model.eval()  # BatchNorm uses its running statistics and does not update them
-        seen = 0
+        seen, device = 0, distributed.model_device(model)
         try:
-            with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+            with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                      enabled=self.calib_precision == "bf16"):
                 for batch in calibration:
                     x, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 \
                         else (batch[0] if isinstance(batch, (list, tuple)) else batch, None)
+                    x, labels = x.to(device), labels.to(device) if isinstance(labels, torch.Tensor) else labels
                     out = model(x).float()
                     if self.targets == "labels" and isinstance(labels, torch.Tensor) and labels.shape == out.shape[:1]:
                         target = labels.long()

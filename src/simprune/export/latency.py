@@ -4,7 +4,10 @@ Each measurement is the distribution of at least 30 timed forward passes
 (``time.perf_counter``) after a warm-up, at a fixed batch size and thread count,
 summarised by median and spread. Models compared with each other are timed
 interleaved (one run of each in turn), so that load from other processes hits
-them alike and before/after ratios stay honest on a busy machine.
+them alike and before/after ratios stay honest on a busy machine. When the paired
+ratios (run i of one model over run i of the other) still spread by more than
+``MAX_RATIO_SPREAD``, more interleaved runs are timed, up to ``MAX_RUNS_FACTOR`` times
+as many; a ratio that never settles is flagged ``stable: false`` and warned about.
 """
 from __future__ import annotations
 
@@ -18,10 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from simprune import progress
 from simprune.errors import SimpruneError
 from simprune.export.onnx import export_onnx, require
 
 MIN_RUNS = 30
+MAX_RATIO_SPREAD = 0.10  # width of the speed-up's 95 % interval over the speed-up (about +-5 %)
+MAX_RUNS_FACTOR = 8  # re-measure up to this many times the asked runs
 ENGINES = ("onnxruntime", "torch")
 
 
@@ -65,16 +71,60 @@ def time_calls(fns: Sequence[Callable[[], Any]], runs: int, warmup: int,
     return list(times)
 
 
+def paired_ratio(before_s: np.ndarray, after_s: np.ndarray) -> dict[str, Any]:
+    """Speed-up of ``after`` over ``before`` from interleaved runs: the median of before_i / after_i and its
+    distribution-free 95 % interval (order statistics n/2 -+ 0.98 sqrt(n)); ``spread`` is the interval's width
+    over the median, ``stable`` whether it is within :data:`MAX_RATIO_SPREAD`. More runs narrow it."""
+    ratios = np.sort(np.asarray(before_s) / np.asarray(after_s))
+    n = len(ratios)
+    half = 0.98 * np.sqrt(n)
+    low, high = ratios[max(0, int(np.floor(n / 2 - half)))], ratios[min(n - 1, int(np.ceil(n / 2 + half)))]
+    median = float(np.median(ratios))
+    spread = float((high - low) / median)
+    return {"speedup": median, "speedup_low": float(low), "speedup_high": float(high), "spread": spread,
+            "stable": spread <= MAX_RATIO_SPREAD}
+
+
+def _unstable(times: list[np.ndarray]) -> float:
+    """The largest spread of any model's paired ratio against the first (0.0 for one model)."""
+    return max((paired_ratio(times[0], t)["spread"] for t in times[1:]), default=0.0)
+
+
+def time_until_stable(fns: Sequence[Callable[[], Any]], runs: int, warmup: int,
+                      max_runs: int | None = None, clock: Callable[[], float] = time.perf_counter) -> list[np.ndarray]:
+    """:func:`time_calls`, then more interleaved rounds (doubling the runs) while the paired ratios against
+    the first function spread by more than :data:`MAX_RATIO_SPREAD`, up to ``max_runs`` runs in all."""
+    max_runs = max_runs or MAX_RUNS_FACTOR * runs
+    times = time_calls(fns, runs, warmup, clock)
+    while len(fns) > 1 and len(times[0]) < max_runs:
+        spread = _unstable(times)
+        if spread <= MAX_RATIO_SPREAD:
+            break
+        more = min(len(times[0]), max_runs - len(times[0]))
+        progress.stage(f"timings spread {spread:.0%}; timing {more} more interleaved runs of each model")
+        times = [np.concatenate([t, n]) for t, n in zip(times, time_calls(fns, more, 0, clock))]
+    return times
+
+
+def _summaries(times: list[np.ndarray], batch: int, threads: int) -> list[dict[str, Any]]:
+    """One summary per model; every model after the first also gets its paired ratio against the first."""
+    out = []
+    for i, t in enumerate(times):
+        entry = {**summarize(t), "batch": batch, "threads": threads}
+        if i:
+            entry["vs_first"] = paired_ratio(times[0], t)
+        out.append(entry)
+    return out
+
+
 def _input(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
 def measure_torch_many(models: Sequence[nn.Module], input_shape: Sequence[int], batch: int, threads: int,
                        runs: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
-    """Latency of each model (interleaved) in eval mode under ``torch.inference_mode`` with ``threads`` threads.
-
-    The previous thread count and the models' train/eval modes are restored afterwards.
-    """
+    """Latency of each model (interleaved, until the ratios settle) in eval mode under ``torch.inference_mode``
+    with ``threads`` threads. The previous thread count and the models' train/eval modes are restored."""
     shape = _check(input_shape, batch, threads, runs, warmup)
     x = _input(shape)
     previous, modes = torch.get_num_threads(), [m.training for m in models]
@@ -83,12 +133,12 @@ def measure_torch_many(models: Sequence[nn.Module], input_shape: Sequence[int], 
         for m in models:
             m.eval()
         with torch.inference_mode():
-            times = time_calls([lambda m=m: m(x) for m in models], runs, warmup)
+            times = time_until_stable([lambda m=m: m(x) for m in models], runs, warmup)
     finally:
         torch.set_num_threads(previous)
         for m, was_training in zip(models, modes):
             m.train(was_training)
-    return [{**summarize(t), "batch": batch, "threads": threads} for t in times]
+    return _summaries(times, batch, threads)
 
 
 def measure_torch(model: nn.Module, input_shape: Sequence[int], batch: int, threads: int, runs: int = 30,
@@ -116,18 +166,19 @@ def ort_session(path: str | Path, threads: int):
 def measure_onnx_many(paths: Sequence[str | Path], input_shape: Sequence[int], batch: int, threads: int,
                       runs: int = 30, warmup: int = 5,
                       clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
-    """Latency of each ONNX file (interleaved) in onnxruntime on the CPU (see :func:`ort_session`;
-    ``clock``: see :func:`time_calls`)."""
+    """Latency of each ONNX file (interleaved, until the ratios settle) in onnxruntime on the CPU
+    (``clock``: see :func:`time_calls`)."""
     shape = _check(input_shape, batch, threads, runs, warmup)
     require("onnxruntime")
     sessions = [ort_session(p, threads) for p in paths]
     x = _input(shape).numpy()
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
     try:
-        times = time_calls([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs, warmup, clock)
+        times = time_until_stable([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)], runs,
+                                  warmup, clock=clock)
     except Exception as exc:
         raise SimpruneError(f"onnxruntime failed on input {shape}: {str(exc).splitlines()[0][:160]}") from exc
-    return [{**summarize(t), "batch": batch, "threads": threads} for t in times]
+    return _summaries(times, batch, threads)
 
 
 def measure_onnx(path: str | Path, input_shape: Sequence[int], batch: int, threads: int, runs: int = 30,
@@ -191,9 +242,11 @@ def benchmark(models: Sequence[nn.Module], input_shape: Sequence[int], *, thread
     with tempfile.TemporaryDirectory(prefix="simprune-bench-") as tmp:
         files = list(onnx_files or [])
         if "onnxruntime" in engines and not files:
+            progress.stage(f"exporting {len(models)} models to ONNX for timing")
             files = export_for_timing(models, shape, tmp)
         for engine in engines:
             for b in batches:
+                progress.stage(f"timing {engine} at batch {b}: {runs} interleaved runs of each model")
                 if engine == "onnxruntime":
                     out[(engine, b)] = measure_onnx_many(files, shape, b, threads, runs, warmup)
                 else:
@@ -214,7 +267,12 @@ def latency_report(timings: dict[tuple[str, int], list[dict[str, Any]]], macs_be
     for (engine, batch), stats in timings.items():
         b, a = stats[before], stats[after]
         row = {"engine": engine, "batch": batch, "before_ms": b["median_ms"], "after_ms": a["median_ms"],
-               "before_spread_ms": b["iqr_ms"], "after_spread_ms": a["iqr_ms"], "speedup": b["median_ms"] / a["median_ms"]}
+               "before_spread_ms": b["iqr_ms"], "after_spread_ms": a["iqr_ms"],
+               "speedup": b["median_ms"] / a["median_ms"]}
+        if before == 0 and a.get("vs_first"):
+            pair = a["vs_first"]
+            row.update({"runs": a["runs"], "speedup_low": pair["speedup_low"], "speedup_high": pair["speedup_high"],
+                        "stable": pair["stable"]})
         if len(stats) > int8:
             q = stats[int8]
             row.update(int8_ms=q["median_ms"], int8_spread_ms=q["iqr_ms"], int8_speedup=b["median_ms"] / q["median_ms"])
@@ -222,9 +280,22 @@ def latency_report(timings: dict[tuple[str, int], list[dict[str, Any]]], macs_be
     head = next((r for r in rows if r["engine"] == "onnxruntime" and r["batch"] == 1), None) or \
         next((r for r in rows if r["batch"] == 1), rows[0])
     mac_speedup = macs_before / macs_after
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for r in rows:
+        if r.get("stable") is False:
+            progress.warn(f"{r['engine']} at batch {r['batch']}: after {r['runs']} interleaved runs the speed-up is "
+                          f"still anywhere from {r['speedup_low']:.2f}x to {r['speedup_high']:.2f}x (95 % interval), so "
+                          f"{r['speedup']:.2f}x means little on this machine now (1-minute load average "
+                          f"{load if load is not None else float('nan'):.2f} on {os.cpu_count()} cores); time it "
+                          "again when the machine is idle")
+    if load is not None and load > (os.cpu_count() or 1):
+        progress.warn(f"timed with a 1-minute load average of {load:.1f} on {os.cpu_count()} cores: other processes "
+                      "compete for the CPU and slow the longer-running model more, so the speed-ups may be "
+                      "inflated; time again on an idle machine before publishing them")
     keys = {"latency_ms": {"before": head["before_ms"], "after": head["after_ms"]},
             "speedup": {"measured": head["speedup"], "macs": mac_speedup, "ratio": head["speedup"] / mac_speedup},
-            "latency": {"threads": threads, "runs": runs, "machine": machine_name(), "rows": rows}}
+            "latency": {"threads": threads, "runs": runs, "machine": machine_name(), "load_average": load,
+                        "stable": all(r.get("stable", True) for r in rows), "rows": rows}}
     if "int8_ms" in head:
         keys["latency_ms"]["int8"] = head["int8_ms"]
         keys["speedup"]["int8"] = head["int8_speedup"]

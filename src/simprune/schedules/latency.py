@@ -33,6 +33,7 @@ from simprune.export.latency import measure_onnx_many, ort_session, time_calls
 from simprune.export.onnx import export_onnx, require
 from simprune.graph.counting import Cost, count
 from simprune.graph.groups import ChannelGroup, PruningGraph, is_depthwise
+from simprune.schedules.checks import check_result
 from simprune.schedules.oneshot import prune_oneshot, resolve_criterion
 
 POINTS = 8  # widths timed per channel axis
@@ -286,7 +287,7 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
     lists every iteration. ``prune_options`` go to :func:`simprune.schedules.oneshot.prune_oneshot`.
     """
     if not 0 < ratio < 1:
-        raise SimpruneError(f"--target-latency {ratio} is outside (0, 1); give the fraction of latency to remove")
+        raise SimpruneError(f"latency target {ratio} is outside (0, 1); give the fraction of latency to remove, e.g. 0.3")
     log = log or (lambda _line: None)
     crit = ScoreCache(resolve_criterion(criterion, prune_options.pop("criterion_options", None),
                                         prune_options.get("calibration")), reuse=True)
@@ -332,16 +333,5 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
     report["latency_target"] = {"ratio": ratio, "tolerance": tolerance, "achieved": step["measured"],
                                 "met": abs(step["measured"] - ratio) <= tolerance, "iterations": iterations,
                                 "table": table.summary()}
-    return pruned, report
-
-
-def vector_block() -> int:
-    """Channels per vector block of onnxruntime's CPU conv kernels (NCHWc): 16 with AVX-512, else 8.
-
-    Channel counts are padded up to a multiple of it, so pruning that does not cross a block
-    boundary saves MACs but no time."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return 8
-    return 16 if " avx512f" in flags else 8
+    return pruned, check_result(pruned, x, report, calibration=prune_options.get("calibration"),
+                                ignore=prune_options.get("ignore", ()))

@@ -36,6 +36,7 @@ METRICS = ("ssim", "ssim-windowed", "psnr", "cosine", "mstd", "rank", "gram", "n
 _COUNTS = ("images", "pixels", "null_images")
 _MAXIMA = ("max.hi", "max.neg_lo")
 CHUNK_ELEMENTS = 2**22  # float32 values per temporary (16 MiB): bounds memory whatever B, C, H, W
+ROW_BLOCK_ELEMENTS = 2**18  # float32 values per block of similarity rows (1 MiB): the passes stay in cache
 
 
 def _state_names(metrics, pooled: bool) -> list[str]:
@@ -103,10 +104,11 @@ class ChannelStats:
             raise SimpruneError(f"expected feature maps {want} with C={self.channels}, got {shape}")
         if maps.shape[0] == 0:
             return
-        if self.pooled:
-            self._update_pooled(maps.detach().reshape(maps.shape[0], self.channels))
-        else:
-            self._update_spatial(maps.detach())
+        with torch.autocast(maps.device.type, enabled=False):  # a caller's bf16 autocast must not round the sums
+            if self.pooled:
+                self._update_pooled(maps.detach().reshape(maps.shape[0], self.channels))
+            else:
+                self._update_spatial(maps.detach())
 
     def _update_spatial(self, x: torch.Tensor) -> None:
         B, C, H, W = x.shape
@@ -114,10 +116,17 @@ class ChannelStats:
         flat = x.reshape(B, C, P)
         if any(m in self.metrics for m in MOMENT_METRICS + ("mstd", "gram")):
             nb = max(1, min(B, CHUNK_ELEMENTS // max(C * P, C * C)))
+            self._batch, means = {}, []  # float32 sums over this batch, added to the float64 state once
             for b0 in range(0, B, nb):
-                self._moments_chunk(flat[b0:b0 + nb], P)
+                means.append(self._moments_chunk(flat[b0:b0 + nb], P))
+            for name, total in self._batch.items():
+                self._state[name].add_(total)
+            if "gram" in self.metrics:  # sum over pixels of x x^T = P (cov + mean mean^T), per image
+                m64 = torch.cat(means).double()
+                self._state["gram"].addmm_(m64.T, m64, alpha=P)
+                self._add("channel_sum", P * m64.sum(0))
         else:
-            lo, hi = torch.aminmax(flat, dim=-1)
+            lo, hi = flat.amin(-1), flat.amax(-1)
             self._raise_max(hi.amax(0), lo.amin(0))
         if "ssim-windowed" in self.metrics:
             self._windowed(x)
@@ -133,32 +142,50 @@ class ChannelStats:
             self._state["null_images"] += images - 1 + self._has_prev
             self._has_prev = True
 
-    def _moments_chunk(self, xb: torch.Tensor, P: int) -> None:
+    def _moments_chunk(self, xb: torch.Tensor, P: int) -> torch.Tensor:
         """All moment-based statistics of a chunk of images: one float32 product per image (and one
-        with the previous image for the null); only (nb, C, C) results reach float64."""
+        with the previous image for the null), summed over the batch in float32; returns the means."""
         xc = xb.to(torch.float32, copy=True)  # the one full-size temporary
-        lo, hi = torch.aminmax(xc, dim=-1)
+        hi, lo = xc.amax(-1), xc.amin(-1)
         self._raise_max(hi.amax(0), lo.amin(0))
-        mean = xc.sum(-1, dtype=torch.float64) / P
-        xc -= mean.to(torch.float32).unsqueeze(-1)
+        mean = xc.mean(-1)
+        xc -= mean.unsqueeze(-1)
         cov = torch.bmm(xc, xc.transpose(1, 2)).div_(P)  # (nb, C, C) float32
         var = cov.diagonal(dim1=1, dim2=2).clamp_min(0.0)
-        mom = MapMoments(mean.float(), var, lo, hi - lo)
-        o = self.options
-        kw = {"c1": o["c1"], "c2": o["c2"], "cap": o["psnr_cap"]}
+        mom = MapMoments(mean, var, lo, hi - lo)
         for metric in (m for m in MOMENT_METRICS if m in self.metrics):
-            S = similarity_from_moments(metric, mom, mom, cov, **kw)
-            S.diagonal(dim1=1, dim2=2).fill_(o["psnr_cap"] if metric == "psnr" else 1.0)
-            self._add(f"sim.{metric}", S.sum(0, dtype=torch.float64))
+            self._accumulate(f"sim.{metric}", metric, mom, mom, cov, identical=True)
         if "null" in self.metrics:
-            self._null_pairs(xc, mom, kw)
+            self._null_pairs(xc, mom)
         if "mstd" in self.metrics:
-            self._add("mstd", var.sqrt().sum(0, dtype=torch.float64))
+            self._batch_add("mstd", slice(None), var.sqrt().sum(0))
         if "gram" in self.metrics:
-            self._add("gram", P * (cov.sum(0, dtype=torch.float64) + mean.T @ mean))
-            self._add("channel_sum", P * mean.sum(0))
+            self._batch_add("gram", slice(None), cov[0] * P if cov.shape[0] == 1 else cov.sum(0).mul_(P))
+        return mean
 
-    def _null_pairs(self, xc: torch.Tensor, mom: MapMoments, kw: dict) -> None:
+    def _batch_add(self, name: str, rows: slice, value: torch.Tensor) -> None:
+        """Add a float32 partial sum into this batch's accumulator ``name`` (rows of it)."""
+        if name not in self._batch:
+            self._batch[name] = torch.zeros(self._state[name].shape, dtype=torch.float32, device=value.device)
+        self._batch[name][rows].add_(value)
+
+    def _accumulate(self, name: str, metric: str, a: MapMoments, b: MapMoments, cov: torch.Tensor,
+                    identical: bool = False) -> None:
+        """Add sum over images of ``similarity_from_moments`` into state ``name``, a block of rows at a
+        time: the dozen passes over each block then stay in cache however wide the layer. With
+        ``identical`` (a map with itself) the diagonal is exact: 1, or the PSNR cap."""
+        nb, C = cov.shape[0], cov.shape[-1]
+        rows = max(1, min(C, ROW_BLOCK_ELEMENTS // (nb * C)))
+        kw = self._kw()
+        for r0 in range(0, C, rows):
+            r1 = min(C, r0 + rows)
+            block = similarity_from_moments(metric, MapMoments(*(t[..., r0:r1] for t in _fields(a))), b,
+                                            cov[:, r0:r1], **kw).sum(0)
+            if identical:
+                block[torch.arange(r1 - r0), torch.arange(r0, r1)] = nb * (kw["cap"] if metric == "psnr" else 1.0)
+            self._batch_add(name, slice(r0, r1), block)
+
+    def _null_pairs(self, xc: torch.Tensor, mom: MapMoments) -> None:
         """Similarities of channel i on image n with channel j on image n-1 (centred maps xc)."""
         pairs = []
         if xc.shape[0] > 1:
@@ -171,8 +198,7 @@ class ChannelStats:
             pairs.append((MapMoments(*(t[:1] for t in _fields(mom))), pmom, cross))
         for a, b, cross in pairs:
             for metric in (m for m in MOMENT_METRICS if m in self.metrics):
-                S = similarity_from_moments(metric, a, b, cross, **kw)
-                self._add(f"null.{metric}", S.sum(0, dtype=torch.float64))
+                self._accumulate(f"null.{metric}", metric, a, b, cross)
         self._prev = (xc[-1].clone(), MapMoments(*(t[-1:].clone() for t in _fields(mom))))
 
     def _windowed(self, x: torch.Tensor) -> None:
@@ -234,10 +260,13 @@ class ChannelStats:
             raise SimpruneError(f"unknown similarity {metric!r}; choose from {', '.join(SIMILARITIES)}")
         self._need(metric)
         if not self.pooled:
-            return self._state[f"sim.{metric}"] / self._state["images"]
-        mom, cov = self._pooled_moments()
-        S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cov, **self._kw())
-        return S.fill_diagonal_(self.options["psnr_cap"] if metric == "psnr" else 1.0)
+            S = self._state[f"sim.{metric}"] / self._state["images"]
+        else:
+            mom, cov = self._pooled_moments()
+            S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cov, **self._kw())
+            S.fill_diagonal_(self.options["psnr_cap"] if metric == "psnr" else 1.0)
+        S = (S + S.T) / 2  # products are symmetric only up to rounding; ties must stay ties
+        return S.clamp(-1.0, 1.0) if metric != "psnr" else S
 
     def null_similarity(self, metric: str) -> torch.Tensor:
         """(C, C) similarity of unrelated maps (channel i of one image, j of the previous; the upper
@@ -255,6 +284,7 @@ class ChannelStats:
             cross = self._state["cross"] / pairs - torch.outer(mom.mean, mom.mean)
             S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cross,
                                         **self._kw())
+        S = S.clamp(-1.0, 1.0) if metric != "psnr" else S
         upper = torch.triu(S, diagonal=1)  # one shifted pair per channel pair: symmetric, same variance as S
         return upper + upper.T + torch.diag(S.diagonal())
 

@@ -160,28 +160,43 @@ class MapMoments:
         return (self.mean - self.lo) * inv, self.var * inv * inv, inv
 
 
+def _col(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(-1)
+
+
+def _row(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(-2)
+
+
 def similarity_from_moments(metric: str, a: MapMoments, b: MapMoments, cov: torch.Tensor, *, c1: float = C1,
                             c2: float = C2, cap: float = 100.0) -> torch.Tensor:
     """(..., C, C) similarity of maps a_i and b_j from their moments and raw covariance cov_ij.
 
     Equal to ``SIMILARITIES[metric]`` on the maps themselves (global SSIM and PSNR on min-max scaled
-    maps, cosine on raw maps), without touching a pixel: min-max scaling is affine per map."""
-    ui, vi, si = (t.unsqueeze(-1) for t in a.scaled())
-    uj, vj, sj = (t.unsqueeze(-2) for t in b.scaled())
-    if metric == "ssim":
-        cs = 2 * cov * si * sj
-        out = (2 * ui * uj + c1) * (cs + c2) / ((ui * ui + uj * uj + c1) * (vi + vj + c2))
-        return out.clamp(-1.0, 1.0)
-    if metric == "psnr":
-        mse = vi + vj - 2 * cov * si * sj + (ui - uj) ** 2
-        return (-10.0 * torch.log10(mse.clamp_min(0.0))).clamp(max=cap)
+    maps, cosine on raw maps), without touching a pixel: min-max scaling is affine per map. It runs
+    once per image and probe, so it is a few broadcast and in-place passes over the (C, C) result;
+    SSIM is not clamped here (rounding may leave it 1e-7 outside [-1, 1]), PSNR is capped."""
     if metric == "cosine":
-        mi, mj = a.mean.unsqueeze(-1), b.mean.unsqueeze(-2)
-        dot = cov + mi * mj
-        ni, nj = (a.var + a.mean**2).unsqueeze(-1), (b.var + b.mean**2).unsqueeze(-2)
-        zi, zj = ni <= 0, nj <= 0
-        cos = (dot / (ni * nj).clamp_min(torch.finfo(dot.dtype).tiny).sqrt()).clamp(-1.0, 1.0)
-        return torch.where(zi & zj, 1.0, torch.where(zi | zj, 0.0, cos))
+        na, nb = a.var + a.mean * a.mean, b.var + b.mean * b.mean
+        tiny = torch.finfo(na.dtype).tiny
+        cos = (_col(a.mean) * _row(b.mean)).add_(cov)
+        cos.mul_(_col(na.clamp_min(tiny).rsqrt()) * _row(nb.clamp_min(tiny).rsqrt())).clamp_(-1.0, 1.0)
+        za, zb = na <= 0, nb <= 0
+        if bool(za.any()) or bool(zb.any()):  # zero maps: 0 with others, 1 with another zero map
+            both = _col(za) & _row(zb)
+            cos = torch.where(_col(za) | _row(zb), both.to(cos.dtype), cos)
+        return cos
+    ua, va, sa = a.scaled()
+    ub, vb, sb = b.scaled()
+    cs = (_col(sa) * _row(sb)).mul_(cov)  # covariance of the min-max scaled maps
+    if metric == "ssim":  # (2 ua ub + c1)(2 cov' + c2) / ((ua^2 + ub^2 + c1)(va + vb + c2))
+        num = (_col(2 * ua) * _row(ub)).add_(c1).mul_(cs.mul_(2.0).add_(c2))
+        den = (_col(ua * ua + c1) + _row(ub * ub)).mul_(_col(va + c2) + _row(vb))
+        return num.div_(den)
+    if metric == "psnr":  # mse = (va + ua^2) + (vb + ub^2) - 2 (ua ub + cov')
+        cross = (_col(ua) * _row(ub)).add_(cs).mul_(-2.0)
+        mse = cross.add_(_col(va + ua * ua)).add_(_row(vb + ub * ub)).clamp_min_(0.0)
+        return mse.log10_().mul_(-10.0).clamp_(max=cap)
     raise SimpruneError(f"similarity {metric!r} has no moment form; choose ssim, psnr or cosine")
 
 

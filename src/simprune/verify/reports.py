@@ -155,12 +155,18 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     if lat and lat.get("after"):
         rows.append(["latency (onnxruntime, batch 1)", _ms(lat["before"]), _ms(lat["after"]),
                      f"{lat['before'] / lat['after']:.2f}x faster"])
-    model_rows = [["model", data.get("model")], ["pruned from", (desc.get("pruning") or {}).get("source") or "-"],
-                  ["input", "x".join(map(str, desc.get("input_shape") or [])) or "-"],
-                  ["data", (desc.get("data") or {}).get("name") or "-"],
+    origin = data.get("provenance") or {}
+    model_rows = [["model", data.get("model")],
+                  ["pruned from", (desc.get("pruning") or {}).get("source") or "the architecture (no checkpoint)"],
+                  ["weights", origin.get("weights") or "not recorded"],
+                  ["calibration", origin.get("calibration") or "not recorded"],
+                  ["input", "x".join(map(str, desc.get("input_shape") or [])) or "not recorded"],
+                  ["trained on", (desc.get("data") or {}).get("name") or "not recorded"],
                   ["prunable groups", len(data.get("groups", []))]]
     sections = [("Summary", [("cards", cards), ("table", ["", "before", "after", "change"], rows)]),
                 ("Model", [("table", ["", ""], model_rows)])]
+    if data.get("warnings"):
+        sections.insert(1, ("Warnings", [("p", text) for text in data["warnings"]]))
     if data.get("latency"):
         sections.append(("Latency", _latency_blocks(data)))
     sections.append(("Float32 and int8", _int8_blocks(data, (acc or {}).get("before"))))
@@ -174,6 +180,7 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     settings = [["criterion", data["criterion"]], ["target", _title_target(data["target"])],
                 ["compensation", data.get("compensated") or "none"],
                 ["groups left whole (uncompensable)", len(data.get("protected_groups") or [])],
+                ["reconstruction (layer refit)", _refit_summary(data.get("reconstructed"))],
                 ["BatchNorm re-estimated", "yes" if data.get("bn_recalibrated") else "no"]]
     if data.get("schedule"):
         settings.append(["schedule", ", ".join(f"{k}={v}" for k, v in data["schedule"].items())])
@@ -186,6 +193,20 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     return title, sections
 
 
+def _refit_summary(refit: dict | None) -> str:
+    """One line on the consumer refit: how many layers, how, and the error it left."""
+    if not refit:
+        return "no"
+    err = refit.get("relative_error") or {}
+    line = (f"{refit['layers']} layers refit {'in network order' if refit.get('sequential', True) else 'at once'} "
+            f"({refit.get('blocks', 0)} blocks)")
+    if err.get("before") is not None:
+        line += f", mean relative error {err['before']:.4f} -> {err['after']:.4f}"
+    if refit.get("skipped"):
+        line += f", {len(refit['skipped'])} skipped: " + "; ".join(f"{k} ({v})" for k, v in refit["skipped"].items())
+    return line
+
+
 # ---- analyze --------------------------------------------------------------------------------
 
 def _analyze_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:
@@ -194,29 +215,38 @@ def _analyze_sections(data: dict, directory: Path, context: dict) -> tuple[str, 
     weights = "random weights" if data.get("weights") == "random" else (data.get("checkpoint") or "checkpoint")
     title = f"Redundancy analysis: {data.get('model')} ({weights})"
     keys = list(net["twins"])
-    low = keys[0]  # the most inclusive threshold
-    cards = [(f"{100 * net['twin_share'][low]:.1f} %", f"of channels have a twin above {low}"),
-             (str(net["groups"]), "channel groups"), (str(net["channels"]), "channels"),
-             (str(net["dead_channels"]), "dead channels")]
+    levels = list(net.get("removable_within") or {})
+    mid = levels[len(levels) // 2] if levels else None
+    cards = ([(_pct(net["macs_removed_within"][mid]), f"of MACs in channels reproducible within {float(mid):.0%}")]
+             if mid else []) + [(str(net["groups"]), "channel groups"), (str(net["channels"]), "channels"),
+                                (str(net["dead_channels"]), "dead channels")]
     rows = [[f"> {k}", net["twins"][k], _pct(net["twin_share"][k]), net["removable"][k]] for k in keys]
+    removable = [[f"{float(e):.0%}", net["removable_within"][e], _pct(net["removable_within"][e] / net["channels"]),
+                  _pct(net["macs_removed_within"][e])] for e in levels]
     model_rows = [["model", data.get("model")], ["weights", weights],
                   ["input", "x".join(map(str, data.get("input_shape") or []))],
                   ["calibration", f"{cal.get('images')} images of {cal.get('data')} (seed {cal.get('seed')})"],
                   ["similarity", net["similarity"]]]
-    top = sorted(data["groups"], key=lambda g: -(g.get("mean_max_similarity") or float("-inf")))[:10]
-    top_rows = [[g["group"], g["channels"], "yes" if g["residual"] else "",
-                 "" if g.get("mean_max_similarity") is None else f"{g['mean_max_similarity']:.3f}"]
+    top = sorted(data["groups"], key=lambda g: (-g["removable_within"][mid] / g["channels"]) if mid else
+                 -(g.get("mean_max_similarity") or float("-inf")))[:10]
+    top_rows = [[g["group"], g["channels"], "yes" if g["residual"] else ""]
+                + [g["removable_within"][e] for e in levels]
+                + ["" if g.get("mean_max_similarity") is None else f"{g['mean_max_similarity']:.3f}"]
                 + [g["twins"][k] for k in keys] + [g["dead_channels"]] for g in top]
+    what_can_go = [("table", ["error within", "channels that can go", "share", "MACs saved"], removable),
+                   ("p", "Channels the other channels of their layer reproduce by least squares (what `--compensate "
+                         "lstsq` folds into the next layer), removed greedily; the error is the share of the layer's "
+                         "map energy the kept channels cannot reproduce.")] if levels else []
     sections = [
-        ("Summary", [("cards", cards), ("table", ["max similarity", "channels with a twin", "share",
-                                                  "removable as twins"], rows)]),
+        ("Summary", [("cards", cards)] + what_can_go + [
+            ("table", ["max similarity", "channels with a near-copy", "share", "removable as twins"], rows)]),
         ("Model", [("table", ["", ""], model_rows)]),
         ("Redundancy per group", _figures(directory, "redundancy.png", "share of channels with a twin per group "
                                           "(top) and the spread of each channel's highest similarity (bottom)")),
-        ("Most redundant groups", [("table", ["group", "channels", "residual", "mean max similarity"]
+        ("Most redundant groups", [("table", ["group", "channels", "residual"]
+                                   + [f"can go within {float(e):.0%}" for e in levels] + ["mean max similarity"]
                                    + [f"twins > {k}" for k in keys] + ["dead"], top_rows),
-                                  ("p", "The ten groups whose channels are, on average, most similar to their "
-                                        "closest other channel.")]),
+                                  ("p", "The ten groups with the largest share of channels that can go.")]),
         ("Channel similarity", _figures(directory, "similarity*.png", "similarity of every pair of channels in "
                                         "each group")),
     ]

@@ -15,10 +15,11 @@ def markdown_table(header: list, rows: list[list]) -> str:
 
 
 def run_label(row: dict) -> str:
-    """"qsfm", "qsfm + twin" (an explicit compensation), "l1 / iterative:5" (a schedule other than one-shot)."""
+    """"qsfm", "qsfm + twin" (an explicit compensation), "qsfm + refit" (the consumer refit),
+    "l1 / iterative:5" (a schedule other than one-shot)."""
     comp, schedule = row.get("compensated"), row.get("schedule") or "oneshot"
     return row["criterion"] + (f" + {comp}" if isinstance(comp, str) else "") + \
-        (f" / {schedule}" if schedule != "oneshot" else "")
+        (" + refit" if row.get("reconstructed") else "") + (f" / {schedule}" if schedule != "oneshot" else "")
 
 
 def pivot_table(rows: list[dict], kind: str = "flops") -> tuple[list[str], list[list[str]]]:

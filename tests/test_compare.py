@@ -148,4 +148,4 @@ def test_compare_times_every_kept_model(cli, tmp_path):
     for r in data["rows"]:
         assert r["latency_ms"] > 0 and r["speedup"] > 0 and isinstance(r["speedup_stable"], bool)
         assert (out / r["model_dir"] / "model.safetensors").exists()
-    assert "onnxruntime batch 1" in stdout and "| l1 | 0.5 |" in stdout
+    assert "onnxruntime batch 1" in stdout and "| l1 + refit | 0.5 |" in stdout  # calibration data: refit by default

@@ -133,7 +133,7 @@ def test_cli_target_latency_is_met_within_2_points(tmp_path, capsys):
     assert main(["prune", "--model", "vgg16", "--input", "3x32x32", "--criterion", "l1", "--target-latency", "0.3",
                  "--no-latency", "--threads", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "latency table:" in printed and "timed in" in printed and "multiples of" in printed
+    assert "latency table:" in printed and "iteration 1:" in printed  # widths are aligned by default: no notice
     report = json.loads((out / "report.json").read_text())
     t = report["latency_target"]
     assert report["target"] == {"latency": 0.3}

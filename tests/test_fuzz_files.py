@@ -90,6 +90,19 @@ def test_files_without_a_digest_still_load(tmp_path):
     assert torch.equal(tensors["w"], torch.ones(2)) and meta == {}
 
 
+def test_training_state_whose_digest_key_is_damaged_is_refused(fuzzer):
+    """A bit flip in the digest's own key ('simprune.shA256') would switch the check off; a training
+    state only simprune writes must carry it, so other flips in the same header (history) are caught."""
+    folder = fuzzer.workdir / "digest-key"
+    folder.mkdir()
+    hostile._make_state(folder)
+    path = folder / "train_state.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"simprune.sha256", b"simprune.shA256").replace(b"train_loss", b"train_doss"))
+    outcome_detail = fuzzer._judge(hostile.TARGETS["train_state.safetensors"], "flip_head_bits", folder, None)
+    assert outcome_detail[0] == "refused" and "lacks the sha256" in outcome_detail[1]
+
+
 def test_oracle_catches_a_reader_that_loads_damaged_weights(fuzzer, monkeypatch):
     """Without the digest check a flipped bit loads silently: the harness must call that 'wrong'."""
     import simprune.io.files as files

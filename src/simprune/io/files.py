@@ -218,9 +218,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return read_safetensors(path)[0]
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path, require_digest: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; refuses pickles, and damage wherever the file
-    carries a digest (every file simprune writes does)."""
+    carries a digest (every file simprune writes does). ``require_digest`` is for files only simprune
+    writes: a missing digest there means its key was damaged, so nothing else can be trusted."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -234,6 +235,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise SimpruneError(f"{path} is not a valid safetensors file ({str(exc).splitlines()[0][:120]}); "
                             "it is truncated or corrupt, re-create it") from exc
     meta = header.get("__metadata__") or {}
+    if require_digest and DIGEST_KEY not in meta:
+        raise SimpruneError(f"{path} is damaged or not written by simprune: it lacks the sha256 simprune saves "
+                            "with it; re-create it or restore a good copy")
     if DIGEST_KEY in meta and meta[DIGEST_KEY] != tensor_digest(tensors, meta):
         raise SimpruneError(f"{path} is damaged: its content no longer matches the sha256 it was saved with; "
                             "re-create it or restore a good copy")

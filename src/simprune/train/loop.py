@@ -105,7 +105,7 @@ def load_train_state(out_dir: Path, model: nn.Module,
     path = out_dir / STATE_FILE
     if not path.exists():
         raise SimpruneError(f"resume=True but {path} does not exist; nothing to resume, drop resume=True")
-    tensors, meta = read_safetensors(path)
+    tensors, meta = read_safetensors(path, require_digest=True)
     try:
         text = meta["epoch"]
         if not (text.isascii() and text.isdigit() and len(text) <= 7):

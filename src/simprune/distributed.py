@@ -112,9 +112,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
-def shard(indices: list[int]) -> list[int]:
-    """This rank's share of ``indices`` (strided, so shards differ by at most one item)."""
-    return indices[rank()::world_size()]
+def shard(indices: list[int], block: int = 1) -> list[int]:
+    """This rank's share of ``indices``: consecutive blocks of ``block`` items dealt in turn, so shards
+    differ by at most one block and a block (e.g. a null pair of calibration images) stays whole."""
+    blocks = [indices[i:i + block] for i in range(0, len(indices), block)]
+    return [i for b in blocks[rank()::world_size()] for i in b]
 
 
 def barrier() -> None:

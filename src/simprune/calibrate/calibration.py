@@ -59,11 +59,12 @@ def calibration_loader(name: str, n_images: int = 640, data_dir: str | None = No
                        seed: int = 0, batch_size: int = 128, split: str = "train") -> DataLoader:
     """Calibration batches from a named data set's training split (no augmentation).
 
-    Under torchrun each rank gets its own shard of the same seeded subset."""
+    Under torchrun each rank gets its own shard of the same seeded subset, in whole pairs of images so
+    that the null pairs of the statistics (stats/channel_stats.py) are the same as in one process."""
     ds = load_dataset(name, split, data_dir, pad_to, augment=False)
     subset = calibration_subset(ds, n_images, seed)
     if distributed.active():
-        subset = Subset(subset.dataset, distributed.shard(list(subset.indices)))
+        subset = Subset(subset.dataset, distributed.shard(list(subset.indices), block=2))
     return DataLoader(subset, batch_size=batch_size, shuffle=False)
 
 

@@ -14,8 +14,10 @@ Two kinds of probe: *spatial* (a map of H x W pixels per image; similarities are
 images) and *pooled* (one value per channel and image, e.g. a Linear after global pooling: the
 "map" of a channel is its vector of values over all calibration images, and similarities are
 those of these vectors). With the ``null`` statistic, the same similarities are also gathered
-between channel i of image n and channel j of image n-1: the chance level of unrelated maps.
-"""
+between channel i of the image at an odd position 2k+1 of the stream and channel j of the image at
+2k: the chance level of unrelated maps. Fixed pairs (not every consecutive pair) make the null the
+same however the images are batched or sharded over ranks, as long as shards hold whole pairs
+(``distributed.shard(..., block=2)``, as the calibration loader does)."""
 from __future__ import annotations
 
 import torch
@@ -67,8 +69,8 @@ class ChannelStats:
         self.channels, self.metrics = int(channels), metrics
         self.options = {"window": window, "c1": c1, "c2": c2, "psnr_cap": psnr_cap, "pooled": bool(pooled)}
         self.device = torch.device(device)
-        self._prev = self._prev_raw = None  # the previous image (null pairs); not part of the state
-        self._has_prev = False
+        self._prev = self._prev_raw = None  # an image at an even stream position, awaiting its partner
+        self._position = 0  # images seen by this object (the stream position of the next one)
         C = self.channels
         self._state = {n: torch.zeros((), dtype=torch.float64, device=self.device) for n in _COUNTS}
         for name in _state_names(metrics, self.pooled):
@@ -118,7 +120,7 @@ class ChannelStats:
             nb = max(1, min(B, CHUNK_ELEMENTS // max(C * P, C * C)))
             self._batch, means = {}, []  # float32 sums over this batch, added to the float64 state once
             for b0 in range(0, B, nb):
-                means.append(self._moments_chunk(flat[b0:b0 + nb], P))
+                means.append(self._moments_chunk(flat[b0:b0 + nb], P, self._position + b0))
             for name, total in self._batch.items():
                 self._state[name].add_(total)
             if "gram" in self.metrics:  # sum over pixels of x x^T = P (cov + mean mean^T), per image
@@ -139,10 +141,10 @@ class ChannelStats:
         self._state["images"] += images
         self._state["pixels"] += pixels
         if "null" in self.metrics:
-            self._state["null_images"] += images - 1 + self._has_prev
-            self._has_prev = True
+            self._state["null_images"] += len(range((self._position + 1) % 2, images, 2))
+        self._position += images
 
-    def _moments_chunk(self, xb: torch.Tensor, P: int) -> torch.Tensor:
+    def _moments_chunk(self, xb: torch.Tensor, P: int, start: int) -> torch.Tensor:
         """All moment-based statistics of a chunk of images: one float32 product per image (and one
         with the previous image for the null), summed over the batch in float32; returns the means."""
         xc = xb.to(torch.float32, copy=True)  # the one full-size temporary
@@ -156,7 +158,7 @@ class ChannelStats:
         for metric in (m for m in MOMENT_METRICS if m in self.metrics):
             self._accumulate(f"sim.{metric}", metric, mom, mom, cov, identical=True)
         if "null" in self.metrics:
-            self._null_pairs(xc, mom)
+            self._null_pairs(xc, mom, start)
         if "mstd" in self.metrics:
             self._batch_add("mstd", slice(None), var.sqrt().sum(0))
         if "gram" in self.metrics:
@@ -185,21 +187,23 @@ class ChannelStats:
                 block[torch.arange(r1 - r0), torch.arange(r0, r1)] = nb * (kw["cap"] if metric == "psnr" else 1.0)
             self._batch_add(name, slice(r0, r1), block)
 
-    def _null_pairs(self, xc: torch.Tensor, mom: MapMoments) -> None:
-        """Similarities of channel i on image n with channel j on image n-1 (centred maps xc)."""
+    def _null_pairs(self, xc: torch.Tensor, mom: MapMoments, start: int) -> None:
+        """Similarities of channel i on each image at an odd stream position with channel j on the image
+        before it (centred maps xc of images ``start``, ``start + 1``, ...)."""
+        odd, with_prev = _odd_positions(start, xc.shape[0])
         pairs = []
-        if xc.shape[0] > 1:
-            cross = torch.bmm(xc[1:], xc[:-1].transpose(1, 2)).div_(xc.shape[-1])
-            pairs.append((MapMoments(*(t[1:] for t in _fields(mom))), MapMoments(*(t[:-1] for t in _fields(mom))),
-                          cross))
-        if self._prev is not None:
+        if odd.numel():
+            cross = torch.bmm(xc[odd], xc[odd - 1].transpose(1, 2)).div_(xc.shape[-1])
+            pairs.append((_take(mom, odd), _take(mom, odd - 1), cross))
+        if with_prev:
             pxc, pmom = self._prev
             cross = (xc[0] @ pxc.T).div_(xc.shape[-1]).unsqueeze(0)
-            pairs.append((MapMoments(*(t[:1] for t in _fields(mom))), pmom, cross))
+            pairs.append((_take(mom, slice(0, 1)), pmom, cross))
         for a, b, cross in pairs:
             for metric in (m for m in MOMENT_METRICS if m in self.metrics):
                 self._accumulate(f"null.{metric}", metric, a, b, cross)
-        self._prev = (xc[-1].clone(), MapMoments(*(t[-1:].clone() for t in _fields(mom))))
+        waiting = (start + xc.shape[0] - 1) % 2 == 0
+        self._prev = (xc[-1].clone(), MapMoments(*(t[-1:].clone() for t in _fields(mom)))) if waiting else None
 
     def _windowed(self, x: torch.Tensor) -> None:
         """Windowed SSIM per map (no moment form), and its null with the previous image."""
@@ -207,11 +211,12 @@ class ChannelStats:
         kw = {"window": o["window"], "c1": o["c1"], "c2": o["c2"]}
         self._add("sim.ssim-windowed", windowed_ssim_matrix(x, **kw).sum(dim=0))
         if "null" in self.metrics:
-            if x.shape[0] > 1:
-                self._add("null.ssim-windowed", windowed_ssim_matrix(x[1:], other=x[:-1], **kw).sum(dim=0))
-            if self._prev_raw is not None:
+            odd, with_prev = _odd_positions(self._position, x.shape[0])
+            if odd.numel():
+                self._add("null.ssim-windowed", windowed_ssim_matrix(x[odd], other=x[odd - 1], **kw).sum(dim=0))
+            if with_prev:
                 self._add("null.ssim-windowed", windowed_ssim_matrix(x[:1], other=self._prev_raw, **kw).sum(dim=0))
-            self._prev_raw = x[-1:].clone()
+            self._prev_raw = x[-1:].clone() if (self._position + x.shape[0] - 1) % 2 == 0 else None
 
     def _update_pooled(self, x: torch.Tensor) -> None:
         x64 = x.to(torch.float64)  # (B, C): one value per channel and image, tiny
@@ -219,11 +224,12 @@ class ChannelStats:
         self._add("gram", x64.T @ x64)
         self._add("channel_sum", x64.sum(0))
         if "null" in self.metrics:
-            if x64.shape[0] > 1:
-                self._add("cross", x64[1:].T @ x64[:-1])
-            if self._prev is not None:
+            odd, with_prev = _odd_positions(self._position, x64.shape[0])
+            if odd.numel():
+                self._add("cross", x64[odd].T @ x64[odd - 1])
+            if with_prev:
                 self._add("cross", torch.outer(x64[0], self._prev))
-            self._prev = x64[-1].clone()
+            self._prev = x64[-1].clone() if (self._position + x64.shape[0] - 1) % 2 == 0 else None
         self._count(x64.shape[0], x64.shape[0])
 
     @property
@@ -269,9 +275,9 @@ class ChannelStats:
         return S.clamp(-1.0, 1.0) if metric != "psnr" else S
 
     def null_similarity(self, metric: str) -> torch.Tensor:
-        """(C, C) similarity of unrelated maps (channel i of one image, j of the previous; the upper
+        """(C, C) similarity of unrelated maps (channel i of one image, j of its partner; the upper
         triangle mirrored, not averaged with the lower one, which would halve its variance): the chance
-        level of ``similarity(metric)``. Zero when fewer than two images were seen."""
+        level of ``similarity(metric)``. Zero when no pair was seen (fewer than two images)."""
         self._need("null")
         self._need(metric)
         pairs = self._state["null_images"]
@@ -378,6 +384,19 @@ def is_maximum(name: str) -> bool:
 
 def _fields(m: MapMoments) -> tuple[torch.Tensor, ...]:
     return m.mean, m.var, m.lo, m.span
+
+
+def _take(m: MapMoments, index) -> MapMoments:
+    return MapMoments(*(t[index] for t in _fields(m)))
+
+
+def _odd_positions(start: int, n: int) -> tuple[torch.Tensor, bool]:
+    """Null pairs among ``n`` images at stream positions ``start``...: the local indices i >= 1 whose
+    position is odd (each paired with image i - 1), and whether image 0 is at an odd position (paired
+    with the last image of the previous batch)."""
+    first = (start + 1) % 2
+    inner = range(first + 2 * (first == 0), n, 2)
+    return torch.tensor(inner, dtype=torch.long), first == 0 and n > 0
 
 
 def fit_compensation(stats: ChannelStats, i: int, j: int, affine: bool = False) -> tuple[float, float]:

@@ -1,8 +1,9 @@
 """Edge files: original float32, pruned float32 and pruned int8, side by side (accuracy, ms, MiB).
 
 ResNet-56 (zoo/resnet56-fashion-mnist, 94.21 %) is pruned by `simprune prune` as a user would run it
-(its default criterion unless --criterion, 48 % of MACs, widths in multiples of 16, the 640
-calibration images BatchNorm is re-estimated on) with --int8, which quantizes the pruned model in
+(its default criterion unless --criterion, 47 % of MACs: the issue's 48 % is out of reach with widths
+in multiples of 16 under today's defaults, which leave the option-A shortcut groups whole (47.2 % at
+most); the 640 calibration images of the refit and BatchNorm re-estimation) with --int8, which quantizes the pruned model in
 onnxruntime (static, QDQ, per-channel int8 weights) calibrated on the same images; top-1 of all
 three files in onnxruntime on the 10,000 Fashion-MNIST test images. Goals: int8 within 1.0 point
 of the unpruned float32 model, >= 3x faster than it.
@@ -147,7 +148,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", choices=["resnet56", "mobilenetv2"], default=["resnet56", "mobilenetv2"])
     ap.add_argument("--criterion", default=None, help="ResNet-56: criterion (default: `simprune prune`'s default)")
-    ap.add_argument("--target", type=float, default=0.48, help="ResNet-56: fraction of MACs removed")
+    ap.add_argument("--target", type=float, default=0.47, help="ResNet-56: fraction of MACs removed")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--mobilenet-flops", type=float, nargs="+", default=[0.38, 0.42, 0.46, 0.50, 0.54],
                     help="MobileNetV2: shares of MACs to try, smallest first, until 1.53x")

@@ -27,7 +27,8 @@ def test_verdict_with_labels_is_the_top1_drop():
     assert int8_verdict(90.0, 89.1, agreement=50.0, max_drop=1.0) is None  # 0.9 points: kept (agreement ignored)
     assert int8_verdict(90.0, 91.0, agreement=50.0, max_drop=0.0) is None  # int8 better: kept
     refused = int8_verdict(90.0, 88.8, agreement=99.0, max_drop=1.0)
-    assert refused == "int8 top-1 88.80 % is 1.20 points below float32's 90.00 % (tolerance 1 points)"
+    assert refused == "int8 top-1 88.80 % is 1.20 points below float32's 90.00 % (tolerance 1.0 points)"
+    assert "0.50 points above" in int8_verdict(90.0, 90.5, agreement=99.0, max_drop=-1.0)
     assert int8_verdict(90.0, float("nan"), agreement=99.0) is not None  # a NaN never passes
 
 
@@ -149,7 +150,7 @@ def test_int8_file_is_quantized_per_channel_and_scores_like_float32(sample, tmp_
 def test_int8_outside_the_tolerance_is_not_written(sample, tmp_path):
     model, calib, test = sample
     path = tmp_path / "m.int8.onnx"
-    with pytest.raises(SimpruneError, match=r"points below float32's .* \(tolerance -100 points\) on 1000 images; "
+    with pytest.raises(SimpruneError, match=r"points (below|above) float32's .* \(tolerance -100.0 points\) on 1000 images; "
                                             r".*m\.int8\.onnx not written"):
         quantize_int8(model, torch.zeros(1, 1, 32, 32), calib, test, path, max_drop=-100)
     unlabelled = [x for x, _ in test]
@@ -213,7 +214,7 @@ def test_cli_int8_refusals_are_one_line(pruned, tmp_path, capsys, monkeypatch):
     assert main(["export", str(pruned), "--int8", "--data", SAMPLE, "--eval-images", "300",
                  "--int8-max-drop", "-100"]) == 2
     err = "\n".join(line for line in capsys.readouterr().err.splitlines() if line.startswith("error:"))
-    assert err.count("error:") == 1 and "(tolerance -100 points) on 300 images" in err and "not written" in err
+    assert err.count("error:") == 1 and "(tolerance -100.0 points) on 300 images" in err and "not written" in err
     assert sorted(p.name for p in pruned.iterdir()) == before
 
     bare = tmp_path / "bare"  # pruned without calibration images
@@ -256,6 +257,7 @@ def test_cli_prune_int8_refused_keeps_the_float32_model(tmp_path, capsys):
     assert main(["prune", "--checkpoint", str(R20), "--target-flops", "0.3", "--calib-data", SAMPLE,
                  "--calib-images", "128", "--data", SAMPLE, "--eval-images", "300", "--int8", "--int8-max-drop", "-100",
                  "--out", str(out)]) == 2
-    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if line.startswith("error:"))
-    assert err.count("error:") == 1 and "not written" in err and f"(the pruned float32 model is in {out})" in err
+    lines = capsys.readouterr().err.splitlines()  # progress lines, then the error
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+    assert "not written" in lines[-1] and lines[-1].endswith(f"(the pruned float32 model is in {out})")
     assert (out / "model.safetensors").exists() and not (out / INT8_FILE).exists()

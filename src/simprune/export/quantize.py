@@ -98,8 +98,9 @@ def int8_verdict(fp32_top1: float | None, int8_top1: float | None, agreement: fl
     if fp32_top1 is not None and int8_top1 is not None:
         drop = fp32_top1 - int8_top1
         if not drop <= max_drop:
-            return (f"int8 top-1 {int8_top1:.2f} % is {drop:.2f} points below float32's {fp32_top1:.2f} % "
-                    f"(tolerance {max_drop:g} points)")
+            return (f"int8 top-1 {int8_top1:.2f} % is {abs(drop):.2f} points {'below' if drop >= 0 else 'above'} "
+                    f"float32's {fp32_top1:.2f} % "
+                    f"(tolerance {max_drop:.1f} points)")
         return None
     if not agreement >= min_agreement:
         return (f"int8 picks float32's class on {agreement:.1f} % of the images (tolerance: at least "

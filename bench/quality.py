@@ -9,7 +9,8 @@ to reproduce the unpruned model's output, in network order); the other rows use 
 repair (qsfm and feature-stats: the least-squares channel fold) or none. Torch-Pruning's importances run
 through Torch-Pruning's own classes (``tp:*``). Top-1 on the 10,000-image test set. A criterion's scores
 are computed once per model and reused for every target. Rows are written to the JSON as they finish;
-a rerun keeps the rows of other models, criteria or targets (``--fresh`` starts over).
+a rerun keeps the rows already measured and runs only the missing ones (``--fresh`` starts over;
+``--redo`` measures the selected rows again).
 
 The timing line prunes once more from scratch (refit-error + refit at 48 %) and divides its CPU time by
 that of a bare forward over the same 640 images (fp32, the refit's precision; and bf16 autocast).
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=None, help="default: the whole test set")
     ap.add_argument("--no-speed", action="store_true", help="skip the timing line")
     ap.add_argument("--fresh", action="store_true", help="drop the rows already in the JSON")
+    ap.add_argument("--redo", action="store_true", help="measure the selected rows again even if present")
     ap.add_argument("--ablations", nargs="*", type=float, default=None, metavar="TARGET",
                     help="only the ablation rows of the refit, at these targets (default 0.48 0.7)")
     args = ap.parse_args()
@@ -165,7 +167,7 @@ def main() -> None:
         write_json("quality", {"models": list(models.values())})
         print_table(entry["ablations"], ["variant", "target", "top1", "change", "refit_seconds"])
         return
-    if not args.no_speed:
+    if not args.no_speed and (args.redo or "speed" not in entry):
         entry["speed"] = speed(model, example, calib)
         sp = entry["speed"]
         print(f"prune + refit at 48 %: {sp['prune_cpu_s']:.1f} CPU s = {sp['ratio_fp32']:.1f}x a bare fp32 forward "
@@ -174,6 +176,9 @@ def main() -> None:
         crit = ScoreCache(make_criterion(label), reuse=True)  # one scoring pass serves every target
         for refit in (False, True):
             for target in sorted(args.targets):
+                if not args.redo and any((r["criterion"], r["reconstructed"], r["target"]) == (label, refit, target)
+                                         for r in entry["rows"]):
+                    continue
                 row = prune_row(model, example, crit, label, target, refit, calib, test, base, desc["model"])
                 key = (row["criterion"], row["reconstructed"], row["target"])
                 entry["rows"] = [r for r in entry["rows"] if (r["criterion"], r["reconstructed"], r["target"]) != key]

@@ -117,18 +117,21 @@ def speed(model, example, calib) -> dict:
             "largest_gram_mib": refit["largest_gram_mib"], "frontier_mib": refit["frontier_mib"]}
 
 
-def ablations(model, example, calib, test, base: float, targets: list[float]) -> list[dict]:
-    """refit-error + refit with one part of the refit changed at a time (scores computed once)."""
-    crit, rows = ScoreCache(make_criterion("refit-error"), reuse=True), []
+def ablations(model, example, calib, test, base: float, targets: list[float], entry: dict, save) -> None:
+    """refit-error + refit with one part of the refit changed at a time (scores computed once); rows go to
+    ``entry["ablations"]`` and are saved one by one, those already there are kept."""
+    crit, rows = ScoreCache(make_criterion("refit-error"), reuse=True), entry.setdefault("ablations", [])
     for label, (options, recalibrate) in ABLATIONS.items():
         for target in targets:
+            if any((r["variant"], r["target"]) == (label, target) for r in rows):
+                continue
             pruned, report = simprune.prune(model, example, crit, {"flops": target}, calibration=calib,
                                             reconstruct_options=options, recalibrate_bn=recalibrate)
             top1 = evaluate(pruned, test)["top1"]
             rows.append({"variant": label, "target": target, "top1": top1, "change": top1 - base,
                          "refit_seconds": report["seconds"]["reconstruction"]})
             print(f"ablation {label} {target}: {top1:.2f}", file=sys.stderr)
-    return rows
+            save()
 
 
 def main() -> None:
@@ -163,8 +166,10 @@ def main() -> None:
                  calib_images=args.calib_images, eval_images=len(test),
                  command="python bench/quality.py " + " ".join(sys.argv[1:]))
     if args.ablations is not None:
-        entry["ablations"] = ablations(model, example, calib, test, base, args.ablations or [0.48, 0.70])
-        write_json("quality", {"models": list(models.values())})
+        if args.redo:
+            entry.pop("ablations", None)
+        ablations(model, example, calib, test, base, args.ablations or [0.48, 0.70], entry,
+                  lambda: write_json("quality", {"models": list(models.values())}))
         print_table(entry["ablations"], ["variant", "target", "top1", "change", "refit_seconds"])
         return
     if not args.no_speed and (args.redo or "speed" not in entry):

@@ -163,8 +163,9 @@ def main() -> None:
     models = {m["model"]: m for m in data.get("models", [])}
     entry = models.setdefault(desc["model"], {"model": desc["model"], "rows": []})
     entry.update(checkpoint=str(Path(args.checkpoint).resolve().relative_to(ROOT)), baseline_top1=base,
-                 calib_images=args.calib_images, eval_images=len(test),
-                 command="python bench/quality.py " + " ".join(sys.argv[1:]))
+                 calib_images=args.calib_images, eval_images=len(test))
+    entry["ablations_command" if args.ablations is not None else "command"] = \
+        "python bench/quality.py " + " ".join(sys.argv[1:])
     if args.ablations is not None:
         if args.redo:
             entry.pop("ablations", None)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import simprune  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 from simprune.allocation.allocator import Guards  # noqa: E402
+from simprune.allocation.rounding import vector_block  # noqa: E402
 from simprune.criteria import ScoreCache, get_criterion  # noqa: E402
 from simprune.export.latency import measure_onnx_many, measure_torch_many  # noqa: E402
 from simprune.export.onnx import export_onnx  # noqa: E402
@@ -43,11 +44,7 @@ from simprune.io.imagenet import (  # noqa: E402
     load_pretrained,
     top1_agreement,
 )
-from simprune.schedules.latency import (  # noqa: E402
-    build_latency_table,
-    prune_to_latency,
-    vector_block,
-)
+from simprune.schedules.latency import build_latency_table, prune_to_latency  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSY = "bench/finetune|simprune finetune|simprune train"

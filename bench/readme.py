@@ -1,7 +1,7 @@
-"""Render the benchmark JSON files into the README's result tables (never typed by hand).
+"""Render the benchmark JSON files into the result tables of README.md and docs/*.md (never typed by hand).
 
-    python bench/readme.py          # rewrite the <!-- bench:NAME --> blocks of README.md
-    python bench/readme.py --check  # exit 1 if README.md differs from what the JSON files give
+    python bench/readme.py          # rewrite the <!-- bench:NAME --> blocks of README.md and docs/*.md
+    python bench/readme.py --check  # exit 1 if a page differs from what the JSON files give
 """
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
+
+
+def pages() -> list[Path]:
+    """Every page that may hold rendered blocks: the README and the docs."""
+    return [README] + sorted((ROOT / "docs").glob("*.md"))
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -40,6 +45,20 @@ def render_calibration(data: dict) -> str:
             for r in data["rows"]]
     return _table(["statistics for", "images", "seconds", "peak MiB", "peak growth %"], rows) + \
         f"\n\n{_machine(data)} `python bench/calibration.py` (ResNet-56, one statistics pass)."
+
+
+def render_scale(data: dict) -> str:
+    rows = [[r["sweep"], r["model"].replace("torchvision:", ""), r["resolution"], r["images"], f"{r['stats_s']:.1f}",
+             f"{r['forward_s']:.1f}", f"{r['ratio']:.1f}", f"{r['stats_growth_mib']:.0f}",
+             f"{r['forward_growth_mib']:.0f}"] for r in data["rows"]]
+    text = _table(["sweep", "model", "px", "images", "statistics s", "bare forward s", "ratio",
+                   "statistics peak growth MiB", "forward peak growth MiB"], rows)
+    if data.get("torchrun"):
+        text += "\n\n" + _table(["torchrun processes", "images", "px", "statistics wall s", "speed-up"],
+                                 [[r["processes"], r["images"], r["resolution"], f"{r['stats_s']:.1f}",
+                                   f"{r['speedup']:.2f}"] for r in data["torchrun"]])
+    return text + f"\n\n{_machine(data)} `OMP_NUM_THREADS=1 python bench/scale.py` (qsfm statistics, batches of " \
+        f"{data['batch']}, random weights and images; torchrun rows: `--images --keep --torchrun 1 2`)."
 
 
 def _quality_table(m: dict) -> str:
@@ -122,9 +141,9 @@ def render_latency(data: dict) -> str:
                f"({edge[0]['pruning']}, {edge[0]['speedup']:.2f}x, top-1 agreement "
                f"{edge[0]['top1_agreement']:.1f} %)." if edge else f" MobileNetV2 never reaches {goal}x here.")
     load = f"1-minute load average {data['load_average_at_start']:.2f} at the start"
-    busy = (f" The background fine-tuning job was still running on the other core after waiting "
-            f"{data['waited_minutes']:.0f} min ({load})." if data["background_busy"] else
-            f" No training job was running ({load}).")
+    busy = (f" Another process kept one of the two cores busy during the measurement ({load}), so the ~10 ms "
+            "MobileNetV2 runs are the noisiest figures here." if data["background_busy"] else
+            f" The machine was otherwise idle ({load}).")
     return _table(["model", "pruning", "kept channels", "MACs removed %", "MACs (M)", "params (M)",
                    "ORT b1 before ms", "ORT b1 after ms", "speed-up", "MAC speed-up", "ratio",
                    "top-1 agreement %"], rows) + (
@@ -166,7 +185,7 @@ def render_robustness(data: dict) -> str:
             f"{data['per_mutation']} seeded cases per mutation. {_machine(data)} `python bench/robustness.py`.")
 
 
-RENDERERS = {"engine": render_engine, "calibration": render_calibration, "quality": render_quality,
+RENDERERS = {"engine": render_engine, "calibration": render_calibration, "scale": render_scale, "quality": render_quality,
              "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
              "robustness": render_robustness}
 
@@ -185,14 +204,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
-    text = README.read_text()
-    new = rendered_readme(text)
-    if args.check:
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        new = rendered_readme(text)
         if new != text:
-            print("README.md result tables differ from bench/results/*.json; run python bench/readme.py")
-            return 1
-        return 0
-    README.write_text(new)
+            stale.append(page.relative_to(ROOT))
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print(f"{', '.join(map(str, stale))}: result tables differ from bench/results/*.json; run python bench/readme.py")
+        return 1
     return 0
 
 

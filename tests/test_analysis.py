@@ -200,7 +200,7 @@ def test_command_refuses_a_full_output_dir(tmp_path, fake_data):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     args = _args("--model", "resnet20", "--calib-data", "mnist", "--out", tmp_path / "out")
-    with pytest.raises(SimpruneError, match="--overwrite"):
+    with pytest.raises(SimpruneError, match="overwrite=True"):  # the CLI's main() says --overwrite
         args.fn(args)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert fake_data == {}  # refused before loading anything

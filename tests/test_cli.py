@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from tests.conftest import require_fashion_mnist
 
 def _one_line_error(code, err, pattern):
     assert code == 2
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not re.match(r"^\[ *\d+\.\d+s\] ", line)]  # stages
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert pattern in lines[0]
 
@@ -78,7 +79,7 @@ def test_train_refuses_non_empty_out_without_resume(cli, tmp_path):
 
 def test_weights_option_is_for_torchvision_models_only(cli):
     code, _, err = cli("info", "--model", "resnet20", "--weights", "IMAGENET1K_V1")
-    assert code == 2 and "--weights applies to torchvision:<name> models only" in err
+    assert code == 2 and "--weights applies to torchvision:<name> and timm:<name> models only" in err
 
 
 def test_weights_option_builds_the_pretrained_1000_class_model(cli):

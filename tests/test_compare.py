@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import simprune
 from simprune import api
 from simprune.criteria import ScoreCache, get_criterion
 from simprune.errors import SimpruneError
@@ -59,6 +60,9 @@ def test_compare_iterative_schedule_and_errors(cli, tmp_path):
     assert not any(r["reconstructed"] for r in rows)
     assert all(abs(r["flops_removed"] - 0.4) <= 0.02 for r in rows)
     assert rows[0]["params"] != rows[1]["params"]  # re-scored after the first step: another structure
+    assert [r["model_dir"] for r in rows] == ["models/l1-0.4", "models/l1-iterative-2-0.4"]
+    kept = simprune.load(out / "models" / "l1-iterative-2-0.4")  # every pruned model is kept, loadable
+    assert sum(p.numel() for p in kept.parameters()) == rows[1]["params"]
 
     code, _, err = cli("compare", "--model", "resnet20", "--data", "fashion-mnist-sample", "--out", out)
     assert code == 2 and "already exists" in err
@@ -129,3 +133,19 @@ def test_score_cache_reuses_scores_across_targets(reuse, calls):
     uncached, _ = api.prune(model, x, "l1", {"flops": 0.6})
     assert [p.shape for p in large.parameters()] == [p.shape for p in uncached.parameters()]
     assert sum(p.numel() for p in small.parameters()) > sum(p.numel() for p in large.parameters())
+
+
+@pytest.mark.slow
+def test_compare_times_every_kept_model(cli, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "lat"
+    code, stdout, err = cli("compare", "--model", "resnet20", "--data", "fashion-mnist-sample", "--pad-to", "32",
+                            "--criteria", "l1,random", "--targets", "0.5", "--eval-images", "32",
+                            "--calib-images", "32", "--latency", "--out", out)
+    assert code == 0, err
+    data = json.loads((out / "results.json").read_text())
+    assert data["baseline_latency_ms"] > 0
+    for r in data["rows"]:
+        assert r["latency_ms"] > 0 and r["speedup"] > 0 and isinstance(r["speedup_stable"], bool)
+        assert (out / r["model_dir"] / "model.safetensors").exists()
+    assert "onnxruntime batch 1" in stdout and "| l1 + refit | 0.5 |" in stdout  # calibration data: refit by default

@@ -43,3 +43,9 @@ def test_info_cli_json(cli):
 def test_bad_input_shape(text):
     with pytest.raises(SimpruneError, match="CxHxW"):
         parse_input_shape(text)
+
+
+def test_grouped_conv_macs_by_hand():
+    """A grouped conv reads in/G channels per output: out * (in/G) * k*k * H*W MACs."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1, groups=4, bias=False))
+    assert count(model, torch.zeros(1, 16, 8, 8)).macs == 32 * (16 // 4) * 9 * 8 * 8

@@ -45,6 +45,10 @@ def test_demo_on_the_shipped_sample(cli, tmp_path):
     assert report["speedup"]["macs"] == pytest.approx(rows["unpruned"]["macs"] / rows["qsfm"]["macs"])
     assert report["speedup"]["measured"] == pytest.approx(report["latency_ms"]["before"] / report["latency_ms"]["after"])
     assert [(r["engine"], r["batch"]) for r in report["latency"]["rows"]] == [("onnxruntime", 1)]
+    int8 = report["int8"]  # the int8 row: checked on the same 600 images, timed with the two float32 files
+    assert int8["images"] == 600 and abs(int8["fp32_top1"] - int8["int8_top1"]) <= 1.0
+    assert report["latency_ms"]["int8"] > 0 and report["size_mib"]["int8"] < report["size_mib"]["pruned"]
+    assert (out / "qsfm-model" / "model.int8.onnx").stat().st_size == int8["bytes"]
 
     # the pruned model: loadable without pickle, and its ONNX file computes the same outputs
     model = simprune.load(out / "qsfm-model")
@@ -67,7 +71,7 @@ def test_demo_on_the_shipped_sample(cli, tmp_path):
     assert set(re.findall(r"\]\((\w+\.png)\)", md)) == {"channels.png", "similarity.png"}
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 2 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
-    assert "qsfm" in stdout and "faster" in stdout
+    assert "qsfm" in stdout and "faster" in stdout and "qsfm int8" in stdout and "| pruned int8 |" in md
 
 
 def test_demo_data_is_the_full_set_when_installed_else_the_sample(monkeypatch):

@@ -96,7 +96,7 @@ def test_killed_finetune_resumes_to_the_same_weights(tmp_path, cli):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_agree_with_one_process(tmp_path):
-    common = ["prune", "--checkpoint", str(R20), "--criterion", "qsfm", "--calib-data", "fashion-mnist",
+    common = ["prune", "--checkpoint", str(R20), "--criterion", "refit-error", "--calib-data", "fashion-mnist",
               "--calib-images", "128", "--target-flops", "0.4", "--quiet"]
     one = tmp_path / "one"
     subprocess.run([SIMPRUNE, *common, "--out", str(one)], check=True, env=ENV, capture_output=True)

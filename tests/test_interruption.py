@@ -192,7 +192,7 @@ def test_second_run_into_the_same_directory_refuses(workdir, tmp_path):
             time.sleep(0.01)
         second = interrupt.run(train.start(t) + ["--overwrite"])
         assert second.returncode == 2 and second.stderr.strip().splitlines()[-1] == (
-            f"error: another simprune run is writing to {t}; wait for it to finish or pick another --out")
+            f"error: another simprune run is writing to {t}; wait for it to finish or pick another --out DIR")
         assert first.poll() is None, "the first run must go on"
     finally:
         first.kill()

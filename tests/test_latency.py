@@ -97,6 +97,7 @@ from simprune.export.latency import (  # noqa: E402
 )
 
 ROW_FIELDS = {"engine", "batch", "before_ms", "after_ms", "before_spread_ms", "after_spread_ms", "speedup"}
+PAIRED_FIELDS = ROW_FIELDS | {"runs", "speedup_low", "speedup_high", "stable"}  # rows timed interleaved
 
 
 def test_time_calls_interleaves_in_turn():
@@ -109,7 +110,7 @@ def test_time_calls_interleaves_in_turn():
 def test_many_returns_one_summary_per_model(onnx_file):
     small, big = tiny(), nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1))
     eager = measure_torch_many([small, big], (1, 16, 16), batch=1, threads=1, runs=30, warmup=1)
-    assert len(eager) == 2 and all(set(s) == FIELDS for s in eager)
+    assert len(eager) == 2 and set(eager[0]) == FIELDS and set(eager[1]) == FIELDS | {"vs_first"}
     assert eager[1]["median_ms"] > eager[0]["median_ms"]  # ~100x the work
     ort_stats = measure_onnx_many([onnx_file, onnx_file], (1, 8, 8), batch=2, threads=1, runs=30, warmup=1)
     assert [s["batch"] for s in ort_stats] == [2, 2]
@@ -143,7 +144,7 @@ def _check_latency_keys(report, macs, runs, threads, batch):
     assert {(r["engine"], r["batch"]) for r in lat["rows"]} == {(e, b) for e in ("onnxruntime", "torch")
                                                                 for b in (1, batch)}
     for r in lat["rows"]:
-        assert set(r) == ROW_FIELDS
+        assert set(r) == PAIRED_FIELDS and r["speedup_low"] <= r["speedup_high"]
         assert r["speedup"] == pytest.approx(r["before_ms"] / r["after_ms"])
 
 
@@ -197,3 +198,63 @@ def test_prune_no_latency_and_bench_errors(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "r")]) == 2
     assert "onnxruntime not installed" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before pruning
+
+
+# ---- noise: the paired ratio, re-measuring until it settles, the warning ------------------------------------
+
+import os  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from simprune import progress  # noqa: E402
+from simprune.export.latency import paired_ratio, time_until_stable  # noqa: E402
+
+
+def test_paired_ratio_interval_narrows_with_runs_and_flags_noise():
+    rng = np.random.default_rng(0)
+    quiet = paired_ratio(np.full(30, 2.0), np.full(30, 1.0))
+    assert quiet["speedup"] == 2.0 and quiet["spread"] == 0.0 and quiet["stable"]
+    before, after = 2.0 * rng.lognormal(0, 0.5, 1000), rng.lognormal(0, 0.5, 1000)  # busy: ratios vary 2x
+    few, many = paired_ratio(before[:30], after[:30]), paired_ratio(before, after)
+    assert not few["stable"] and many["spread"] < few["spread"]  # more runs narrow the interval
+    assert many["speedup_low"] < 2.0 < many["speedup_high"]
+
+
+def test_time_until_stable_measures_again_until_the_cap():
+    noisy = iter(np.random.default_rng(1).lognormal(0, 1.0, 10_000))
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(next(noisy) * 1e-4)
+
+    times = time_until_stable([slow, slow], runs=30, warmup=0, max_runs=120)
+    assert [len(t) for t in times] in ([30, 30], [60, 60], [120, 120])
+    steady = time_until_stable([lambda: None, lambda: None], runs=30, warmup=0, max_runs=120)
+    assert len(steady[0]) >= 30
+
+
+def test_latency_report_warns_when_the_ratio_is_not_stable():
+    def stats(ms, stable):
+        pair = {"speedup": 1.0, "speedup_low": 0.5, "speedup_high": 2.0, "spread": 1.5, "stable": stable}
+        return [{"median_ms": ms, "iqr_ms": 1.0, "runs": 240},
+                {"median_ms": ms, "iqr_ms": 1.0, "runs": 240, "vs_first": pair}]
+    seen = []
+
+    class Collect(progress.Reporter):
+        def warn(self, text):
+            seen.append(text)
+
+    def report(stable, load):
+        seen.clear()
+        with progress.reporting(Collect()), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "getloadavg", lambda: (load, load, load))
+            return latency_report({("onnxruntime", 1): stats(2.0, stable)}, 200, 100, 1, 30)
+
+    keys = report(stable=False, load=0.1)
+    assert keys["latency"]["stable"] is False and keys["latency"]["load_average"] == 0.1
+    assert len(seen) == 1 and "0.50x to 2.00x" in seen[0] and "load average" in seen[0]
+    assert report(stable=True, load=0.1)["latency"]["stable"] and seen == []
+    report(stable=True, load=8.0 * (os.cpu_count() or 1))
+    assert len(seen) == 1 and "may be inflated" in seen[0]  # a busy machine is named even when ratios settle

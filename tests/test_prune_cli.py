@@ -1,6 +1,7 @@
 """`simprune prune` end to end, its report, and every bad input it must refuse in one line."""
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from simprune.models import build_model
 def _error(result, pattern):
     code, _, err = result
     assert code == 2, err
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not re.match(r"^\[ *\d+\.\d+s\] ", line)]  # stages
     assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], err
 
 
@@ -54,6 +55,7 @@ def test_prune_from_checkpoint_keeps_its_input_shape(cli, tmp_path):
     (["--target-flops", "0.5", "--ignore", "nothing.*"], "matches no conv/linear layer"),
     (["--target-flops", "0.99"], "largest reachable"),
     (["--target-flops", "0.5", "--criterion", "qsfm"], "needs calibration images"),
+    (["--target-flops", "0.5", "--calib-precision", "fp32"], "--calib-precision applies to data criteria"),
 ])
 def test_bad_prune_input_leaves_no_output(cli, tmp_path, args, pattern):
     out = tmp_path / "out"
@@ -80,7 +82,7 @@ def test_truncated_weights(tmp_path):
 def test_json_shapes_that_disagree_with_weights(tmp_path):
     d = _saved_pruned(tmp_path)
     desc = json.loads((d / "model.json").read_text())
-    root, entry = next(iter(desc["structure"]["groups"].items()))
+    root, entry = next((r, e) for r, e in desc["structure"]["groups"].items() if len(e["keep"]) < e["size"])
     entry["keep"] = list(range(entry["size"]))  # claims nothing was pruned there
     (d / "model.json").write_text(json.dumps(desc))
     with pytest.raises(SimpruneError, match="has shape .* but the model expects"):
@@ -127,3 +129,13 @@ def test_outputs_have_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((d / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_prune_with_calib_precision_and_a_torch_pruning_criterion(cli, tmp_path):
+    for criterion, extra in (("qsfm", ["--calib-precision", "fp32"]), ("tp:lamp", [])):
+        out = tmp_path / criterion.replace(":", "-")
+        code, _, err = cli("prune", "--model", "resnet20", "--input", "1x32x32", "--criterion", criterion, *extra,
+                           "--calib-data", "fashion-mnist-sample", "--calib-images", "32", "--pad-to", "32",
+                           "--target-flops", "0.3", "--no-latency", "--out", out)
+        assert code == 0, err
+        assert json.loads((out / "report.json").read_text())["criterion"] == criterion

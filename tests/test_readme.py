@@ -13,14 +13,17 @@ def _readme_tool():
     return module
 
 
-def test_readme_tables_match_the_benchmark_json():
-    text = (ROOT / "README.md").read_text()
-    assert _readme_tool().rendered_readme(text) == text, "run python bench/readme.py"
+def test_readme_and_docs_tables_match_the_benchmark_json():
+    tool = _readme_tool()
+    for page in tool.pages():
+        text = page.read_text()
+        assert tool.rendered_readme(text) == text, f"{page.name}: run python bench/readme.py"
 
 
 def test_every_bench_block_has_its_json():
-    text = (ROOT / "README.md").read_text()
-    for name in re.findall(r"<!-- bench:(\w+) -->", text):
+    blocks = [name for page in _readme_tool().pages() for name in re.findall(r"<!-- bench:(\w+) -->", page.read_text())]
+    assert {"quality", "latency", "robustness"} <= set(blocks)
+    for name in blocks:
         if name == "zoo":
             continue
         assert (ROOT / "bench" / "results" / f"{name}.json").exists(), name

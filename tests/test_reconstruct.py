@@ -174,7 +174,7 @@ def test_a_channel_that_is_a_combination_of_others_is_rebuilt_exactly():
         torch.testing.assert_close(model.conv2(model.bn1(model.conv1(x))),
                                    reference.conv2(reference.bn1(reference.conv1(x))), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
-    assert summary["layers"] == 1 and summary["relative_error"]["after"] < 1e-8
+    assert summary["layers"] == 1 and summary["relative_error"]["after"] < 1e-6  # float32 products: rounding only
     assert summary["relative_error"]["before"] > 0.01  # without the refit the channel's share is simply lost
 
 
@@ -299,11 +299,11 @@ def test_sequential_refit_beats_refitting_every_layer_on_the_unrepaired_network(
     assert sequential < at_once and sequential < 0.2 * unrepaired, (sequential, at_once, unrepaired)
 
 
-def test_iterators_and_missing_data_are_refused_in_one_line():
-    model = _random_resnet20()
-    with pytest.raises(SimpruneError, match="not an iterator"):
-        simprune.prune(model, torch.zeros(1, 3, 32, 32), "l1", {"flops": 0.3}, calibration=iter(_images()),
-                       recalibrate_bn=False)
+def test_iterators_are_kept_and_missing_data_refused_in_one_line():
+    model = _random_resnet20()  # simprune.prune keeps a one-shot iterator (it is read several times)
+    _, report = simprune.prune(model, torch.zeros(1, 3, 32, 32), "l1", {"flops": 0.3}, calibration=iter(_images()),
+                               recalibrate_bn=False)
+    assert report["reconstructed"]
     with pytest.raises(SimpruneError, match="reconstruct=False"):
         simprune.prune(model, torch.zeros(1, 3, 32, 32), "l1", {"flops": 0.3}, reconstruct=True)
     with pytest.raises(SimpruneError, match="reconstruct_options"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from simprune.errors import SimpruneError
-from simprune.stats.channel_stats import METRICS, ChannelStats, fit_compensation
+from simprune.stats.channel_stats import METRICS, ChannelStats, fit_compensation, is_maximum
 from simprune.stats.similarity import SIMILARITIES, map_rank, spatial_std
 
 
@@ -58,10 +58,12 @@ def test_merge_of_halves_equals_one_pass_and_tensor_roundtrip():
     merged = first.merge(second)
     assert merged.images == 10
     for name, t in whole.tensors().items():
-        assert torch.allclose(merged.tensors()[name], t, atol=1e-10), name
+        if not name.startswith("null"):  # a split loses the pair (first image of the second half, last of the first)
+            assert torch.allclose(merged.tensors()[name], t, atol=1e-10), name
+    assert merged.tensors()["null_images"] == whole.tensors()["null_images"] - 1
     # an all-reduce is a sum of tensors(): rebuild from summed dicts
     a, b = batched(maps[:5], [5]).tensors(), batched(maps[5:], [5]).tensors()
-    summed = ChannelStats.from_tensors({k: a[k] + b[k] for k in a})
+    summed = ChannelStats.from_tensors({k: torch.maximum(a[k], b[k]) if is_maximum(k) else a[k] + b[k] for k in a})
     assert summed.metrics == frozenset(METRICS) and summed.channels == 4
     assert torch.allclose(summed.similarity("ssim"), whole.similarity("ssim"), atol=1e-12)
     assert torch.allclose(summed.gram(), whole.gram(), atol=1e-10)
@@ -81,7 +83,7 @@ def test_fit_compensation_scale_and_affine():
     # plain least squares through the origin, checked against torch.linalg.lstsq
     xi, xj = maps[:, 0].double().flatten(), maps[:, 3].double().flatten()
     want = torch.linalg.lstsq(xi[:, None], xj[:, None]).solution.item()
-    assert fit_compensation(stats, 0, 3)[0] == pytest.approx(want, rel=1e-9)
+    assert fit_compensation(stats, 0, 3)[0] == pytest.approx(want, rel=1e-6)  # float32 products, float64 sums
 
 
 def test_fit_compensation_zero_energy_and_constant_source():
@@ -117,3 +119,70 @@ def test_errors_are_clear():
         stats.update(torch.zeros(1, 4, 2, 2))
     with pytest.raises(SimpruneError, match="NaN"):
         stats.update(torch.full((1, 3, 2, 2), float("nan")))
+
+
+def _realistic_maps(n=24, c=12, h=9, w=9, dtype=torch.float32):
+    """ReLU maps sharing spatial structure (as real ones do), with a near-duplicate and a scaled copy."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(n, 6, h, w, generator=g)
+    mix = torch.randn(6, c, generator=g)
+    maps = torch.relu(torch.einsum("nkhw,kc->nchw", base, mix) + 0.5 * torch.randn(n, c, h, w, generator=g) + 0.5)
+    maps[:, 5] = 2.5 * maps[:, 2]
+    maps[:, 7] = maps[:, 1] + 1e-3 * torch.rand(n, h, w, generator=g)
+    return maps.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_statistics_equal_the_per_image_float64_reference(dtype):
+    """The moment path (float32 products, float64 sums) against the per-map float64 definitions;
+    decisions (the redundancy order) are the same."""
+    from simprune.stats.similarity import redundancy_order
+
+    maps = _realistic_maps(dtype=dtype)
+    stats = batched(maps, [10, 14], metrics={"ssim", "psnr", "cosine", "mstd", "gram"})
+    ref = maps.double()
+    for metric, atol in (("ssim", 1e-5), ("cosine", 1e-5), ("psnr", 2e-3)):
+        want = SIMILARITIES[metric](ref).mean(0)
+        got = stats.similarity(metric)
+        close = torch.isclose(got, want, atol=atol, rtol=1e-5)
+        if metric == "psnr":  # identical maps sit at the cap either way; near-identical ones above 60 dB
+            close |= (got > 60) & (want > 60)
+        assert close.all(), (metric, (got - want).abs().max())
+        (r_got, t_got), (r_want, t_want) = redundancy_order(got), redundancy_order(want)
+        assert torch.equal(t_got, t_want), metric
+        same = torch.isclose(r_got, r_want, atol=atol, rtol=1e-5) | ((r_got > 60) & (r_want > 60))
+        assert same.all(), metric
+    assert torch.allclose(stats.mstd(), spatial_std(ref).mean(0), rtol=1e-5)
+    flat = ref.permute(1, 0, 2, 3).reshape(12, -1)
+    assert torch.allclose(stats.gram(), flat @ flat.T, rtol=1e-5)
+
+
+def test_pooled_statistics_are_those_of_the_vectors_over_images():
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(40, 4, generator=g)
+    v[:, 3] = 3 * v[:, 1] + 1  # an affine copy across images: SSIM 1 after min-max scaling
+    stats = ChannelStats(4, {"ssim", "cosine", "mstd", "null"}, pooled=True)
+    stats.update(v[:25, :, None, None])
+    stats.update(v[25:])
+    as_map = v.T[None, :, :, None].double()  # one "image" whose map is each channel's 40 values
+    assert torch.allclose(stats.similarity("ssim"), SIMILARITIES["ssim"](as_map)[0], atol=1e-10)
+    assert stats.similarity("ssim")[1, 3].item() == pytest.approx(1.0)
+    assert torch.allclose(stats.similarity("cosine"), SIMILARITIES["cosine"](as_map)[0], atol=1e-10)
+    assert torch.allclose(stats.mstd(), v.double().std(0, correction=0))
+    # the chance level pairs channel i on image n with channel j on image n-1 (moments of all images,
+    # hence close, not equal, to the similarity of the shifted vectors)
+    shifted = torch.cat([v[1:].T[None, :, :, None], v[:-1].T[None, :, :, None]], 1).double()
+    cross = SIMILARITIES["cosine"](shifted)[0, :4, 4:]
+    assert stats.null_similarity("cosine")[0, 2].item() == pytest.approx(cross[0, 2].item(), abs=0.02)
+
+
+def test_null_similarity_pairs_each_image_with_the_previous_one_across_batches():
+    maps = _realistic_maps(n=8)
+    stats = batched(maps, [3, 5], metrics={"cosine", "null"})
+    pairs = [SIMILARITIES["cosine"](torch.cat([maps[n:n + 1], maps[n - 1:n]], 1).double())[0, :12, 12:]
+             for n in range(1, 8)]
+    want = torch.stack(pairs).mean(0)
+    got = stats.null_similarity("cosine")
+    upper = torch.triu(torch.ones(12, 12, dtype=torch.bool), diagonal=1)
+    assert torch.allclose(got[upper], want[upper], atol=1e-5)
+    assert torch.equal(got, got.T)

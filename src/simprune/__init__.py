@@ -10,6 +10,10 @@ command line reaches its Ctrl-C handling before the slow imports start.
 """
 __version__ = "0.1.0"
 
+from simprune.compat import install_import_hook as _install_import_hook  # noqa: E402 - no torch import
+
+_install_import_hook()  # a later ``import torchvision`` (or timm) works on CPU-only torch
+
 _LAZY = {"prune": "api", "save": "api", "load": "api", "build_model": "models", "SimpruneError": "errors"}
 __all__ = ["prune", "save", "load", "build_model", "SimpruneError", "__version__"]
 

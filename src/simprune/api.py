@@ -12,13 +12,8 @@ import torch
 from torch import nn
 
 from simprune.allocation.allocator import Guards
-from simprune.graph.removal import get_structure
-from simprune.io.files import (
-    atomic_output_dir,
-    atomic_write_json,
-    load_model,
-    save_model,
-)
+from simprune.io.description import check_loadable, describe
+from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
 from simprune.schedules.run import run_schedule
 
 
@@ -29,7 +24,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
           recalibrate_bn: bool | None = None, reconstruct: bool | None = None,
           reconstruct_options: dict | None = None, inplace: bool = False,
           criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
-          between: Callable[[nn.Module, int], None] | None = None, latency_table=None) -> tuple[nn.Module, dict]:
+          between: Callable[[nn.Module, int], None] | None = None, latency_table=None,
+          calib_precision: str | None = None, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
@@ -41,23 +37,35 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     ``schedule="iterative"`` prunes in ``steps`` re-scored steps, calling ``between(model, k)`` (e.g. a
     fine-tuning epoch) after each but the last; the soft schedule trains, so it lives in
     :func:`simprune.schedules.soft.soft_prune`. A ``{"latency": R}`` target needs ``latency_table`` (a
-    :class:`simprune.latency_table.LatencyTable`); :func:`simprune.latency_table.prune_to_latency` makes one.
+    :class:`simprune.schedules.latency.LatencyTable`); :func:`simprune.schedules.latency.prune_to_latency` makes one.
+    ``calibration`` may be any iterable of batches (a one-shot one is kept in memory: it is read several
+    times); ``calib_precision`` ("fp32" or "bf16") sets a data criterion's calibration forward pass.
+    ``device`` ("cuda", "cuda:N" or "cpu"; default CUDA when available, else CPU) runs statistics,
+    compensation and BatchNorm re-estimation there, each calibration batch moved to it; the pruned
+    model comes back on ``model``'s device. The decision is the CPU one up to floating-point ties.
     """
     return run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
                         between=between, inplace=inplace, criterion_options=criterion_options,
                         latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,
                         normalization=normalization, cost_weight=cost_weight, compensate=compensate,
                         protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn,
-                        reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+                        calib_precision=calib_precision, device=device, reconstruct=reconstruct,
+                        reconstruct_options=reconstruct_options)
 
 
-def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any], report: dict | None = None,
-         overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` (+ ``report.json``) into ``out_dir`` atomically."""
-    structure = get_structure(model)
-    desc = dict(description)
-    if structure:
-        desc["structure"] = structure
+def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any] | None = None,
+         report: dict | None = None, overwrite: bool = False, extra: Callable[[Path], None] | None = None,
+         verify: bool = True) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` (+ ``report.json``) into ``out_dir`` atomically.
+
+    The description is taken from the model (what ``build_model`` built, the input shape ``prune``
+    saw, the pruned structure); ``description`` adds or overrides keys. With ``verify`` the
+    description is rebuilt first and one that would not load back is refused. Without a model
+    name, load it with ``load(dir, MyNet())``.
+    """
+    desc = describe(model, description)
+    if verify:
+        check_loadable(model, desc)
     with atomic_output_dir(Path(out_dir), overwrite=overwrite) as tmp:
         save_model(tmp, model, desc)
         if report is not None:
@@ -67,10 +75,14 @@ def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any], rep
     return Path(out_dir)
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a saved (pruned) model from its directory; never unpickles. Pass ``model`` for
-    architectures outside the registry (a freshly built, unpruned instance)."""
-    loaded, desc = load_model(path, model)
+def load(path: str | Path, model: nn.Module | str | None = None, *, builder: str | None = None) -> nn.Module:
+    """Rebuild a saved (pruned) model from its directory; never unpickles.
+
+    ``model``: a freshly built, unpruned instance for your own architecture (``load(dir, MyNet())``),
+    or the ``pkg.module:factory`` that built it (your code runs only when you name it, also as ``builder``).
+    """
+    if isinstance(model, str):
+        model, builder = None, model
+    loaded, desc = load_model(path, model, builder=builder)
     loaded.simprune_description = desc
     return loaded
-

@@ -1,9 +1,11 @@
-"""Multi-process runs under ``torchrun``: process group, sharding, all-reduce, rank-0 writes.
+"""Devices and multi-process runs under ``torchrun``: device choice, process group, sharding,
+all-reduce, rank-0 writes.
 
 Everything here is a no-op on one process, so the same code runs unchanged with or without
-``torchrun``. Backend: gloo on CPU, nccl when CUDA is available. Each rank calibrates on its own
-shard of the calibration images; the statistics are summed across ranks, so every rank scores,
-allocates and prunes identically (checked by :func:`check_agree`).
+``torchrun``. Device: ``resolve_device`` (CUDA when available, else CPU; under torchrun with CUDA,
+``cuda:LOCAL_RANK``). Backend: nccl when the device is CUDA, gloo on CPU. Each rank calibrates on
+its own shard of the calibration images; the statistics are summed across ranks, so every rank
+scores, allocates and prunes identically (checked by :func:`check_agree`).
 """
 from __future__ import annotations
 
@@ -17,13 +19,57 @@ import torch.distributed as dist
 
 from simprune.errors import SimpruneError
 
+DEVICE_TYPES = ("cuda", "cpu")
 
-def init_from_env() -> bool:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); return True if distributed."""
+
+def local_rank() -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(device: str | torch.device | None = None, keyword: str = "device=") -> torch.device:
+    """The device to compute on: ``None`` means CUDA when available, else CPU. "cuda" without an index
+    is ``cuda:LOCAL_RANK`` (one GPU per torchrun process). ``keyword`` names the option in messages
+    ("device=" for the API, "--device " for the CLI); CUDA asked for but absent is refused in one line."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise SimpruneError(f"{keyword}{device} is not a device simprune runs on; pass {keyword}cuda or {keyword}cpu")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SimpruneError(f"{keyword}{device} but CUDA is not available here (torch {torch.__version__}); "
+                            f"pass {keyword}cpu, or omit it to use CUDA only when present")
+    index = local_rank() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise SimpruneError(f"{keyword}{device}: GPU {index} does not exist ({torch.cuda.device_count()} visible); "
+                            f"pass {keyword}cuda:0 or launch fewer torchrun processes per node")
+    return torch.device("cuda", index)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights live (CPU for a model without any): calibration batches go there."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def init_from_env(device: str | torch.device | None = None) -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); return True if distributed.
+    The backend follows ``device`` (see :func:`resolve_device`): nccl on CUDA, gloo on CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dev = resolve_device(device)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         try:
             dist.init_process_group(backend=backend)
         except (RuntimeError, ValueError) as exc:
@@ -49,13 +95,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _group_device(t: torch.Tensor) -> torch.device:
+    """Where the process group reduces: nccl only reduces CUDA tensors, gloo takes any."""
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over ranks (float64 stays float64); ``t`` itself on one process."""
+    """Sum of ``t`` over ranks (float64 stays float64), on ``t``'s device; ``t`` itself on one process.
+    Under nccl a CPU tensor (a count, a loss sum) travels through the GPU and comes back."""
     if not active():
         return t
-    out = t.clone().contiguous()
+    out = t.to(_group_device(t), copy=True).contiguous()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(t.device)
 
 
 def shard(indices: list[int]) -> list[int]:
@@ -74,7 +128,7 @@ def fingerprint(obj: Any) -> str:
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         for k in sorted(obj):
             h.update(k.encode())
-            h.update(obj[k].detach().float().contiguous().numpy().tobytes())
+            h.update(obj[k].detach().float().cpu().contiguous().numpy().tobytes())
     else:
         h.update(json.dumps(obj, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
@@ -97,7 +151,7 @@ def check_agree(obj: Any, what: str) -> str:
     if active():
         if len(set(got)) != 1:
             raise SimpruneError(f"ranks disagree on the {what} ({', '.join(got)}); the processes saw different "
-                                "models or data: check --seed, the checkpoint and the data path on every node")
+                                "models or data: check the seed, the checkpoint and the data path on every node")
     return fp
 
 
@@ -107,8 +161,7 @@ def average_buffers(model: torch.nn.Module) -> None:
         return
     for buf in model.buffers():
         if buf.is_floating_point():
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            buf.div_(world_size())
+            buf.copy_(all_reduce_sum(buf)).div_(world_size())
 
 
 def cleanup() -> None:

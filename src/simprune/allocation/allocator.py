@@ -9,13 +9,13 @@ plugged in as a third cost. The allocator knows nothing about feature maps.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from simprune.allocation.rounding import relaxations, removable_positions
 from simprune.errors import SimpruneError
 from simprune.graph.counting import Cost
 from simprune.graph.groups import PARAM_LAYERS, ChannelGroup, is_depthwise
@@ -144,18 +144,27 @@ class CostModel:
 
 @dataclass
 class Guards:
+    """Limits per group. ``round_to=None``: kept counts in multiples of the CPU's vector block,
+    relaxed where the target needs it (see :mod:`simprune.allocation.rounding`); 1 opts out."""
+
     min_channels: int = 4
     max_layer_ratio: float = 0.9
-    round_to: int = 1
+    round_to: int | None = None
 
-    def max_removable(self, size: int) -> int:
-        floor = max(1, min(size, self.min_channels), math.ceil(size * (1 - self.max_layer_ratio)))
-        removable = size - floor
-        if self.round_to > 1:  # kept count must stay a multiple of round_to (or the whole group)
-            kept = size - removable
-            kept = min(size, math.ceil(kept / self.round_to) * self.round_to)
-            removable = size - kept
-        return max(0, removable)
+    def max_removable(self, size: int, channel_groups: int = 1) -> int:
+        """Channels that may go from a group of ``size`` (in ``channel_groups`` equal groups)."""
+        positions, _ = removable_positions(size, channel_groups, self.min_channels, self.max_layer_ratio,
+                                           self.round_to or 1)
+        return positions * channel_groups
+
+    def units(self, size: int, order: list[int], channel_groups: int = 1) -> list[list[int]]:
+        """Removal units over positions in ``order`` (least important first), each a list of positions;
+        the first is short when needed so that every kept count stays aligned."""
+        n_remove, step = removable_positions(size, channel_groups, self.min_channels, self.max_layer_ratio,
+                                             self.round_to or 1)
+        first = n_remove % step or step
+        cuts = [0] + list(range(first, n_remove + 1, step))
+        return [order[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -178,11 +187,102 @@ class Allocation:
     macs: float
     params: float
     reduction: float  # achieved fraction of the target quantity removed
+    round_to: int = 1  # kept channel counts are multiples of this (or the whole group)
+
+
+def _units(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], unit_cost: list[float], guards: Guards,
+           normalization: str, cost_weight: float) -> list[tuple[float, int, list[int]]]:
+    """Removable units (priority, group index, channel indices), least important first: single channels
+    (or tied classes of channels), in blocks that keep every kept count aligned to ``guards.round_to``."""
+    mean_cost = sum(unit_cost) / max(1, len(unit_cost)) or 1.0
+    units = []
+    for gi, group in enumerate(groups):
+        s = scores.get(group.root)
+        if s is None:
+            continue
+        if len(s) != group.size or not torch.isfinite(s).all():
+            raise SimpruneError(f"criterion gave {len(s)} scores (or non-finite ones) for group {group.root} "
+                                f"of {group.size} channels")
+        pri = normalize(s, normalization)
+        if cost_weight and unit_cost[gi] > 0:
+            pri = pri / (unit_cost[gi] / mean_cost) ** cost_weight
+        classes = group.classes  # channels that go together (a grouped conv's groups, fed-back channels)
+        cls_pri = torch.stack([pri[c].mean() for c in classes]) if group.tied is not None else pri
+        order = torch.argsort(cls_pri, stable=True).tolist()
+        for picked in guards.units(group.size, order, group.channel_groups):
+            chunk = [ch for c in picked for ch in classes[c]]
+            units.append((float(cls_pri[picked].max()), gi, chunk))
+    units.sort(key=lambda u: u[0])
+    return units
+
+
+class _Ledger:
+    """Channels removed so far and the resulting cost totals, updated one group's layers at a time."""
+
+    def __init__(self, cost: CostModel, n_groups: int):
+        self.cost = cost
+        self.removed = [0] * n_groups
+        self.chosen: dict[int, list[int]] = {}
+        self.committed: dict[int, list[tuple[float, list[int]]]] = {}  # per group, in removal order
+        self.per_layer = [layer.costs(self.removed) for layer in cost.layers]
+        self.current = cost.totals(self.removed)
+
+    def trial(self, gi: int, n: int) -> tuple[tuple[float, ...], dict[int, tuple[float, ...]]]:
+        """Totals if ``n`` more channels of group ``gi`` went (negative: came back), and the changed layers."""
+        self.removed[gi] += n
+        new = {li: self.cost.layers[li].costs(self.removed) for li in self.cost.by_group[gi]}
+        self.removed[gi] -= n
+        totals = tuple(c + sum(v[i] - self.per_layer[li][i] for li, v in new.items())
+                       for i, c in enumerate(self.current))
+        return totals, new
+
+    def commit(self, gi: int, chunk: list[int], trial, priority: float) -> None:
+        self.removed[gi] += len(chunk)
+        self.chosen.setdefault(gi, []).extend(chunk)
+        self.committed.setdefault(gi, []).append((priority, chunk))
+        self._apply(trial)
+
+    def give_back(self, gi: int, trial) -> None:
+        _, chunk = self.committed[gi].pop()
+        self.removed[gi] -= len(chunk)
+        self.chosen[gi] = self.chosen[gi][:-len(chunk)]
+        self._apply(trial)
+
+    def _apply(self, trial) -> None:
+        totals, new = trial
+        for li, v in new.items():
+            self.per_layer[li] = v
+        self.current = totals
 
 
 def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: CostModel, target: dict[str, float],
              guards: Guards, normalization: str = "mean", cost_weight: float = 0.0,
-             overshoot: float = 0.005) -> Allocation:
+             overshoot: float = 0.005, tolerance: float = 0.01) -> Allocation:
+    """:func:`allocate_aligned` at ``guards.round_to``; by default (None) at the vector block, halved
+    while the target is missed or overshot by more than ``tolerance`` (the closest result otherwise)."""
+    tries = relaxations(guards.round_to)
+    best, error = None, None
+    for round_to in tries:
+        g = Guards(guards.min_channels, guards.max_layer_ratio, round_to)
+        try:
+            alloc = allocate_aligned(groups, scores, cost, target, g, normalization, cost_weight, overshoot)
+        except SimpruneError as exc:
+            error = exc
+            continue
+        alloc.round_to = round_to
+        gap = abs(alloc.reduction - next(iter(target.values())))
+        if best is None or gap < abs(best.reduction - next(iter(target.values()))):
+            best = alloc
+        if gap <= tolerance:
+            break
+    if best is None:
+        raise error
+    return best
+
+
+def allocate_aligned(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: CostModel,
+                     target: dict[str, float], guards: Guards, normalization: str = "mean", cost_weight: float = 0.0,
+                     overshoot: float = 0.005) -> Allocation:
     """Remove the globally least important units until the MAC/param (or latency) reduction reaches
     the target.
 
@@ -194,98 +294,50 @@ def allocate(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], cost: 
     """
     kind, ratio = _check_target(target)
     if kind == "latency" and not cost.has_latency:
-        raise SimpruneError("a latency target needs a cost model with a latency table; use --target-latency, "
-                            "which builds one")
-    k = KINDS.index(kind)
-    base = cost.base(kind)
-    unit_cost = cost.channel_cost(kind)
-    mean_cost = sum(unit_cost) / max(1, len(unit_cost)) or 1.0
-    units = []  # (priority, group index, channel indices)
-    for gi, group in enumerate(groups):
-        s = scores.get(group.root)
-        if s is None:
-            continue
-        if len(s) != group.size or not torch.isfinite(s).all():
-            raise SimpruneError(f"criterion gave {len(s)} scores (or non-finite ones) for group {group.root} "
-                                f"of {group.size} channels")
-        pri = normalize(s, normalization)
-        if cost_weight and unit_cost[gi] > 0:
-            pri = pri / (unit_cost[gi] / mean_cost) ** cost_weight
-        order = torch.argsort(pri, stable=True).tolist()
-        n_remove = guards.max_removable(group.size)
-        step = max(1, guards.round_to)
-        first = (group.size - (group.size - n_remove)) % step or step
-        i = 0
-        while i < n_remove:
-            size = first if i == 0 else step
-            chunk = order[i:i + size]
-            units.append((float(pri[chunk].max()), gi, chunk))
-            i += size
-    units.sort(key=lambda u: u[0])
-    removed = [0] * len(groups)
-    chosen: dict[int, list[int]] = {}
-    committed: dict[int, list[tuple[float, list[int]]]] = {}  # per group, in removal order
-    per_layer = [layer.costs(removed) for layer in cost.layers]
-    current = cost.totals(removed)
+        raise SimpruneError("a latency target needs a cost model with a latency table; use "
+                            "simprune.schedules.latency.prune_to_latency, which builds one")
+    k, base = KINDS.index(kind), cost.base(kind)
     goal, slack = base * (1 - ratio), base * overshoot
-
-    def trial(gi: int, n: int) -> tuple[tuple[float, ...], dict[int, tuple[float, ...]]]:
-        removed[gi] += n
-        new = {li: cost.layers[li].costs(removed) for li in cost.by_group[gi]}  # only this group's layers change
-        removed[gi] -= n
-        return tuple(c + sum(v[i] - per_layer[li][i] for li, v in new.items()) for i, c in enumerate(current)), new
-
-    def commit(gi: int, chunk: list[int], totals, new, priority: float) -> None:
-        nonlocal current
-        removed[gi] += len(chunk)
-        chosen.setdefault(gi, []).extend(chunk)
-        committed.setdefault(gi, []).append((priority, chunk))
-        for li, v in new.items():
-            per_layer[li] = v
-        current = totals
-
-    def give_back(gi: int, totals, new) -> None:
-        nonlocal current
-        _, chunk = committed[gi].pop()
-        removed[gi] -= len(chunk)
-        chosen[gi] = chosen[gi][:-len(chunk)]
-        for li, v in new.items():
-            per_layer[li] = v
-        current = totals
-
+    ledger = _Ledger(cost, len(groups))
     skipped = []
-    for unit in units:
-        if current[k] <= goal:
+    for unit in _units(groups, scores, cost.channel_cost(kind), guards, normalization, cost_weight):
+        if ledger.current[k] <= goal:
             break
         priority, gi, chunk = unit
-        totals, new = trial(gi, len(chunk))
-        if totals[k] < goal - slack:  # this unit alone would overshoot the target: try cheaper ones first
+        trial = ledger.trial(gi, len(chunk))
+        if trial[0][k] < goal - slack:  # this unit alone would overshoot the target: try cheaper ones first
             skipped.append(unit)
             continue
-        commit(gi, chunk, totals, new, priority)
-    if current[k] > goal and skipped:  # nothing cheaper was left: take the skipped unit that overshoots least
-        options = [(trial(gi, len(chunk)), gi, chunk, priority) for priority, gi, chunk in skipped]
-        (totals, new), gi, chunk, priority = max(options, key=lambda o: o[0][0][k])
-        commit(gi, chunk, totals, new, priority)
-    while current[k] < goal - slack:  # overshot the band: give back the most important unit that keeps the target
-        backs = [(stack[-1][0], gi, *trial(gi, -len(stack[-1][1]))) for gi, stack in committed.items() if stack]
-        backs = [b for b in backs if b[2][k] <= goal]
+        ledger.commit(gi, chunk, trial, priority)
+    if ledger.current[k] > goal and skipped:  # nothing cheaper was left: take the one that overshoots least
+        trial, gi, chunk, priority = max(((ledger.trial(gi, len(c)), gi, c, p) for p, gi, c in skipped),
+                                         key=lambda o: o[0][0][k])
+        ledger.commit(gi, chunk, trial, priority)
+    _give_back_overshoot(ledger, k, goal, slack)
+    reduction = 1 - ledger.current[k] / base
+    if ledger.current[k] > goal + 1e-9:
+        raise SimpruneError(f"target {kind} reduction {ratio:.1%} cannot be reached under the guards; the largest "
+                            f"reachable is {reduction:.1%}; lower the target or min_channels=, raise "
+                            "max_layer_ratio=, or drop ignore= patterns")
+    return Allocation({groups[g].root: sorted(ch) for g, ch in ledger.chosen.items() if ch}, ledger.current[0],
+                      ledger.current[1], reduction)
+
+
+def _give_back_overshoot(ledger: _Ledger, k: int, goal: float, slack: float) -> None:
+    """Overshot the band: give back the most important removed unit that keeps the target, while any does."""
+    while ledger.current[k] < goal - slack:
+        backs = [(stack[-1][0], gi, ledger.trial(gi, -len(stack[-1][1])))
+                 for gi, stack in ledger.committed.items() if stack]
+        backs = [b for b in backs if b[2][0][k] <= goal]
         if not backs:
             break
-        _, gi, totals, new = max(backs, key=lambda b: b[0])
-        give_back(gi, totals, new)
-    reduction = 1 - current[k] / base
-    if current[k] > goal + 1e-9:
-        raise SimpruneError(f"target {kind} reduction {ratio:.1%} cannot be reached under the guards; the largest "
-                            f"reachable is {reduction:.1%} (lower the target, --min-channels or raise "
-                            "--max-layer-ratio, or drop --ignore patterns)")
-    return Allocation({groups[g].root: sorted(ch) for g, ch in chosen.items() if ch}, current[0], current[1],
-                      reduction)
+        _, gi, trial = max(backs, key=lambda b: b[0])
+        ledger.give_back(gi, trial)
 
 
 def _check_target(target: dict[str, float]) -> tuple[str, float]:
     if not isinstance(target, dict) or len(target) != 1:
-        raise SimpruneError("give exactly one target: --target-flops R or --target-params R")
+        raise SimpruneError("give exactly one target: {'flops': R} or {'params': R}")
     kind, ratio = next(iter(target.items()))
     if kind not in KINDS:
         raise SimpruneError(f"unknown target {kind!r}; use flops, params or latency")

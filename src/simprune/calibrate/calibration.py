@@ -4,31 +4,46 @@ A group's feature maps are read where they are consumed: the input of each layer
 that reads the group's channels (a conv or linear "probe"), i.e. the root output
 after BN and activation (and after any residual sum). Residual groups have one
 probe per consumer; depthwise-separable groups are probed at the projection
-input. Statistics are sums (``ChannelStats``), accumulated batch by batch under
-no_grad in bounded memory, and all-reduced across processes when distributed.
+input. A reader after global pooling sees one value per channel and image: its probe is
+*pooled*, the map of a channel being its vector of values over the calibration images (a 1 x 1
+map would min-max scale to 0 and make every pair identical). A reader after flatten sees C x k
+values: the k positions are the map. Statistics are sums (``ChannelStats``), accumulated batch by
+batch under no_grad in bounded memory, and all-reduced across processes when distributed.
+Calibration batches are read several times, so a one-shot iterator is kept (:func:`reusable`).
+
+Devices: every batch goes to the device of the model's weights (``distributed.model_device``), and
+the float64 sums stay on that device while the batches come (no host round trip per probe and batch;
+the sums are (C, C), small next to the maps, and nccl reduces device tensors); once reduced they move
+to the CPU, so scoring and selection run the same code on every device. The decision then differs
+from a CPU run only by the forward pass's rounding (other kernels; bf16 products, or TF32 if allowed,
+which the fp32 statistics pass turns off): near-ties may flip, nothing else.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from simprune import distributed
 from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph, is_depthwise
 from simprune.io.data import load_dataset
-from simprune.stats.channel_stats import ChannelStats
+from simprune.progress import bar as progress_bar
+from simprune.stats.channel_stats import ChannelStats, is_maximum
+
+PRECISIONS = ("fp32", "bf16")
+MAX_MATERIALISED_BYTES = 2 * 2**30  # a one-shot iterator of calibration batches is kept in memory up to this
 
 
 @dataclass
 class Probe:
-    """One consumer of a group's channels and the statistics of what it reads."""
+    """One consumer of a group's channels and the statistics of what it reads (made at its first batch)."""
 
     member: Member
-    stats: ChannelStats
+    stats: ChannelStats | None = None
 
 
 def calibration_subset(ds: Dataset, n_images: int, seed: int = 0) -> Subset:
@@ -58,25 +73,41 @@ def probe_members(group: ChannelGroup) -> list[Member]:
     return dense or [m for m in group.members if is_depthwise(m.module)]
 
 
-def _maps_for(member: Member, x: torch.Tensor, channels: int) -> torch.Tensor:
-    """The group's channels out of a consumer's input, as (B, C, H, W)."""
-    idx = torch.as_tensor(member.idxs, device=x.device)
+def _maps_for(member: Member, x: torch.Tensor, channels: int) -> tuple[torch.Tensor, bool]:
+    """The group's channels out of a consumer's input and whether the probe is pooled.
+
+    A 4-D input gives (B, C, H, W) maps. A 2-D input is a Linear after flatten, C * k values per
+    image in channel-major order: k > 1 gives (B, C, k, 1) maps (the k positions are the map);
+    k == 1 is a Linear after global pooling, one value per channel and image, and also a 1 x 1 map:
+    these are *pooled* probes, whose map is the vector of values over the calibration images."""
+    idxs = member.idxs
+    full = len(idxs) == x.shape[1] and idxs == list(range(len(idxs)))
+    sel = x if full else x.index_select(1, torch.as_tensor(idxs, device=x.device))
     if x.ndim == 4:
-        return x.index_select(1, idx)
-    if x.ndim == 2:  # a Linear after pooling (1 value per channel) or flatten (k values per channel)
-        sel = x.index_select(1, idx)
-        return sel.reshape(x.shape[0], channels, -1, 1)
+        return sel, sel.shape[2] * sel.shape[3] == 1
+    if x.ndim == 2:
+        k = sel.shape[1] // channels
+        return (sel, True) if k == 1 else (sel.reshape(x.shape[0], channels, k, 1), False)
     raise SimpruneError(f"cannot read feature maps of shape {tuple(x.shape)} at {member.name}")
 
 
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise SimpruneError(f"calib_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: set[str],
-                       bf16: bool = True, progress: bool = True, window: int = 7,
+                       precision: str = "bf16", progress: bool = True, window: int = 7,
                        reduce=None) -> dict[str, list[Probe]]:
     """One pass over ``batches`` of (images, labels); returns per-group probes with their statistics.
 
-    ``reduce`` (e.g. an all-reduce) is applied to every statistics tensor at the end; by default
-    the sums are all-reduced across torchrun ranks, so every rank sees the statistics of all images.
+    ``precision`` is the model's forward pass during calibration: "bf16" (autocast) or "fp32";
+    statistics are always float32 products summed in float64. ``reduce`` (e.g. an all-reduce) is
+    applied to every statistics tensor at the end; by default the sums are all-reduced across
+    torchrun ranks, so every rank sees the statistics of all images.
     """
+    check_precision(precision)
     if reduce is None and distributed.active():
         reduce = distributed.all_reduce_sum
     probes: dict[str, list[Probe]] = {}
@@ -84,21 +115,25 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
 
     def make_hook(probe: Probe, channels: int):
         def hook(module, inputs):
-            probe.stats.update(_maps_for(probe.member, inputs[0].detach().float(), channels))
+            maps, pooled = _maps_for(probe.member, inputs[0].detach(), channels)
+            if probe.stats is None:
+                probe.stats = ChannelStats(channels, metrics, window=window, pooled=pooled, device=maps.device)
+            probe.stats.update(maps)
         return hook
 
     for group in graph.groups:
         for member in probe_members(group):
-            probe = Probe(member, ChannelStats(group.size, metrics, window=window))
+            probe = Probe(member)
             probes.setdefault(group.root, []).append(probe)
             hooks.append(member.module.register_forward_pre_hook(make_hook(probe, group.size)))
     was_training = model.training
     model.eval()
     seen = varied = 0
+    device = distributed.model_device(model)
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for batch in tqdm(batches, desc="calibration", leave=False, disable=not (progress and distributed.is_main())):
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        with torch.no_grad(), _forward_precision(device, precision == "bf16"):
+            for batch in progress_bar(batches, "calibration statistics", unit="batches", enabled=progress):
+                x = _images(batch, device)
                 _forward(model, x)
                 seen += x.shape[0]
                 flat = x.flatten(1)
@@ -110,24 +145,64 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     if reduce is not None:
         seen, varied = (int(v) for v in reduce(torch.tensor([float(seen), float(varied)], dtype=torch.float64)))
     if seen == 0:
-        raise SimpruneError("no calibration images were seen; check --calib-data and --calib-images")
+        raise SimpruneError("no calibration images were seen; pass calibration= batches of images")
     if varied == 0:
         raise SimpruneError(f"all {seen} calibration images are constant (no pixel differs), so every feature-map "
                             "similarity ties; calibrate on real images")
-    if reduce is not None:
-        for plist in probes.values():
-            for p in plist:
-                p.stats = ChannelStats.from_tensors({k: reduce(v) for k, v in p.stats.tensors().items()},
-                                                    channels=p.stats.channels, **p.stats.options)
+    for plist in probes.values():
+        for p in plist:
+            if p.stats is None:
+                raise SimpruneError(f"layer {p.member.name} never ran on the calibration images; it cannot be scored")
+            if reduce is not None:
+                p.stats = _reduced(p.stats, reduce)
+            p.stats.to("cpu")  # scores and decisions are computed on the CPU, whatever the device
     return probes
+
+
+def _images(batch, device: torch.device) -> torch.Tensor:
+    """The images of a batch ((images, labels) or images alone), on ``device``."""
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return x.to(device, non_blocking=True)
+
+
+@contextmanager
+def _forward_precision(device: torch.device, bf16: bool):
+    """bf16 autocast on ``device``, or true fp32: on CUDA the convolutions would otherwise use TF32
+    (cuDNN's default, 10-bit mantissa), which moves the statistics away from a CPU run's."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if device.type == "cuda" and not bf16:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _reduced(stats: ChannelStats, reduce) -> ChannelStats:
+    """Statistics combined across processes: sums by ``reduce``, maxima by a sum of one slot per rank."""
+    out = {}
+    for name, t in stats.tensors().items():
+        if is_maximum(name):
+            slots = torch.zeros((distributed.world_size(), *t.shape), dtype=t.dtype, device=t.device)
+            slots[distributed.rank()] = t
+            out[name] = reduce(slots).amax(0)
+        else:
+            out[name] = reduce(t)
+    return ChannelStats.from_tensors(out, channels=stats.channels, metrics=stats.metrics,
+                                     device=stats.device, **stats.options)
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> None:
     try:
         model(x)
+    except torch.OutOfMemoryError as exc:
+        raise SimpruneError(f"out of memory on {x.device} with calibration batches of {x.shape[0]} images; "
+                            "use smaller batches, or device=cpu") from exc
     except RuntimeError as exc:  # wrong channel count or size: torch's own message, in one line
         raise SimpruneError(f"the model cannot read calibration images of shape {tuple(x.shape[1:])} "
-                            f"({str(exc).splitlines()[0][:120]}); pick matching --calib-data/--pad-to") from exc
+                            f"({str(exc).splitlines()[0][:120]}); give calibration= images of the model's input "
+                            "shape (pad_to=)") from exc
 
 
 def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
@@ -135,25 +210,65 @@ def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
     return torch.stack([p.stats.similarity(metric) for p in probes]).mean(0)
 
 
-def check_calibration(batches, example_input: torch.Tensor) -> None:
-    """The calibration images must have the model's input shape (C, H, W): statistics taken at another
-    resolution or channel count would silently describe another model."""
-    for batch in batches:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
-            want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
-            raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
-                                "pick matching --calib-data/--pad-to or --input")
-        return
+def mean_null_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
+    """The chance level of :func:`mean_similarity`: the same mean over unrelated (shifted-image) pairs."""
+    return torch.stack([p.stats.null_similarity(metric) for p in probes]).mean(0)
 
 
-def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average).
+def _batch_bytes(batch) -> int:
+    items = batch if isinstance(batch, (list, tuple)) else [batch]
+    return sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
+
+
+def reusable(batches, keyword: str = "calibration"):
+    """Calibration is read several times (shape check, statistics, BatchNorm re-estimation). A
+    collection (DataLoader, list, ...) starts afresh at every ``iter()`` and passes through; a one-shot
+    iterator (generator, ``iter(...)``, ``map``) is materialised into a list, up to
+    MAX_MATERIALISED_BYTES, so that no pass sees a half-consumed stream."""
+    if batches is None:
+        return None
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise SimpruneError(f"{keyword}= must be an iterable of image batches (a DataLoader or a list of "
+                            f"(images, labels)), got {type(batches).__name__}") from None
+    if it is not batches:
+        return batches
+    kept, size = [], 0
+    for batch in it:
+        size += _batch_bytes(batch)
+        if size > MAX_MATERIALISED_BYTES:
+            raise SimpruneError(f"{keyword}= is a one-shot iterator of more than {MAX_MATERIALISED_BYTES >> 30} GiB "
+                                "of images, which simprune reads several times; pass a DataLoader or a list")
+        kept.append(batch)
+    return kept
+
+
+def check_calibration(batches, example_input: torch.Tensor):
+    """The calibration batches, made re-iterable (:func:`reusable`), after checking that the images have
+    the model's input shape (C, H, W): statistics taken at another resolution or channel count would
+    silently describe another model."""
+    batches = reusable(batches)
+    first = next(iter(batches), None)
+    if first is None:
+        raise SimpruneError("calibration= holds no batches; pass a DataLoader or a list of (images, labels)")
+    x = first[0] if isinstance(first, (list, tuple)) else first
+    if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
+        want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
+        raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
+                            "give calibration= images of that shape (pad_to=) or another example_input=")
+    return batches
+
+
+def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average); returns the
+    number of images seen (over all ranks).
 
     After structural removal the activations feeding later BNs shift a little; a forward pass
     over the calibration images restores their statistics without touching any weight. A channel
     that the images leave (nearly) constant, variance below the layer's eps, keeps its trained
-    statistics: a zero variance would divide later, varying inputs by sqrt(eps)."""
+    statistics: a zero variance would divide later, varying inputs by sqrt(eps). When no image comes
+    (an empty or exhausted iterator) every BN keeps its trained statistics and this raises."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in bns]
     trained = {m: (m.running_mean.clone(), m.running_var.clone()) for m in bns if m.running_var is not None}
@@ -163,13 +278,20 @@ def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.M
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all batches
         m.train()
+    seen = 0
+    device = distributed.model_device(model)
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for batch in batches:
-                _forward(model, batch[0] if isinstance(batch, (list, tuple)) else batch)
-        distributed.average_buffers(model)  # each rank saw its own shard
+        with torch.no_grad(), _forward_precision(device, bf16):
+            for batch in progress_bar(batches, "BatchNorm re-estimation", unit="batches"):
+                x = _images(batch, device)
+                _forward(model, x)
+                seen += x.shape[0]
+        if distributed.active():
+            seen = int(distributed.all_reduce_sum(torch.tensor(float(seen), dtype=torch.float64)))
+        if seen:
+            distributed.average_buffers(model)  # each rank saw its own shard
         for m, (mean, var) in trained.items():
-            flat = m.running_var < m.eps
+            flat = m.running_var < m.eps if seen else torch.ones_like(m.running_var, dtype=torch.bool)
             m.running_mean[flat] = mean[flat]
             m.running_var[flat] = var[flat]
     finally:
@@ -177,4 +299,7 @@ def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> nn.M
             m.momentum = momentum
             m.train(training)
         model.train(was_training)
-    return model
+    if not seen:
+        raise SimpruneError("BatchNorm re-estimation saw no calibration images (empty or already consumed); "
+                            "pass calibration= as a DataLoader or a list of batches")
+    return seen

@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from simprune import distributed
+from simprune import distributed, progress
 from simprune.errors import SimpruneError
 from simprune.graph.counting import parse_input_shape
 from simprune.io.data import load_dataset
 from simprune.io.files import load_model
 from simprune.models import build_model
+from simprune.schedules.checks import calibration_images
 from simprune.train.finetune import FineTune, load_teacher
 from simprune.train.loop import TrainConfig
 
@@ -26,17 +28,33 @@ def command_line() -> str:
 
 
 def model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="registry name (see `simprune models`) or torchvision:<name>")
-    p.add_argument("--num-classes", type=int, default=None, help="default: from the data set, else 10")
+    p.add_argument("--model", required=required, help="registry name (see `simprune models`), torchvision:<name>, "
+                                                      "timm:<name>, or your builder pkg.module:factory / file.py:factory")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="default: from the data set, else the architecture's own (registry models: 10)")
     p.add_argument("--in-channels", type=int, default=None, help="default: from the data set, else 3")
-    p.add_argument("--weights", default=None, help="torchvision:<name> only: pretrained weights, e.g. "
-                                                   "IMAGENET1K_V1 (torchvision's cache, else its download)")
+    p.add_argument("--weights", default=None, help="torchvision:/timm: models only: pretrained weights, e.g. "
+                                                   "IMAGENET1K_V1 (the library's cache, else its download)")
 
 
 def data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="fashion-mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
     p.add_argument("--data-dir", default=None, help="where the data set files are (else $SIMPRUNE_DATA, system, cache)")
     p.add_argument("--pad-to", type=int, default=None, help="zero-pad images to this size (32 for 28x28 sets)")
+
+
+def device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu: where statistics, BatchNorm re-estimation "
+                                                  "and fine-tuning run (default: CUDA when available, else CPU; "
+                                                  "under torchrun cuda:LOCAL_RANK)")
+
+
+def start_processes(args) -> None:
+    """Resolve --device into a torch device string (one-line error when CUDA is asked for but absent) and
+    join the torchrun process group on it (no-op without torchrun)."""
+    if hasattr(args, "device"):
+        args.device = str(distributed.resolve_device(args.device, "--device "))
+    distributed.init_from_env(getattr(args, "device", None))
 
 
 def weights_kwargs(args) -> dict:
@@ -63,32 +81,107 @@ def check_compatible(model, desc, ds) -> None:
     if hasattr(ds, "in_channels") and args.get("in_channels", 3) != ds.in_channels:
         raise SimpruneError(f"the model takes {args.get('in_channels', 3)}-channel images but the data set has "
                             f"{ds.in_channels}; use matching data or a model trained for it")
-    if hasattr(ds, "num_classes") and args.get("num_classes", 10) < ds.num_classes:
+    if hasattr(ds, "num_classes") and args.get("num_classes", ds.num_classes) < ds.num_classes:
         raise SimpruneError(f"the model predicts {args.get('num_classes')} classes but the data set has "
                             f"{ds.num_classes}")
 
 
+CHANNEL_COUNTS = (1, 3, 4)  # grey, RGB, RGBA: what a channel-last shape ends with
+
+
+def input_shape(text: str | None, channels: int | None, recorded: tuple[int, ...] = (), where: str = "the model"
+                ) -> tuple[int, int, int]:
+    """--input CxHxW checked against the channels the model (or data) takes; ``recorded`` is the checkpoint's
+    shape, used when --input is absent. A channel-last shape (32x32x3) is refused unless the model agrees."""
+    if not text:
+        if len(recorded) == 3:
+            return tuple(recorded)
+        text = f"{channels or 3}x32x32"
+    try:
+        shape = parse_input_shape(text)
+    except SimpruneError as exc:
+        raise SimpruneError(f"--input {text!r} is not CxHxW with positive sizes, e.g. 3x32x32") from exc
+    c, h, w = shape
+    flipped = f"{w}x{c}x{h}"
+    if c != channels and w in CHANNEL_COUNTS and c not in CHANNEL_COUNTS and (channels is None or w == channels):
+        raise SimpruneError(f"--input {text} looks like height x width x channels; simprune takes channels first: "
+                            f"--input {flipped}" + ("" if channels else f" (or pass --in-channels {c} if the "
+                                                                        f"model really reads {c} channels)"))
+    if channels is not None and c != channels:
+        hint = f"--input {'x'.join(map(str, recorded))} or drop --input" if len(recorded) == 3 else \
+            f"--input {channels}x{h}x{w}"
+        raise SimpruneError(f"--input {text} has {c} channel(s) but {where} takes {channels}-channel images; "
+                            f"pass {hint}")
+    return shape
+
+
+def check_input(model: nn.Module, shape: tuple[int, ...], where: str) -> None:
+    """One forward pass at ``shape``: a model that cannot read it fails here in one line, not deep in pruning."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).splitlines()[0][:150] if str(exc) else type(exc).__name__
+        raise SimpruneError(f"{where} cannot read --input {'x'.join(map(str, shape))} ({first}); "
+                            "pass the input shape it was built for") from exc
+
+
+def weights_provenance(args, desc: dict | None = None) -> str:
+    """Where the weights come from, in words for reports: a checkpoint, named pretrained weights, or random."""
+    if getattr(args, "checkpoint", None):
+        source = (desc or {}).get("weights") or ""
+        return f"checkpoint {args.checkpoint}" + (f" ({source})" if source else "")
+    if getattr(args, "weights", None):
+        return f"{args.model} {args.weights}"
+    return f"random (built from --model {args.model}, no --checkpoint)"
+
+
+def warn_if_random(args, what: str = "accuracy figures") -> list[str]:
+    """A model built from --model without --checkpoint or --weights has random weights: say so (call it once the
+    work is done, so that an error stays the only line); returns the warning for the report."""
+    if getattr(args, "checkpoint", None) or getattr(args, "weights", None):
+        return []
+    hint = "--weights NAME or --checkpoint DIR" if str(args.model).startswith("torchvision:") else "--checkpoint DIR"
+    text = f"--model {args.model} without {hint} has random weights; {what} say nothing about a trained network"
+    progress.warn(text)
+    return [text]
+
+
+def provenance(desc: dict, calibration, args) -> dict[str, str]:
+    """Where the weights and the calibration images came from, in words for the report."""
+    if calibration is None:
+        calib = "none (the criterion reads the weights only)"
+    else:
+        calib = (f"{calibration_images(calibration)} images of {args.calib_data} (training split, seed "
+                 f"{getattr(args, 'seed', 0)})")
+    return {"weights": desc.get("weights") or weights_provenance(args, desc), "calibration": calib}
+
+
 def load_or_build(args, shape_text: str | None):
-    """Model from --checkpoint (its JSON names the architecture) or a fresh --model; plus the input shape."""
+    """Model from --checkpoint (its JSON names the architecture) or a fresh --model; plus the input shape,
+    checked against the model (channels first, the channels it takes, one forward pass)."""
 
     if args.checkpoint:
-        model, desc = load_model(args.checkpoint)
+        progress.stage(f"loading {args.checkpoint}")
+        model, desc = load_model(args.checkpoint, builder=args.model)
         if args.model and args.model != desc.get("model"):
             raise SimpruneError(f"--model {args.model} but {args.checkpoint} holds a {desc.get('model')}; "
                                 "drop --model or pass the matching checkpoint")
-        shape = parse_input_shape(shape_text) if shape_text else tuple(desc.get("input_shape") or ())
-        if len(shape) != 3:
+        recorded = tuple(desc.get("input_shape") or ())
+        channels = (desc.get("model_args") or {}).get("in_channels") or (recorded[0] if len(recorded) == 3 else None)
+        if not shape_text and len(recorded) != 3:
             raise SimpruneError("the checkpoint records no input shape; pass --input CxHxW")
-        return model, desc, shape
+        shape = input_shape(shape_text, channels, recorded, where=str(args.checkpoint))
+        check_input(model, shape, str(args.checkpoint))
+        return model, {**desc, "weights": weights_provenance(args, desc)}, shape
     if not args.model:
         raise SimpruneError("give --model NAME (and optionally --checkpoint DIR)")
-    shape = parse_input_shape(shape_text or "3x32x32")
+    shape = input_shape(shape_text, args.in_channels, where=f"--in-channels {args.in_channels}")
     in_ch = args.in_channels or shape[0]
-    extra = weights_kwargs(args)
-    default_classes = 1000 if extra else 10
-    model = build_model(args.model, num_classes=args.num_classes or default_classes, in_channels=in_ch, **extra)
-    desc = {"model": args.model, "model_args": {"num_classes": args.num_classes or default_classes,
-                                                "in_channels": in_ch}}
+    progress.stage(f"building {args.model}")
+    model = build_model(args.model, num_classes=args.num_classes, in_channels=in_ch, **weights_kwargs(args))
+    check_input(model, shape, f"--model {args.model}")
+    desc = {**model.simprune_source, "weights": weights_provenance(args)}  # as build_model recorded them
     return model.eval(), desc, shape
 
 
@@ -133,7 +226,7 @@ def make_finetune(args, desc: dict, out: Path, epochs: int, log: Callable[[str],
     if args.distill and teacher is None:
         teacher = load_teacher(desc, args.teacher)
     return FineTune(train_ds, train_config(args, epochs), test_ds, teacher, out, resume=args.resume, log=log,
-                    progress=not args.quiet)
+                    progress=not args.quiet, device=getattr(args, "device", None))
 
 
 def run_log(out: Path) -> Callable[[str], None]:

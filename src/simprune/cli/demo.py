@@ -2,8 +2,9 @@
 
 Prunes the Fashion-MNIST ResNet-56 shipped inside the package to about half its MACs with QSFM
 (no fine-tuning), compares with L1 and random on the same footing (:func:`compare.run_grid`),
-exports the QSFM model to ONNX (verified in onnxruntime), times batch-1 inference before and
-after, prints a table and writes report.json, report.md and report.html. Evaluates on the full
+exports the QSFM model to ONNX (verified in onnxruntime) and to int8 (onnxruntime static quantization
+on the calibration images, checked on the test set), times batch-1 inference of the original,
+pruned and int8 files, prints a table and writes report.json, report.md and report.html. Evaluates on the full
 Fashion-MNIST test set when it is installed (``apt-get install dataset-fashion-mnist``), else on
 the real sample shipped inside the package (``fashion-mnist-sample``).
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +25,7 @@ from simprune.cli.common import command_line, positive
 from simprune.errors import SimpruneError
 from simprune.export.latency import benchmark, latency_report
 from simprune.export.onnx import export_onnx, require
+from simprune.export.quantize import EVAL_BATCH, INT8_FILE, quantize_int8
 from simprune.graph.counting import count
 from simprune.io.data import SAMPLE, has_local_files, load_dataset
 from simprune.io.files import atomic_output_dir, atomic_write_json
@@ -59,20 +60,32 @@ def _check_out(out: Path) -> None:
         raise SimpruneError(f"{out} holds files that are not an earlier demo's; pick another --out")
 
 
-def _latency(baseline, pruned, shape, macs: tuple[int, int], onnx_path: Path, threads: int, runs: int) -> dict:
-    """Export the pruned model to ``onnx_path`` (and the baseline to a temporary file), time both at
-    batch 1 in onnxruntime (interleaved); the report's latency keys plus ``onnx``. (``simprune bench DIR``
-    times more engines and batch sizes.)"""
+def _latency(baseline, pruned, shape, macs: tuple[int, int], out_dir: Path, threads: int, runs: int,
+             calibration, test, data: str) -> dict:
+    """Export the pruned model to ``out_dir/model.onnx`` and, quantized to int8 on the calibration images and
+    checked on ``test``, to ``out_dir/model.int8.onnx``; time the baseline (a temporary file) and the pruned
+    files at batch 1 in onnxruntime (interleaved); the report's latency keys plus ``onnx``, ``int8``, ``size_mib``.
+    An int8 file outside the check's tolerance is not written; ``int8_refused`` says why.
+    (``simprune bench DIR`` times more engines and batch sizes.)"""
 
     example = torch.zeros(1, *shape)
     with tempfile.TemporaryDirectory(prefix="simprune-demo-") as tmp:
         base_file = export_onnx(baseline, example, Path(tmp) / "baseline.onnx")["path"]
-        info = export_onnx(pruned, example, onnx_path)
+        info = export_onnx(pruned, example, out_dir / "model.onnx")
+        files, extra = [Path(base_file), Path(info["path"])], {}
+        try:
+            int8 = quantize_int8(pruned, example, calibration, torch.utils.data.DataLoader(test, batch_size=EVAL_BATCH),
+                                 out_dir / INT8_FILE, threads=threads, original=baseline)
+            files.append(Path(int8["path"]))
+            extra["int8"] = {**int8, "path": f"qsfm-model/{INT8_FILE}", "data": data}
+        except SimpruneError as exc:  # outside the tolerance: the demo goes on without the int8 file
+            extra["int8_refused"] = str(exc)
         timings = benchmark([baseline, pruned], shape, threads=threads, batches=(1,), runs=runs,
-                            engines=("onnxruntime",), onnx_files=[base_file, info["path"]])
+                            engines=("onnxruntime",), onnx_files=files)
+        sizes = {k: f.stat().st_size / 2**20 for k, f in zip(("original", "pruned", "int8"), files)}
     keys = latency_report(timings, macs[0], macs[1], threads, runs)
     keys["latency"]["load_average"] = os.getloadavg()[0]  # other processes running while we timed
-    return {**keys, "onnx": {**info, "path": f"qsfm-model/{onnx_path.name}"}}
+    return {**keys, "size_mib": sizes, "onnx": {**info, "path": "qsfm-model/model.onnx"}, **extra}
 
 
 def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: int | None = None,
@@ -101,7 +114,7 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
             test = torch.utils.data.Subset(test, range(min(eval_images, len(test))))
         calib = calibration_loader(data, calib_images, pad_to=pad_to, seed=0)
         t0 = time.perf_counter()
-        base = evaluate(model, test)["top1"]
+        base = evaluate(model, test, progress=True, desc="top-1 of the unpruned model")["top1"]
         seconds["evaluate_unpruned"] = time.perf_counter() - t0
         cost = count(model, torch.zeros(1, *shape))
         rows = [{"label": "unpruned", "criterion": "unpruned", "top1": base, "change": 0.0, "macs": cost.macs,
@@ -117,7 +130,8 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
         seconds["prune_and_evaluate"] = sum(r.get("seconds", 0) for r in rows)
         save_desc = {**{k: desc[k] for k in ("model", "model_args", "data") if k in desc}, "input_shape": list(shape),
                      "command": command, "pruning": {"criterion": "qsfm", "target": {"flops": target},
-                                                     "source": str(checkpoint)}}
+                                                     "source": str(checkpoint)},
+                     "calibration": {"data": data, "images": calib_images, "seed": 0, "pad_to": pad_to}}
         api.save(tmp / "qsfm-model", kept["model"], save_desc, {**kept["report"], "model": desc.get("model")})
         summary = {"kind": "demo", "model": desc.get("model"), "checkpoint": str(checkpoint), "data": data,
                    "test_images": len(test), "input_shape": list(shape),
@@ -132,7 +146,7 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
         else:
             t0 = time.perf_counter()
             summary.update(_latency(model, kept["model"], shape, (cost.macs, kept["row"]["macs"]),
-                                    tmp / "qsfm-model" / "model.onnx", threads, latency_runs))
+                                    tmp / "qsfm-model", threads, latency_runs, calib, test, data))
             seconds["export_and_latency"] = time.perf_counter() - t0
         if kept["result"] is not None and kept["result"].similarity:
             similarity_heatmaps(network_order(kept["result"].similarity), tmp / "similarity.png", label="ssim")
@@ -153,15 +167,23 @@ def print_summary(summary: dict, out) -> None:
         removed = "" if r["criterion"] == "unpruned" else f"{r['flops_removed']:13.1%} {r['params_removed']:15.1%}"
         change = "" if r["criterion"] == "unpruned" else f"{r['change']:+7.2f}"
         print(f"{r['label']:10s} {r['top1']:8.2f} {change:>7s} {r['macs'] / 1e6:8.2f}M {removed}")
+    int8 = summary.get("int8")
+    if int8:
+        print(f"{'qsfm int8':10s} {int8['int8_top1']:8.2f} {int8['int8_top1'] - summary['baseline_top1']:+7.2f} "
+              f"(onnxruntime; the float32 file scores {int8['fp32_top1']:.2f})")
+    elif summary.get("int8_refused"):
+        print(f"qsfm int8: {summary['int8_refused']}")
     lat = summary.get("latency_ms")
     if lat:
-        sp, info = summary["speedup"], summary["latency"]
+        sp, info, mib = summary["speedup"], summary["latency"], summary["size_mib"]
         print(f"qsfm model in onnxruntime, batch 1, {info['threads']} thread(s): {lat['before']:.2f} ms -> "
-              f"{lat['after']:.2f} ms ({sp['measured']:.2f}x faster for {sp['macs']:.2f}x fewer MACs)")
+              f"{lat['after']:.2f} ms ({sp['measured']:.2f}x faster for {sp['macs']:.2f}x fewer MACs)"
+              + (f", int8 {lat['int8']:.2f} ms ({sp['int8']:.2f}x)" if "int8" in lat else "")
+              + "; ONNX files " + " -> ".join(f"{v:.2f}" for v in mib.values()) + " MiB")
     else:
         print(f"latency skipped: {summary.get('latency_skipped')}")
     print(f"wrote {out}/report.html, report.md, report.json and qsfm-model/ (model.safetensors, model.json"
-          f"{', model.onnx' if lat else ''})")
+          f"{', model.onnx' if lat else ''}{', model.int8.onnx' if int8 else ''})")
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -189,6 +211,6 @@ def add_demo_parser(sub) -> None:
 def cmd_demo(args) -> int:
     summary = run_demo(Path(args.out), args.target, args.data, args.eval_images, args.calib_images,
                        Path(args.checkpoint) if args.checkpoint else None, args.threads, args.latency_runs,
-                       args.round_to, progress=not args.quiet and sys.stderr.isatty(), command=command_line())
+                       args.round_to, progress=True, command=command_line())
     print_summary(summary, args.out)
     return 0

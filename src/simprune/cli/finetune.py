@@ -7,6 +7,7 @@ from simprune import api, distributed
 from simprune.cli.common import (
     add_training_options,
     command_line,
+    device_option,
     keep_log,
     make_finetune,
     run_log,
@@ -51,6 +52,7 @@ def cmd_finetune(args) -> int:
 
 def add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a (pruned) model directory; resumable, torchrun-ready")
+    device_option(p)
     p.add_argument("dir", help="model directory (e.g. the output of `simprune prune`)")
     p.add_argument("--data", required=True, help="training data set (its test split is evaluated each epoch)")
     p.add_argument("--data-dir", default=None)

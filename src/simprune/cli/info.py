@@ -5,39 +5,32 @@ import json
 
 import torch
 
-from simprune.cli.common import model_options, weights_kwargs
+from simprune.cli.common import load_or_build, model_options
 from simprune.criteria import available_criteria
 from simprune.errors import SimpruneError
-from simprune.graph.counting import count, parse_input_shape
-from simprune.io.files import load_model
-from simprune.models import available_models, build_model
-from simprune.models.torchvision_models import classification_model_names
+from simprune.graph.counting import count
+from simprune.models import available_models
+from simprune.models.torchvision_models import classification_model_names, segmentation_model_names
 
 
 def cmd_models(args) -> int:
     for name, desc in available_models().items():
         print(f"{name:14s} {desc}")
     if args.torchvision:
-        for name in classification_model_names():
+        for name in classification_model_names() + segmentation_model_names():
             print(f"torchvision:{name}")
     else:
-        print("torchvision:<name>  any torchvision classification model (list them with --torchvision)")
+        print("torchvision:<name>  any torchvision classification or segmentation model (list them with --torchvision)")
+        print("timm:<name>         any timm model (pip install 'simprune[timm]')")
+        print("pkg.module:factory  your own builder (or path/to/file.py:factory)")
     return 0
 
 
 def cmd_info(args) -> int:
-    shape = parse_input_shape(args.input)
-    if args.checkpoint:
-        model, _ = load_model(args.checkpoint)
-    else:
-        if not args.model:
-            raise SimpruneError("give --model NAME or --checkpoint DIR")
-        model = build_model(args.model, num_classes=args.num_classes or (1000 if weights_kwargs(args) else 10),
-                            in_channels=args.in_channels or shape[0], **weights_kwargs(args))
-    try:
-        cost = count(model, torch.zeros(1, *shape))
-    except RuntimeError as exc:
-        raise SimpruneError(f"model does not accept input {args.input}: {str(exc).splitlines()[0][:150]}") from exc
+    if not args.checkpoint and not args.model:
+        raise SimpruneError("give --model NAME or --checkpoint DIR")
+    model, _, shape = load_or_build(args, args.input)
+    cost = count(model, torch.zeros(1, *shape))
     if args.json:
         out = cost.as_dict()
         if args.per_layer:
@@ -48,7 +41,8 @@ def cmd_info(args) -> int:
             print(f"{'layer':40s} {'MACs':>14s} {'params':>10s}")
             for name, c in cost.per_layer.items():
                 print(f"{name:40s} {c['macs']:14,d} {c['params']:10,d}")
-        print(f"MACs   {cost.macs / 1e6:10.2f} M\nparams {cost.params / 1e6:10.3f} M")
+        print(f"input  {'x'.join(map(str, shape)):>10s}\nMACs   {cost.macs / 1e6:10.2f} M\n"
+              f"params {cost.params / 1e6:10.3f} M")
     return 0
 
 
@@ -66,7 +60,7 @@ def add_info_parsers(sub) -> None:
     p = sub.add_parser("info", help="MACs and parameters of a model")
     model_options(p, required=False)
     p.add_argument("--checkpoint", help="a saved model directory instead of --model")
-    p.add_argument("--input", default="3x32x32", help="input shape CxHxW (default 3x32x32)")
+    p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else 3x32x32)")
     p.add_argument("--per-layer", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)

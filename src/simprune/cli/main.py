@@ -6,11 +6,13 @@ This module imports neither torch nor the library at import time: they are impor
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from simprune.cli.vocabulary import cli_wording  # never imports torch
 from simprune.errors import SimpruneError
 from simprune.io.checkpoints import last_checkpoint  # never imports torch
 
@@ -49,6 +51,15 @@ def _stderr(text: str) -> None:
     print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by one without a file descriptor (tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
@@ -56,13 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = _import_held("simprune.cli.commands", hold_signals=in_main)
         args = commands.build_parser().parse_args(argv)
-        commands.init_from_env()  # no-op unless launched by torchrun
-        return args.fn(args)
+        commands.start_processes(args)  # --device; the process group only when launched by torchrun
+        with commands.reporting(commands.reporter(args)):  # the library's stages, bars and warnings -> stderr
+            return args.fn(args)
     except SimpruneError as exc:
         if args is not None and args.debug:
             raise
-        _stderr(f"error: {exc}")
+        _stderr(f"error: {cli_wording(str(exc))}")
         return 2
+    except BrokenPipeError:  # `simprune models --torchvision | head`: the reader left; stop quietly as Unix tools do
+        _silence_stdout()
+        return 141
     except KeyboardInterrupt as exc:
         _stderr(f"interrupted; {str(exc) or _where(argv if argv is not None else sys.argv[1:])}")
         return 130

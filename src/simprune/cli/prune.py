@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from simprune import api, distributed
+from simprune import api, distributed, progress
 from simprune.allocation.allocator import Guards
 from simprune.calibrate.calibration import calibration_loader
 from simprune.cli.common import (
@@ -19,21 +19,27 @@ from simprune.cli.common import (
     check_compatible,
     command_line,
     data_options,
+    device_option,
     keep_log,
     load_or_build,
     make_finetune,
     model_options,
     positive,
+    provenance,
     run_log,
     train_config,
+    warn_if_random,
 )
 from simprune.cli.deploy import (
     add_prune_latency_options,
+    calibration_record,
     check_latency_options,
+    int8_step,
     latency_step,
     prune_latency_target,
 )
-from simprune.criteria import ScoreCache, get_criterion
+from simprune.cli.vocabulary import cli_wording
+from simprune.criteria import ScoreCache, get_criterion, set_calib_precision
 from simprune.errors import SimpruneError
 from simprune.graph.removal import get_structure
 from simprune.io.data import load_dataset
@@ -71,22 +77,27 @@ def cmd_prune(args) -> int:
         raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
     options = {"similarity": args.similarity} if args.similarity else {}
     criterion = ScoreCache(get_criterion(args.criterion, **options))  # keeps the scores for the report
+    if args.calib_precision:
+        set_calib_precision(criterion, args.calib_precision, "--calib-precision")
     model, desc, shape = load_or_build(args, args.input)
     example = torch.zeros(1, *shape)
     calibration = None
     if getattr(criterion, "needs_data", False) and not args.calib_data:
         raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
+    calib_pad = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
     if args.calib_data:
         calibration = calibration_loader(args.calib_data, args.calib_images, data_dir=args.data_dir,
-                                         pad_to=args.pad_to if args.pad_to is not None else
-                                         (desc.get("data") or {}).get("pad_to"), seed=args.seed)
+                                         pad_to=calib_pad, seed=args.seed)
     guards = Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio, round_to=args.round_to)
     eval_ds = _eval_dataset(args, desc)
-    acc_before = _accuracy(model, eval_ds)
+    acc_before = _accuracy(model, eval_ds, "top-1 before pruning", args.device)
     new_desc = {**{k: v for k, v in desc.items() if k in ("model", "model_args", "data")},
                 "input_shape": list(shape), "command": command_line(),
                 "pruning": {"criterion": args.criterion, "target": target, "schedule": args.schedule,
                             "source": str(args.checkpoint or "")}}
+    if args.calib_data:  # so that `simprune export --int8` calibrates on the same images
+        new_desc["calibration"] = calibration_record(args.calib_data, args.calib_images, args.seed, calib_pad,
+                                                     args.data_dir)
     prune_options = {"ignore": args.ignore or (), "normalization": args.normalization,
                      "cost_weight": args.cost_weight, "compensate": args.compensate,
                      "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn,
@@ -98,9 +109,12 @@ def cmd_prune(args) -> int:
     else:
         pruned, report, worked_in_out = prune_with_schedule(
             args, model, example, criterion, target, calibration=calibration, guards=guards, desc=desc,
-            new_desc=new_desc, command=command_line(), prune_options=prune_options)
+            new_desc=new_desc, command=command_line(), prune_options=prune_options, eval_ds=eval_ds)
     report["model"] = desc.get("model")
-    report["accuracy"] = None if eval_ds is None else {"before": acc_before, "after": _accuracy(pruned, eval_ds)}
+    report["accuracy"] = None if eval_ds is None else {"before": acc_before,
+                                                       "after": _accuracy(pruned, eval_ds, "top-1 after pruning", args.device)}
+    report["provenance"] = provenance(desc, calibration, args)
+    report["warnings"] = [cli_wording(w) for w in report.get("warnings") or []] + warn_if_random(args)
     report["command"] = command_line()
     if distributed.is_main():
         api.save(out, pruned, new_desc, report, overwrite=args.overwrite or worked_in_out,
@@ -117,7 +131,7 @@ def cmd_prune(args) -> int:
                else "no fine-tuning")
         print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
     print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
-
+    int8_step(args, out)
     latency_step(args, out)
     refresh_prune_report(out)  # again, now with the latency keys
     return 0
@@ -135,15 +149,36 @@ def _eval_dataset(args, desc):
     return ds
 
 
-def _accuracy(model, ds) -> float | None:
+def _accuracy(model, ds, desc: str = "top-1", device=None) -> float | None:
     if ds is None:
         return None
 
-    return evaluate(model, ds)["top1"]
+    return evaluate(model, ds, progress=True, desc=desc, device=device)["top1"]
+
+
+def _step_accuracy(eval_ds, steps: int, then=None):
+    """`between` for --schedule iterative: optional fine-tuning (``then``), then the step's top-1 as a line."""
+    def between(model: nn.Module, k: int) -> None:
+        if then is not None:
+            then(model, k)
+        if eval_ds is not None:
+            progress.note(f"step {k}/{steps}: top-1 {_accuracy(model, eval_ds, f'top-1 after step {k}'):.2f} %")
+    return between
+
+
+COMPENSATE_MODES = ("lstsq", "twin")
+
+
+def compensation_mode(text: str) -> str:
+    """--compensate MODE: one of :data:`COMPENSATE_MODES` (a bare --compensate means the criterion's default)."""
+    if text not in COMPENSATE_MODES:
+        raise argparse.ArgumentTypeError(f"choose {' or '.join(COMPENSATE_MODES)}, got {text!r}")
+    return text
 
 
 def add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model to a FLOPs or parameter target")
+    device_option(p)
     model_options(p, required=False)
     p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture)")
     p.add_argument("--criterion", default="l1", help="see `simprune criteria`")
@@ -155,13 +190,15 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--input", default=None, help="input shape CxHxW (default: the checkpoint's, else 3x32x32)")
     p.add_argument("--min-channels", type=positive, default=4, help="never keep fewer channels in a group")
     p.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this share of a group")
-    p.add_argument("--round-to", type=positive, default=1, help="keep channel counts multiples of this")
+    p.add_argument("--round-to", type=positive, default=None,
+                   help="keep channel counts multiples of this (default: the CPU's vector block, 16 with AVX-512, "
+                        "relaxed where the target needs it; 1: as ranked)")
     p.add_argument("--ignore", action="append", metavar="LAYER_PATTERN", help="glob of layers never pruned")
     p.add_argument("--normalization", choices=["none", "mean", "max", "rank"], default=None,
                    help="how scores are made comparable across layers (default: the criterion's)")
     p.add_argument("--cost-weight", type=float, default=0.0,
                    help="rank by importance / cost^W (0: importance alone; 1: most MACs saved per importance lost)")
-    p.add_argument("--compensate", nargs="?", const=True, default=None, choices=[True, "lstsq", "twin"],
+    p.add_argument("--compensate", nargs="?", const=True, default=None, type=compensation_mode, metavar="MODE",
                    help="fold removed channels into the next layer: lstsq (default) or twin; "
                         "on by default for qsfm and feature-stats")
     p.add_argument("--no-compensate", dest="compensate", action="store_false")
@@ -178,6 +215,8 @@ def add_prune_parser(sub) -> None:
                         "(default: on with --calib-data)")
     p.add_argument("--calib-data", default=None, help="calibration data set for data-driven criteria")
     p.add_argument("--calib-images", type=positive, default=640)
+    p.add_argument("--calib-precision", choices=["fp32", "bf16"], default=None,
+                   help="forward pass of a data criterion's calibration (default: the criterion's, bf16)")
     data_options(p, required=False)
     p.add_argument("--eval-images", type=positive, default=None, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)
@@ -196,27 +235,33 @@ def add_prune_parser(sub) -> None:
     p.set_defaults(fn=cmd_prune)
 
 
-def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion: Any, target: dict, *,
-                        calibration, guards, desc: dict, new_desc: dict, command: str,
-                        prune_options: dict) -> tuple[nn.Module, dict, bool]:
-    """`simprune prune` past one-shot: iterative/soft schedules, fine-tuning, resume.
-
-    Returns (model, report, whether OUT was used as the working directory)."""
-
-    out = Path(args.out)
-    epochs = args.finetune_epochs or 0
+def _check_schedule_flags(args, epochs: int) -> None:
+    """Refuse flag combinations that belong to another schedule, before any work."""
     if args.schedule == "soft" and epochs < 1:
         raise SimpruneError("--schedule soft trains while it prunes; give --finetune-epochs N (N >= 1) and --data")
     if args.schedule != "iterative" and (args.steps != 1 or args.epochs_between):
         raise SimpruneError("--steps and --epochs-between belong to --schedule iterative")
+    if args.resume and not epochs and not args.epochs_between:
+        raise SimpruneError("--resume continues fine-tuning, and this run has none; drop --resume")
     if args.schedule == "soft" and args.reconstruct:
         raise SimpruneError("--reconstruct repairs a one-shot or iterative prune; --schedule soft trains instead, "
                             "drop --reconstruct")
+
+
+def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion: Any, target: dict, *,
+                        calibration, guards, desc: dict, new_desc: dict, command: str,
+                        prune_options: dict, eval_ds=None) -> tuple[nn.Module, dict, bool]:
+    """`simprune prune` past one-shot: iterative/soft schedules, fine-tuning, resume.
+
+    Returns (model, report, whether OUT was used as the working directory)."""
+    out = Path(args.out)
+    epochs = args.finetune_epochs or 0
+    _check_schedule_flags(args, epochs)
     if not epochs and not args.epochs_between:  # nothing trains: plain pruning, saved atomically by the caller
-        if args.resume:
-            raise SimpruneError("--resume continues fine-tuning, and this run has none; drop --resume")
+        between = _step_accuracy(eval_ds, args.steps) if args.schedule == "iterative" else None
         pruned, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
-                                   inplace=True, schedule=args.schedule, steps=args.steps, **prune_options)
+                                   inplace=True, schedule=args.schedule, steps=args.steps, between=between, device=args.device,
+                                   **prune_options)
         return pruned, report, False
     marker = check_output(out, args.resume, args.overwrite)
     log = run_log(out)
@@ -246,8 +291,10 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
             def between(m: nn.Module, k: int) -> None:
                 ft.log(f"fine-tuning {args.epochs_between} epoch(s) after step {k}")
                 ft.run(m, epochs=args.epochs_between, checkpoint=False)
+        if args.schedule == "iterative":
+            between = _step_accuracy(eval_ds, args.steps, between)
         model, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
-                                  inplace=True, schedule=args.schedule, steps=args.steps, between=between,
+                                  inplace=True, schedule=args.schedule, steps=args.steps, between=between, device=args.device,
                                   **prune_options)
         if not epochs:
             return model, report, True

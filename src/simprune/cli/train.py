@@ -9,6 +9,7 @@ from simprune.cli.common import (
     command_line,
     data_options,
     dataset_defaults,
+    device_option,
     model_options,
     positive,
     weights_kwargs,
@@ -61,7 +62,8 @@ def cmd_train(args) -> int:
             "input_shape": list(train_ds.image_shape) if hasattr(train_ds, "image_shape") else None,
             "data": {"name": args.data, "pad_to": args.pad_to}, "command": command_line()}
     try:
-        history = train(model, train_ds, cfg, out, test_ds, desc, resume=args.resume, log=log, progress=not args.quiet)
+        history = train(model, train_ds, cfg, out, test_ds, desc, resume=args.resume, log=log, progress=not args.quiet,
+                        device=args.device)
         (out / MARKER).unlink(missing_ok=True)
     finally:
         log_file.close()
@@ -72,6 +74,7 @@ def cmd_train(args) -> int:
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model from scratch")
+    device_option(p)
     model_options(p)
     data_options(p)
     p.add_argument("--epochs", type=positive, default=30)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from simprune.calibrate.consumer_inputs import consumer_grams, refit_support, taps, weight_matrix
-from simprune.criteria import CriterionResult, register
+from simprune.criteria.base import Criterion, CriterionResult
+from simprune.criteria.registry import register
 from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph
 from simprune.stats.refit import centered_gram, greedy_removal
@@ -35,7 +36,7 @@ def readers(group: ChannelGroup) -> list[Member]:
 
 @register("refit-error", "channels whose loss the next layers' least-squares refit absorbs best go first "
                          "(error-aware; beyond the papers)")
-class RefitError:
+class RefitError(Criterion):
     needs_data = True
     compensate_by_default = False
     normalization = "none"

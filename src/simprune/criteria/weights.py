@@ -3,12 +3,18 @@
 A group's filters are the rows of its producing layers (conv/linear outputs);
 depthwise convs count only when the group has no other producer. Scores of
 several producers (residual groups) are summed.
+
+Normalisation "mean" (each group divided by its mean): a norm grows with fan-in and with the
+layer's weight scale, and FPGM's distance sum with fan-in and channel count, none of which says
+how important a channel is; within a group the ranking is the paper's, and dividing by the group
+mean makes random filters score a median of ~1 at any fan-in (bench/normalization.py).
 """
 from __future__ import annotations
 
 import torch
 
-from simprune.criteria import CriterionResult, register
+from simprune.criteria.base import Criterion, CriterionResult
+from simprune.criteria.registry import register
 from simprune.graph.groups import ChannelGroup, PruningGraph, is_depthwise
 
 
@@ -25,8 +31,9 @@ def producer_filters(group: ChannelGroup) -> list[torch.Tensor]:
     return out
 
 
-class WeightCriterion:
-    needs_data = False
+class WeightCriterion(Criterion):
+    """Score each producer's filters with :meth:`per_layer` and sum over producers."""
+
     normalization = "mean"
 
     def __init__(self, seed: int = 0):
@@ -66,9 +73,11 @@ class FPGM(WeightCriterion):
 
 @register("random", "uniformly random scores (seeded): the floor every criterion must beat")
 class Random(WeightCriterion):
+    """Normalisation "rank": random scores carry no scale, so every group is ranked uniformly."""
+
     normalization = "rank"
 
     def score(self, graph, calibration=None):
         g = torch.Generator().manual_seed(self.seed)
         return CriterionResult({grp.root: torch.rand(grp.size, generator=g) for grp in graph.groups},
-                               normalization="rank")
+                               normalization=self.normalization)

@@ -147,11 +147,10 @@ def _images(batch):
 
 def _check_reusable(calibration) -> None:
     if calibration is None:
-        raise SimpruneError("reconstruction needs calibration data; pass calibration= (the CLI's --calib-data) "
-                            "or reconstruct=False (--no-reconstruct)")
+        raise SimpruneError("reconstruction needs calibration data; pass calibration= or reconstruct=False")
     if iter(calibration) is calibration:
         raise SimpruneError("reconstruction reads the calibration data several times; pass a DataLoader or a "
-                            "list of batches, not an iterator, or reconstruct=False (--no-reconstruct)")
+                            "list of batches, not an iterator, or reconstruct=False")
 
 
 def _count_images(calibration) -> int:
@@ -328,7 +327,7 @@ def _summary(refitter: _Refitter, skipped: dict[str, str], options: RefitOptions
     per_rank = distributed.gather_fingerprints(weights)
     if len(set(per_rank)) != 1:
         raise SimpruneError(f"ranks disagree on the refit weights ({', '.join(per_rank)}); the processes saw "
-                            "different models or data: check --seed, the checkpoint and the data path on every node")
+                            "different models or data: check the seed, the checkpoint and the data path on every node")
     return {
         "layers": len(errors), "skipped": skipped,
         "blocks": sum(1 for s in plan.segments if s.module is not None),

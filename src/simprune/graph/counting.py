@@ -31,7 +31,7 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) <= 0:
-        raise SimpruneError(f"--input {text!r} is not CxHxW with positive sizes, e.g. 3x32x32")
+        raise SimpruneError(f"input shape {text!r} is not CxHxW with positive sizes, e.g. 3x32x32")
     return shape
 
 

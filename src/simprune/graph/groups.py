@@ -11,6 +11,7 @@ input and output channels are different index spaces.
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from simprune.errors import SimpruneError
 from simprune.models import CUSTOM_PRUNERS
+from simprune.models.adapters import BARRIERS, adapt_for_pruning
 
 PARAM_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
 
@@ -40,6 +42,14 @@ class ChannelGroup:
     root: str
     size: int
     members: list[Member] = field(default_factory=list)
+    channel_groups: int = 1  # channels per tied class (G of a grouped conv; 2 where a channel is fed back, GhostNet)
+    tied: list[list[int]] | None = None  # classes of channels that only go together (None: each alone)
+
+    @property
+    def classes(self) -> list[list[int]]:
+        """Removal classes: channel indices that go together, all of ``channel_groups`` channels."""
+        return self.tied if self.tied is not None else [[i] for i in range(self.size)]
+
 
     @property
     def producers(self) -> list[Member]:
@@ -54,12 +64,64 @@ class ChannelGroup:
         """True when every reader of these channels is a conv/linear, so a removed channel can be folded
         into the kept ones; a parameter-free reader (the option-A zero-pad shortcut) passes it on unfixed."""
         readers = [m for m in self.members if m.dim == "in" and not isinstance(m.module, nn.BatchNorm2d)]
-        return all(isinstance(m.module, PARAM_LAYERS) for m in readers)
+        return self.channel_groups == 1 and all(isinstance(m.module, PARAM_LAYERS) and not is_grouped(m.module)
+                                                for m in readers)
 
 
 
 def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): each of its groups must keep as many channels."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and not is_depthwise(module)
+
+
+def unsupported_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first layer simprune cannot prune around: attention (transformer) blocks."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) or ("Attention" in type(m).__name__
+                                                    and any(isinstance(c, nn.Linear) for c in m.modules())):
+            return name, m
+    return None
+
+
+@contextmanager
+def _module_stack(stack: list[nn.Module]):
+    """Keep ``stack`` = the modules whose forward is running (to name the layer a trace fails in)."""
+    def enter(module, args) -> None:
+        stack.append(module)
+
+    def leave(module, args, output) -> None:  # must return None: a value would replace the output
+        if stack:
+            stack.pop()
+
+    pre = nn.modules.module.register_module_forward_pre_hook(enter)
+    post = nn.modules.module.register_module_forward_hook(leave)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+
+
+def _failing_layer(exc: BaseException, stack: list[nn.Module], names: dict) -> str:
+    """'layer NAME (Type)' where tracing failed: the module running, else the graph node being mapped."""
+    if stack:
+        m = stack[-1]
+        return f"layer {names.get(m, '?')!r} ({type(m).__name__})"
+    tb, node = exc.__traceback__, None
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node", node)
+        tb = tb.tb_next
+    seen = set()
+    while node is not None and id(node) not in seen:  # walk back from a functional op to the layer feeding it
+        seen.add(id(node))
+        if node.module in names:
+            return f"layer {names[node.module]!r} ({type(node.module).__name__}), at a {type(node.module).__name__}"
+        node = node.inputs[0] if node.inputs else None
+    return "an operation between layers"
 
 
 def find_classifier(model: nn.Module) -> nn.Module | None:
@@ -76,47 +138,126 @@ def find_classifier(model: nn.Module) -> nn.Module | None:
 
 
 class PruningGraph:
-    """The model's dependency graph and its prunable channel groups."""
+    """The model's dependency graph and its prunable channel groups.
+
+    Groups that end in the model's outputs, or pass a :data:`BARRIERS` layer, keep all channels;
+    a group read or written by a grouped conv records its channel groups (``channel_groups``).
+    """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, ignore: list[str] | tuple = ()):
-        self.model = model
+        self.model = adapt_for_pruning(model)
         names = {m: n for n, m in model.named_modules()}
+        bad = unsupported_layer(model)
+        if bad is not None:
+            raise SimpruneError(f"layer {bad[0]!r} ({type(bad[1]).__name__}) is attention, which simprune cannot "
+                                "prune; it prunes convolutional networks (transformer blocks are not supported)")
+        ignored_layers = self._ignored_layers(model, ignore)
+        self.dg = self._trace(model, example_input, names)
+        self.groups: list[ChannelGroup] = []
+        for g in self.dg.get_all_groups(ignored_layers=ignored_layers, root_module_types=(nn.Conv2d, nn.Linear)):
+            group = self._channel_group(g, names)
+            if group is not None:
+                self.groups.append(group)
+        self.ignored = {names[m] for m in ignored_layers}
+        if not self.groups:
+            raise SimpruneError("the model has no prunable channel group (no conv/linear layer outside the "
+                                "classifier and ignore=); nothing to prune")
+
+    @staticmethod
+    def _ignored_layers(model: nn.Module, ignore) -> list[nn.Module]:
         classifier = find_classifier(model)
         ignored_layers = [classifier] if classifier is not None else []
         for pattern in ignore:
             matched = [m for n, m in model.named_modules() if n and fnmatch.fnmatch(n, pattern)
                        and isinstance(m, PARAM_LAYERS)]
             if not matched:
-                raise SimpruneError(f"--ignore {pattern!r} matches no conv/linear layer; "
-                                    "use `simprune info --per-layer` to see the layer names")
+                raise SimpruneError(f"ignore={pattern!r} matches no conv/linear layer; the layer names are "
+                                    "model.named_modules() (`simprune info --per-layer`)")
             ignored_layers += matched
-        was_training = model.training
+        return ignored_layers
+
+    @staticmethod
+    def _trace(model: nn.Module, example_input: torch.Tensor, names: dict) -> tp.DependencyGraph:
+        was_training, stack = model.training, []
         model.eval()
         try:
-            with torch.enable_grad():
-                self.dg = tp.DependencyGraph().build_dependency(
+            with torch.enable_grad(), _module_stack(stack):
+                return tp.DependencyGraph().build_dependency(
                     model, example_inputs=example_input, customized_pruners=CUSTOM_PRUNERS, verbose=False)
         except Exception as exc:  # noqa: BLE001 - tracing failures come in many types
-            raise SimpruneError(f"cannot trace the model for pruning ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); check --input") from exc
+            where = _failing_layer(exc, stack, names)
+            first = str(exc).splitlines()[0][:120] if str(exc) else ""
+            raise SimpruneError(f"cannot trace the model for pruning at {where}: {type(exc).__name__}: {first}; "
+                                "check example_input=, or ignore= that layer") from exc
         finally:
             model.train(was_training)
-        self.groups: list[ChannelGroup] = []
-        for g in self.dg.get_all_groups(ignored_layers=ignored_layers, root_module_types=(nn.Conv2d, nn.Linear)):
-            members = []
-            for dep, idxs in g:
-                mod = dep.target.module
-                if not isinstance(mod, nn.Module):
-                    continue
-                dim = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
-                members.append(Member(names.get(mod, "?"), mod, dim, list(idxs)))
-            root = members[0]
-            if len(root.idxs) > 1:
-                self.groups.append(ChannelGroup(root.name, len(root.idxs), members))
-        self.ignored = {names[m] for m in ignored_layers}
-        if not self.groups:
-            raise SimpruneError("the model has no prunable channel group (no conv/linear layer outside the "
-                                "classifier and --ignore); nothing to prune")
+
+    def _channel_group(self, g, names: dict) -> ChannelGroup | None:
+        """One of Torch-Pruning's groups as a ChannelGroup, or None when it must stay whole."""
+        members, channel_groups = [], 1
+        for dep, idxs in g:
+            mod = dep.target.module
+            if isinstance(mod, BARRIERS):
+                return None
+            if not isinstance(mod, nn.Module):
+                continue
+            dim = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
+            members.append(Member(names.get(mod, "?"), mod, dim, list(idxs)))
+            if is_grouped(mod) or isinstance(mod, nn.GroupNorm):
+                channel_groups = max(channel_groups, mod.groups if is_grouped(mod) else mod.num_groups)
+        root = members[0]
+        if len(root.idxs) <= 1 or not any(m.dim == "in" and isinstance(m.module, PARAM_LAYERS) for m in members):
+            return None  # a single channel, or channels nothing reads but the model's output
+        size = len(root.idxs)
+        if size % channel_groups:
+            layer = next(m for m in members if is_grouped(m.module) or isinstance(m.module, nn.GroupNorm))
+            raise SimpruneError(f"layer {layer.name!r} ({type(layer.module).__name__}) splits {size} "
+                                f"channels into {channel_groups} groups unevenly; leave it whole with ignore={root.name}")
+        tied = self._tied_classes(root, size, channel_groups)
+        if tied is None:
+            return ChannelGroup(root.name, size, members, channel_groups)
+        class_size = len(tied[0])
+        if any(len(c) != class_size for c in tied) or len(tied) < 2:
+            return None  # channels tied unevenly (or all together): kept whole
+        return ChannelGroup(root.name, size, members, class_size, tied)
+
+    def _removed_with(self, root: Member, idx: int) -> set[int]:
+        """The root layer's channels Torch-Pruning removes along with channel ``idx`` (itself, unless the
+        group feeds back into its own root, as a GhostNet module's concat of x and dwconv(x) does)."""
+        handler = self.dg.get_pruner_of_module(root.module).prune_out_channels
+        out = set()
+        for item in self.dg.get_pruning_group(root.module, handler, [idx]):
+            if item.dep.target.module is root.module and self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                out.update(int(i) for i in item.idxs)
+        return out
+
+    def _tied_classes(self, root: Member, size: int, channel_groups: int) -> list[list[int]] | None:
+        """Classes of root channels that can only go together: a grouped conv's G groups lose the same
+        positions, and channels coupled back to their own root are removed together. None: each alone."""
+        parent = list(range(size))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        per = size // channel_groups
+        for p in range(per):
+            for k in range(1, channel_groups):
+                parent[find(p + k * per)] = find(p)
+        coupled = any(self._removed_with(root, i) != {i} for i in {0, size - 1})
+        if coupled:  # ask for every channel (only for the few groups that feed back into themselves)
+            for i in range(size):
+                for j in self._removed_with(root, i):
+                    if j < size:
+                        parent[find(j)] = find(i)
+        if channel_groups == 1 and not coupled:
+            return None
+        classes: dict[int, list[int]] = {}
+        for i in range(size):
+            classes.setdefault(find(i), []).append(i)
+        return sorted(classes.values())
 
     def group(self, layer: str) -> ChannelGroup:
         """The group rooted at ``layer``, else the group whose outputs ``layer`` produces."""

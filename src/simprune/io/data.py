@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from simprune import progress
 from simprune.compat import import_torchvision
 from simprune.errors import SimpruneError
 
@@ -90,10 +91,10 @@ def pad_images(images: torch.Tensor, size: int | None) -> torch.Tensor:
     if size is None:
         return images
     if not 0 < size <= MAX_PAD:
-        raise SimpruneError(f"--pad-to {size} is outside 1..{MAX_PAD}")
+        raise SimpruneError(f"pad_to={size} is outside 1..{MAX_PAD}; give the image size to pad to, e.g. pad_to=32")
     h, w = images.shape[-2:]
     if h > size or w > size:
-        raise SimpruneError(f"--pad-to {size} is smaller than the images ({h}x{w}); use a size >= {max(h, w)}")
+        raise SimpruneError(f"pad_to={size} is smaller than the images ({h}x{w}); use pad_to={max(h, w)} or more")
     top, left = (size - h) // 2, (size - w) // 2
     return F.pad(images, (left, size - w - left, top, size - h - top))
 
@@ -120,7 +121,7 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             head = f.read(4)
             if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
-                raise SimpruneError(f"{path} is not an unsigned-byte IDX file; point --data-dir at the original files")
+                raise SimpruneError(f"{path} is not an unsigned-byte IDX file; point data_dir= at the original files")
             ndim = head[3]
             raw_dims = f.read(4 * ndim)
             if not 1 <= ndim <= 4 or len(raw_dims) < 4 * ndim:
@@ -153,7 +154,7 @@ def _find_idx_dir(name: str, data_dir: str | None) -> Path | None:
             if any((cand / f"t10k-images-idx3-ubyte{ext}").exists() for ext in ("", ".gz")):
                 return cand
     if data_dir:
-        raise SimpruneError(f"--data-dir {data_dir} holds no {name} IDX files (t10k-images-idx3-ubyte[.gz]); "
+        raise SimpruneError(f"data_dir={data_dir} holds no {name} IDX files (t10k-images-idx3-ubyte[.gz]); "
                             "point it at the folder with the four IDX files")
     return None
 
@@ -173,9 +174,11 @@ def _download_idx(name: str) -> Path:
         cls(str(root), train=True, download=True)
         cls(str(root), train=False, download=True)
     except Exception as exc:  # noqa: BLE001 - any network failure means "offline"
-        hint = "apt-get install dataset-fashion-mnist" if name == "fashion-mnist" else "download the MNIST IDX files"
-        raise SimpruneError(f"{name} not found locally and download failed ({type(exc).__name__}); "
-                            f"run `{hint}` or pass --data-dir") from exc
+        hint = ("install it (`apt-get install dataset-fashion-mnist`) or put its four IDX files in a folder and pass "
+                "data_dir=" if name == "fashion-mnist" else
+                "put the four MNIST IDX files (train/t10k images/labels, .gz or not) in a folder and pass data_dir=")
+        raise SimpruneError(f"{name} is not on this machine and downloading it failed ({type(exc).__name__}); "
+                            f"{hint}") from exc
     return root / cls.__name__ / "raw"
 
 
@@ -267,8 +270,8 @@ def load_cifar(name: str, split: str, data_dir: str | None = None) -> tuple[torc
     roots = [Path(data_dir)] if data_dir else [Path(p) for p in (os.environ.get("SIMPRUNE_DATA"),) if p] + [CACHE / name]
     folder = next((c for r in roots for c in (r, r / sub) if (c / files[0]).exists()), None)
     if folder is None and data_dir:
-        raise SimpruneError(f"--data-dir {data_dir} holds no {name} python batches ({sub}/{files[0]}); "
-                            f"extract {sub.replace('-batches', '')}.tar.gz there")
+        raise SimpruneError(f"data_dir={data_dir} holds no {name} python batches ({sub}/{files[0]}); "
+                            f"extract {_cifar_archive(name)} there")
     if folder is None:
         folder = _download_cifar(name, sub)
     parts = [read_cifar_batch(folder / f) for f in files]
@@ -277,17 +280,21 @@ def load_cifar(name: str, split: str, data_dir: str | None = None) -> tuple[torc
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def _download_cifar(name: str, sub: str) -> Path:
-    from torchvision.datasets.utils import download_and_extract_archive  # noqa: PLC0415
+def _cifar_archive(name: str) -> str:
+    return {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
 
-    import_torchvision()
+
+def _download_cifar(name: str, sub: str) -> Path:
+    import_torchvision()  # first: it makes torchvision importable on CPU-only torch (see simprune.compat)
+    from torchvision.datasets.utils import download_and_extract_archive  # noqa: PLC0415
     url = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
            "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}[name]
     try:
         download_and_extract_archive(url, str(CACHE / name))
     except Exception as exc:  # noqa: BLE001
-        raise SimpruneError(f"{name} not found locally and download failed ({type(exc).__name__}); "
-                            "extract the CIFAR python batches and pass --data-dir") from exc
+        raise SimpruneError(f"{name} is not on this machine and downloading it failed ({type(exc).__name__}); "
+                            f"download {_cifar_archive(name)}, extract it and pass data_dir= (the folder holding "
+                            f"{sub}/)") from exc
     return CACHE / name / sub
 
 
@@ -302,6 +309,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, p
     """Build a named data set's ``split`` ("train" or "test"). Returns a Dataset of (image, label)."""
     if split not in ("train", "test"):
         raise SimpruneError(f"split must be 'train' or 'test', got {split!r}")
+    progress.stage(f"loading {name} ({split} split)")
     if name.startswith("imagefolder:"):
         return load_imagefolder(name.split(":", 1)[1], split, augment, image_size)
     if name not in INFO:

@@ -11,7 +11,6 @@ import errno
 import glob
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -27,14 +26,14 @@ from torch import nn
 
 from simprune.errors import SimpruneError
 from simprune.graph.removal import apply_structure
-from simprune.models import build_model
+from simprune.io.description import _check_names, _input_shape, _model_args, _precheck_names, _trusted, build_described
+from simprune.models.external import is_builder_spec
 
 FORMAT = "simprune-model/1"
 PICKLE_MAGIC = (b"\x80",)  # protocol 2+ pickles start with PROTO
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save archives
 MAX_JSON_BYTES = 16 * 2**20
 DIGEST_KEY = "simprune.sha256"  # safetensors metadata: sha256 of the tensors and the other metadata
-MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # C*H*W of a recorded input shape (loading runs one image through)
 
 
 def versions() -> dict[str, str]:
@@ -108,9 +107,10 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise SimpruneError(f"output {out} is a file, not a directory; pick another --out")
+        raise SimpruneError(f"output {out} is a file, not a directory; pick another out_dir=")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
+        raise SimpruneError(f"output directory {out} already exists and is not empty; pass overwrite=True or pick "
+                            "another")
     out.parent.mkdir(parents=True, exist_ok=True)
     for kind in ("partial", "old"):
         remove_stale(out.parent, f".{out.name}.{kind}-")
@@ -134,7 +134,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
             raise SimpruneError(f"cannot create {out}: {exc.strerror}") from exc
     if not overwrite:
         raise SimpruneError(f"output directory {out} was written by another run meanwhile; kept it and discarded "
-                            "this run's result (pass --overwrite to replace it)")
+                            "this run's result (pass overwrite=True to replace it)")
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     os.rename(out, old / "out")
     os.rename(tmp, out)
@@ -152,7 +152,7 @@ def lock_for_writing(f, folder: Path) -> None:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         raise SimpruneError(f"another simprune run is writing to {folder}; wait for it to finish or pick "
-                            "another --out") from exc
+                            "another out_dir=") from exc
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> str:
@@ -191,10 +191,14 @@ def save_model(out_dir: Path, model: nn.Module, description: dict[str, Any]) -> 
 def resolve_model_path(path: str | Path) -> tuple[Path, Path]:
     """Accept a model directory or its ``.safetensors`` file; return (weights, json)."""
     p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
     if not p.exists():
         raise SimpruneError(f"checkpoint {path} does not exist; give a model directory or its .safetensors file")
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file() or p.suffix != ".safetensors":
+        what = "folder holds no model.safetensors" if Path(path).is_dir() else "file is not a .safetensors file"
+        raise SimpruneError(f"{path} is not a simprune model (the {what}); give a directory that simprune train, "
+                            "prune or save() wrote")
     return p, p.with_suffix(".json")
 
 
@@ -250,14 +254,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _check_names(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: Path) -> None:
-    missing = sorted(set(own) - set(tensors))
-    extra = sorted(set(tensors) - set(own))
-    if missing or extra:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise SimpruneError(f"{source} does not match the model ({what}); check --model and its arguments")
-
-
 def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> nn.Module:
     """Copy ``tensors`` into ``model`` requiring the exact same keys, shapes, kinds and finite values
     (floats are converted to the model's dtype, and must stay finite there)."""
@@ -276,37 +272,10 @@ def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], source
             if not torch.isfinite(value).all():
                 raise SimpruneError(f"{source}: {key} contains NaN or inf (as {own[key].dtype}); the weights are corrupt")
         converted[key] = value
-    model.load_state_dict(converted, strict=True)
+    state = type(own)(converted)
+    state._metadata = getattr(own, "_metadata", None)  # module versions (MNASNet refuses a state without them)
+    model.load_state_dict(state, strict=True)
     return model
-
-
-def _precheck_names(name: str, args: dict[str, int], tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Compare the file's tensors with the architecture built on the meta device (no memory), so that a
-    description naming a huge model next to small weights is refused before that model is built."""
-    try:
-        with torch.device("meta"):
-            own = build_model(name, **args).state_dict()
-    except SimpruneError:
-        raise
-    except Exception:  # noqa: BLE001 - a builder that cannot run on meta: the full check follows anyway
-        return
-    _check_names(own, tensors, source)
-    for key, value in tensors.items():  # a pruned model is never wider than the registry's
-        if value.dim() != own[key].dim() or any(a > b for a, b in zip(value.shape, own[key].shape)):
-            raise SimpruneError(f"{source}: {key} has shape {tuple(value.shape)}, larger than the model's "
-                                f"{tuple(own[key].shape)}; the weights belong to another model")
-
-
-def _input_shape(desc: dict[str, Any], source: Path) -> tuple[int, int, int] | None:
-    shape = desc.get("input_shape")
-    if shape is None:
-        return None
-    if not (isinstance(shape, list) and len(shape) == 3 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
-            and math.prod(shape) <= MAX_INPUT_ELEMENTS):
-        raise SimpruneError(f"{source}: input_shape must be [C, H, W], positive integers with C*H*W <= "
-                            f"{MAX_INPUT_ELEMENTS}, got {json.dumps(shape)[:60]}")
-    return tuple(shape)
 
 
 def check_runs(model: nn.Module, shape: tuple[int, ...], source: Path) -> None:
@@ -323,30 +292,18 @@ def check_runs(model: nn.Module, shape: tuple[int, ...], source: Path) -> None:
                             "are corrupt")
 
 
-def _model_args(desc: dict[str, Any], source: Path) -> tuple[str, dict[str, int]]:
-    name, args = desc.get("model"), desc.get("model_args", {})
-    if not isinstance(name, str) or not isinstance(args, dict):
-        raise SimpruneError(f"{source}: 'model' must be a string and 'model_args' an object")
-    for key in ("num_classes", "in_channels"):
-        if key in args and (not isinstance(args[key], int) or isinstance(args[key], bool) or not 0 < args[key] <= 100_000):
-            raise SimpruneError(f"{source}: model_args.{key} must be a positive integer, got {args[key]!r}")
-    unknown = set(args) - {"num_classes", "in_channels"}
-    if unknown:
-        raise SimpruneError(f"{source}: unexpected model_args {sorted(unknown)}")
-    return name, args
-
-
-def load_model(path: str | Path, model: nn.Module | None = None,
-               allow_incomplete: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: str | Path, model: nn.Module | None = None, allow_incomplete: bool = False,
+               builder: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model (from the registry, or into ``model``) and load its weights.
 
     Returns ``(model, description)``; the model is in eval mode. A directory of an unfinished run
     (``INCOMPLETE.json``) is refused unless ``allow_incomplete`` (resuming it).
     """
+
     weights_path, json_path = resolve_model_path(path)
     if not allow_incomplete and (weights_path.parent / "INCOMPLETE.json").exists():
         raise SimpruneError(f"{weights_path.parent} is an unfinished run (INCOMPLETE.json); finish it by rerunning "
-                            "its command with --resume, or start again with --overwrite")
+                            "the command that wrote it with resume=True, or start again with overwrite=True")
     tensors = read_tensors(weights_path)
     desc = read_json(json_path)
     if desc.get("format") != FORMAT:
@@ -354,8 +311,10 @@ def load_model(path: str | Path, model: nn.Module | None = None,
     name, args = _model_args(desc, json_path)
     shape = _input_shape(desc, json_path)
     if model is None:
-        _precheck_names(name, args, tensors, weights_path)
-        model = build_model(name, **args)
+    
+        if name is not None and (not is_builder_spec(name) or _trusted(name, builder)):
+            _precheck_names(name, args, tensors, weights_path)
+        model = build_described(name, args, json_path, builder, desc.get("architecture"))
     if desc.get("structure"):
         apply_structure(model, desc["structure"], json_path, desc.get("input_shape"))
     load_weights_into(model, tensors, weights_path)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from simprune import progress
 from simprune.errors import SimpruneError
 from simprune.graph.counting import count
 from simprune.schedules.oneshot import prune_oneshot
@@ -19,7 +20,7 @@ from simprune.schedules.report import merge_steps
 def step_targets(ratio: float, steps: int) -> list[float]:
     """Cumulative reductions after each of ``steps`` steps: equal shares of what is left each time."""
     if steps < 1:
-        raise SimpruneError(f"steps must be >= 1 (the CLI's --steps), got {steps}")
+        raise SimpruneError(f"steps={steps} must be 1 or more")
     return [1 - (1 - ratio) ** (k / steps) for k in range(1, steps + 1)]
 
 
@@ -38,6 +39,10 @@ def iterative(model: nn.Module, example: torch.Tensor, criterion: Any, target: d
         model, rep = prune_oneshot(model, example, criterion, {kind: step_ratio}, **options)
         rep["step"], rep["cumulative_target"] = k, cumulative
         reports.append(rep)
+        now = getattr(count(model, example), key)
+        progress.note(f"step {k}/{steps}: {'MACs' if key == 'macs' else 'params'} {getattr(base, key) / 1e6:.2f} M "
+                      f"-> {now / 1e6:.2f} M ({1 - now / getattr(base, key):.1%} removed, step target "
+                      f"{cumulative:.1%})")
         if between is not None and k < steps:
             between(model, k)
     if not reports:

@@ -33,6 +33,7 @@ from simprune.export.latency import measure_onnx_many, ort_session, time_calls
 from simprune.export.onnx import export_onnx, require
 from simprune.graph.counting import Cost, count
 from simprune.graph.groups import ChannelGroup, PruningGraph, is_depthwise
+from simprune.schedules.checks import check_result
 from simprune.schedules.oneshot import prune_oneshot, resolve_criterion
 
 POINTS = 8  # widths timed per channel axis
@@ -261,6 +262,19 @@ def next_guess(history: list[tuple[float, float]], goal: float) -> float:
     return float(np.clip(r + (goal - m), 0.01, 0.95))
 
 
+def _measured_step(pruned: nn.Module, report: dict, x: torch.Tensor, tmp: Path, base_path: Path, it: int,
+                   guess: float, table: LatencyTable, groups: list[ChannelGroup], base_cost: Cost,
+                   threads: int, runs: int) -> dict[str, float]:
+    """Export one candidate, time it against the original (interleaved) and compare with the table's prediction."""
+    cand = tmp / f"pruned{it}.onnx"
+    export_onnx(pruned, x, cand)
+    before, after = measure_onnx_many([base_path, cand], tuple(x.shape[1:]), 1, threads, runs)
+    removed = {g["root"]: g["channels_before"] - g["channels_after"] for g in report["groups"]}
+    return {"allocator_target": guess, "predicted": 1 - table.predict(groups, base_cost, removed) / table.base_ms,
+            "measured": 1 - after["median_ms"] / before["median_ms"], "before_ms": before["median_ms"],
+            "after_ms": after["median_ms"], "flops_reduction": report["reduction"]["flops"]}
+
+
 def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, ratio: float, *,
                      threads: int = 1, tolerance: float = 0.02, max_iterations: int = 6, runs: int = 50,
                      table: LatencyTable | None = None, log: Callable[[str], None] | None = None,
@@ -273,10 +287,10 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
     lists every iteration. ``prune_options`` go to :func:`simprune.schedules.oneshot.prune_oneshot`.
     """
     if not 0 < ratio < 1:
-        raise SimpruneError(f"--target-latency {ratio} is outside (0, 1); give the fraction of latency to remove")
+        raise SimpruneError(f"latency target {ratio} is outside (0, 1); give the fraction of latency to remove, e.g. 0.3")
     log = log or (lambda _line: None)
     crit = ScoreCache(resolve_criterion(criterion, prune_options.pop("criterion_options", None),
-                                            prune_options.get("calibration")), reuse=True)
+                                        prune_options.get("calibration")), reuse=True)
     shape = tuple(example_input.shape[1:])
     x = example_input[:1]
     model.eval()
@@ -302,18 +316,12 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
                     raise
                 log(f"iteration {it + 1}: allocator target {guess:.3f} not reachable ({exc}); stopping")
                 break
-            cand = Path(tmp) / f"pruned{it}.onnx"
-            export_onnx(pruned, x, cand)
-            before, after = measure_onnx_many([base_path, cand], shape, 1, threads, runs)
-            measured = 1 - after["median_ms"] / before["median_ms"]
-            removed = {g["root"]: g["channels_before"] - g["channels_after"] for g in report["groups"]}
-            predicted = 1 - table.predict(groups, base_cost, removed) / table.base_ms
-            step = {"allocator_target": guess, "predicted": predicted,
-                    "measured": measured, "before_ms": before["median_ms"], "after_ms": after["median_ms"],
-                    "flops_reduction": report["reduction"]["flops"]}
+            step = _measured_step(pruned, report, x, Path(tmp), base_path, it, guess, table, groups, base_cost,
+                                  threads, runs)
             iterations.append(step)
+            measured = step["measured"]
             log(f"iteration {it + 1}: allocator target {guess:.3f} -> measured {measured:.3f} "
-                f"({before['median_ms']:.3f} -> {after['median_ms']:.3f} ms, MACs -{report['reduction']['flops']:.1%})")
+                f"({step['before_ms']:.3f} -> {step['after_ms']:.3f} ms, MACs -{report['reduction']['flops']:.1%})")
             if best is None or abs(measured - ratio) < abs(best[2]["measured"] - ratio):
                 best = (pruned, report, step)
             if abs(measured - ratio) <= tolerance:
@@ -325,16 +333,5 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
     report["latency_target"] = {"ratio": ratio, "tolerance": tolerance, "achieved": step["measured"],
                                 "met": abs(step["measured"] - ratio) <= tolerance, "iterations": iterations,
                                 "table": table.summary()}
-    return pruned, report
-
-
-def vector_block() -> int:
-    """Channels per vector block of onnxruntime's CPU conv kernels (NCHWc): 16 with AVX-512, else 8.
-
-    Channel counts are padded up to a multiple of it, so pruning that does not cross a block
-    boundary saves MACs but no time."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return 8
-    return 16 if " avx512f" in flags else 8
+    return pruned, check_result(pruned, x, report, calibration=prune_options.get("calibration"),
+                                ignore=prune_options.get("ignore", ()))

@@ -37,6 +37,19 @@ def prune_report(*, model_name: str, criterion: str, target: dict[str, float], s
     return report
 
 
+MISS_TOLERANCE = 0.02  # achieved vs asked reduction beyond which a target counts as missed
+
+
+def target_met(target: dict[str, float], before: Cost, after: Cost) -> bool | None:
+    """Whether a MACs/params target was reached within :data:`MISS_TOLERANCE` (None for a latency target,
+    which is measured elsewhere); :mod:`simprune.schedules.checks` warns when it was not."""
+    kind, ratio = next(iter(target.items()))
+    if kind not in ("flops", "params"):
+        return None
+    achieved = 1 - (after.macs / before.macs if kind == "flops" else after.params / before.params)
+    return abs(achieved - ratio) <= MISS_TOLERANCE
+
+
 def merge_steps(reports: list[dict], base: Cost, after: Cost, target: dict[str, float]) -> dict:
     """One report for an iterative run: the last step's, with the first step's 'before' widths and costs."""
     first, final = reports[0], dict(reports[-1])

@@ -13,11 +13,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from simprune import progress
 from simprune.allocation.allocator import CostModel, Guards
 from simprune.errors import SimpruneError
 from simprune.graph.counting import count, layer_widths
 from simprune.graph.groups import PARAM_LAYERS, ChannelGroup, PruningGraph
 from simprune.graph.removal import remove_channels
+from simprune.schedules.checks import check_result, soft_epochs
 from simprune.schedules.oneshot import resolve_criterion, select_channels
 from simprune.schedules.report import prune_report
 from simprune.train.finetune import FineTune
@@ -29,7 +31,8 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 def soft_shares(ratio: float, epochs: int, hold: int = 0) -> list[float]:
     """Zeroed share after each epoch: linear rise to ``ratio`` by epoch ``epochs - hold``, then flat."""
     if epochs < 1 or not 0 <= hold < epochs:
-        raise SimpruneError(f"soft pruning needs >= 1 epoch and 0 <= --soft-hold < epochs, got {epochs}, {hold}")
+        raise SimpruneError(f"soft pruning needs at least 1 epoch and hold= below the epochs; got {epochs} "
+                            f"epoch(s), hold={hold}")
     ramp = epochs - hold
     return [ratio * min(1.0, e / ramp) for e in range(1, epochs + 1)]
 
@@ -116,7 +119,7 @@ class SoftPruning(TrainHooks):
 def finish_soft(hooks: SoftPruning) -> dict[str, list[int]]:
     """Make the final selection inert and remove it for good; returns what was removed."""
     if not hooks.frozen:
-        raise SimpruneError("soft pruning ended before its final selection; resume the run with --resume")
+        raise SimpruneError("soft pruning ended before its final selection; resume the run with resume=True")
     hooks._apply(full=True)
     remove_channels(hooks.graph, hooks.selected)
     return hooks.selected
@@ -148,6 +151,9 @@ def soft_prune(model: nn.Module, example: torch.Tensor, criterion: Any, target: 
     select = soft_selector(graph, crit, example, calibration=calibration, guards=guards,
                            normalization=normalization, cost_weight=cost_weight)
     hooks = SoftPruning(graph, select, kind, ratio, finetune.cfg.epochs, hold, log=finetune.log)
+    early = soft_epochs(ratio, finetune.cfg.epochs, hold)
+    for text in early:
+        progress.warn(text)
     groups_before = {g.root: g.size for g in graph.groups}
     history = finetune.run(model, hooks)
     removed = finish_soft(hooks)
@@ -158,5 +164,6 @@ def soft_prune(model: nn.Module, example: torch.Tensor, criterion: Any, target: 
         before=before, after=count(model, example), layers_before=layers_before, layers_after=layer_widths(model),
         groups=graph.groups, groups_before=groups_before, removed=removed, protected=hooks.protected,
         compensated=False, bn_recalibrated=False,
-        finetune={"epochs": finetune.cfg.epochs, "history": history, "soft": True})
+        finetune={"epochs": finetune.cfg.epochs, "history": history, "soft": True}, warnings=early)
+    check_result(model, example, report, ignore=ignore)
     return model, report

@@ -1,98 +1,230 @@
 """Running per-channel statistics of one probe point's feature maps over calibration images.
 
-Every piece of state is a float64 sum (plus image and pixel counts), so batches can be fed one
-at a time in bounded memory, and statistics gathered by several processes combine by summing
-their ``tensors()`` (an all-reduce) or by ``merge``. Maps themselves are never stored.
+Every piece of state is a float64 sum or a running maximum (plus image and pixel counts), so
+batches can be fed one at a time in bounded memory; statistics gathered by several processes
+combine by summing their ``tensors()`` (an all-reduce), except the ``max.*`` entries, which
+combine by maximum (``merge`` does both). Maps themselves are never stored.
+
+Fast path: SSIM, PSNR and cosine of every channel pair are functions of each map's moments and of
+the pairwise covariance (``similarity_from_moments``), so one float32 batched product of the
+centred maps per image chunk gives all of them, plus M-std and the Gram for compensation; only
+these small per-image (C, C) results are summed in float64. Windowed SSIM and rank stay per map.
+
+Two kinds of probe: *spatial* (a map of H x W pixels per image; similarities are averaged over
+images) and *pooled* (one value per channel and image, e.g. a Linear after global pooling: the
+"map" of a channel is its vector of values over all calibration images, and similarities are
+those of these vectors). With the ``null`` statistic, the same similarities are also gathered
+between channel i of image n and channel j of image n-1: the chance level of unrelated maps.
 """
 from __future__ import annotations
 
 import torch
 
 from simprune.errors import SimpruneError
-from simprune.stats.similarity import C1, C2, SIMILARITIES, map_rank, spatial_std
+from simprune.stats.similarity import (
+    C1,
+    C2,
+    MOMENT_METRICS,
+    SIMILARITIES,
+    MapMoments,
+    map_rank,
+    similarity_from_moments,
+    windowed_ssim_matrix,
+)
 
-METRICS = ("ssim", "ssim-windowed", "psnr", "cosine", "mstd", "rank", "gram")
-_COUNTS = ("images", "pixels")
+METRICS = ("ssim", "ssim-windowed", "psnr", "cosine", "mstd", "rank", "gram", "null")
+_COUNTS = ("images", "pixels", "null_images")
+_MAXIMA = ("max.hi", "max.neg_lo")
+CHUNK_ELEMENTS = 2**22  # float32 values per temporary (16 MiB): bounds memory whatever B, C, H, W
+ROW_BLOCK_ELEMENTS = 2**18  # float32 values per block of similarity rows (1 MiB): the passes stay in cache
 
 
-def _state_names(metrics) -> list[str]:
+def _state_names(metrics, pooled: bool) -> list[str]:
     """Names of the sum tensors that the given metrics need, in a fixed order."""
-    names = [f"sim.{m}" for m in SIMILARITIES if m in metrics]
+    sims = [m for m in SIMILARITIES if m in metrics]
+    if pooled:  # everything follows from the moments over images
+        return ["gram", "channel_sum"] + (["cross"] if "null" in metrics else [])
+    names = [f"sim.{m}" for m in sims]
+    names += [f"null.{m}" for m in sims] if "null" in metrics else []
     names += [m for m in ("mstd", "rank") if m in metrics]
-    if "gram" in metrics:
-        names += ["gram", "channel_sum"]
+    names += ["rank_full"] if "rank" in metrics else []
+    names += ["gram", "channel_sum"] if "gram" in metrics else []
     return names
 
 
 class ChannelStats:
     """Sums over calibration images of pairwise similarities, M-std, map rank and the raw Gram."""
 
-    def __init__(
-        self,
-        channels: int,
-        metrics,
-        *,
-        window: int = 7,
-        c1: float = C1,
-        c2: float = C2,
-        psnr_cap: float = 100.0,
-        device: str | torch.device = "cpu",
-    ):
+    def __init__(self, channels: int, metrics, *, window: int = 7, c1: float = C1, c2: float = C2,
+                 psnr_cap: float = 100.0, pooled: bool = False, device: str | torch.device = "cpu"):
         """Track ``metrics`` (a subset of METRICS) for maps with ``channels`` channels."""
         metrics = frozenset(metrics)
         unknown = sorted(metrics - set(METRICS))
         if unknown:
-            choices = ", ".join(METRICS)
-            raise SimpruneError(f"unknown statistic(s) {', '.join(unknown)}; choose from {choices}")
+            raise SimpruneError(f"unknown statistic(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
         if channels < 1:
             raise SimpruneError(f"ChannelStats needs at least one channel, got {channels}")
-        self.channels = int(channels)
-        self.metrics = metrics
-        self.options = {"window": window, "c1": c1, "c2": c2, "psnr_cap": psnr_cap}
+        self.channels, self.metrics = int(channels), metrics
+        self.options = {"window": window, "c1": c1, "c2": c2, "psnr_cap": psnr_cap, "pooled": bool(pooled)}
         self.device = torch.device(device)
+        self._prev = self._prev_raw = None  # the previous image (null pairs); not part of the state
+        self._has_prev = False
         C = self.channels
         self._state = {n: torch.zeros((), dtype=torch.float64, device=self.device) for n in _COUNTS}
-        for name in _state_names(metrics):
-            shape = (C, C) if name.startswith("sim.") or name == "gram" else (C,)
-            self._state[name] = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        for name in _state_names(metrics, self.pooled):
+            two_d = name.startswith(("sim.", "null.")) or name in ("gram", "cross")
+            self._state[name] = torch.zeros((C, C) if two_d else (C,), dtype=torch.float64, device=self.device)
+        for name in _MAXIMA:
+            self._state[name] = torch.full((C,), -torch.inf, dtype=torch.float64, device=self.device)
 
-    def _per_image(self, metric: str, maps: torch.Tensor) -> torch.Tensor:
-        """The (B, C, C) similarity of one batch under this object's options."""
-        o = self.options
-        if metric in ("ssim", "ssim-windowed"):
-            extra = {"window": o["window"]} if metric == "ssim-windowed" else {}
-            return SIMILARITIES[metric](maps, c1=o["c1"], c2=o["c2"], **extra)
-        if metric == "psnr":
-            return SIMILARITIES[metric](maps, cap=o["psnr_cap"])
-        return SIMILARITIES[metric](maps)
+    @property
+    def pooled(self) -> bool:
+        return self.options["pooled"]
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         """Accumulate a float64 sum into the state tensor ``name``."""
         self._state[name] += value.to(device=self.device, dtype=torch.float64)
 
+    def _raise_max(self, hi: torch.Tensor, lo: torch.Tensor) -> None:
+        if not (bool(torch.isfinite(hi).all()) and bool(torch.isfinite(lo).all())):
+            raise SimpruneError("feature maps contain NaN or inf; check the model and calibration data")
+        for name, v in (("max.hi", hi), ("max.neg_lo", -lo)):
+            self._state[name] = torch.maximum(self._state[name], v.to(self.device, torch.float64))
+
     @torch.no_grad()
     def update(self, maps: torch.Tensor) -> None:
-        """Add one batch of maps (B, C, H, W); each image counts once in every mean."""
-        if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or maps.shape[1] != self.channels:
+        """Add one batch of maps (B, C, H, W) (pooled probes also take (B, C)); each image counts once."""
+        ok = isinstance(maps, torch.Tensor) and maps.dim() in ((2, 4) if self.pooled else (4,)) \
+            and maps.shape[1] == self.channels
+        if ok and self.pooled and maps[0].numel() != self.channels:
+            ok = False
+        if not ok:
             shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
-            raise SimpruneError(f"expected feature maps (B, {self.channels}, H, W), got {shape}")
-        if not bool(torch.isfinite(maps).all()):
-            raise SimpruneError("feature maps contain NaN or inf; check the model and calibration data")
-        x = maps.detach()
-        B, _, H, W = x.shape
-        for name in _state_names(self.metrics):
-            if name.startswith("sim."):
-                self._add(name, self._per_image(name[4:], x).sum(dim=0))
-        if "mstd" in self.metrics:
-            self._add("mstd", spatial_std(x).sum(dim=0))
+            want = "(B, C) or (B, C, 1, 1)" if self.pooled else "(B, C, H, W)"
+            raise SimpruneError(f"expected feature maps {want} with C={self.channels}, got {shape}")
+        if maps.shape[0] == 0:
+            return
+        with torch.autocast(maps.device.type, enabled=False):  # a caller's bf16 autocast must not round the sums
+            if self.pooled:
+                self._update_pooled(maps.detach().reshape(maps.shape[0], self.channels))
+            else:
+                self._update_spatial(maps.detach())
+
+    def _update_spatial(self, x: torch.Tensor) -> None:
+        B, C, H, W = x.shape
+        P = H * W
+        flat = x.reshape(B, C, P)
+        if any(m in self.metrics for m in MOMENT_METRICS + ("mstd", "gram")):
+            nb = max(1, min(B, CHUNK_ELEMENTS // max(C * P, C * C)))
+            self._batch, means = {}, []  # float32 sums over this batch, added to the float64 state once
+            for b0 in range(0, B, nb):
+                means.append(self._moments_chunk(flat[b0:b0 + nb], P))
+            for name, total in self._batch.items():
+                self._state[name].add_(total)
+            if "gram" in self.metrics:  # sum over pixels of x x^T = P (cov + mean mean^T), per image
+                m64 = torch.cat(means).double()
+                self._state["gram"].addmm_(m64.T, m64, alpha=P)
+                self._add("channel_sum", P * m64.sum(0))
+        else:
+            lo, hi = flat.amin(-1), flat.amax(-1)
+            self._raise_max(hi.amax(0), lo.amin(0))
+        if "ssim-windowed" in self.metrics:
+            self._windowed(x)
         if "rank" in self.metrics:
             self._add("rank", map_rank(x).sum(dim=0))
+            self._add("rank_full", torch.full((C,), float(B * min(H, W))))
+        self._count(B, B * P)
+
+    def _count(self, images: int, pixels: int) -> None:
+        self._state["images"] += images
+        self._state["pixels"] += pixels
+        if "null" in self.metrics:
+            self._state["null_images"] += images - 1 + self._has_prev
+            self._has_prev = True
+
+    def _moments_chunk(self, xb: torch.Tensor, P: int) -> torch.Tensor:
+        """All moment-based statistics of a chunk of images: one float32 product per image (and one
+        with the previous image for the null), summed over the batch in float32; returns the means."""
+        xc = xb.to(torch.float32, copy=True)  # the one full-size temporary
+        hi, lo = xc.amax(-1), xc.amin(-1)
+        self._raise_max(hi.amax(0), lo.amin(0))
+        mean = xc.mean(-1)
+        xc -= mean.unsqueeze(-1)
+        cov = torch.bmm(xc, xc.transpose(1, 2)).div_(P)  # (nb, C, C) float32
+        var = cov.diagonal(dim1=1, dim2=2).clamp_min(0.0)
+        mom = MapMoments(mean, var, lo, hi - lo)
+        for metric in (m for m in MOMENT_METRICS if m in self.metrics):
+            self._accumulate(f"sim.{metric}", metric, mom, mom, cov, identical=True)
+        if "null" in self.metrics:
+            self._null_pairs(xc, mom)
+        if "mstd" in self.metrics:
+            self._batch_add("mstd", slice(None), var.sqrt().sum(0))
         if "gram" in self.metrics:
-            flat = x.to(torch.float64).transpose(0, 1).reshape(self.channels, -1)
-            self._add("gram", flat @ flat.T)
-            self._add("channel_sum", flat.sum(dim=1))
-        self._state["images"] += B
-        self._state["pixels"] += B * H * W
+            self._batch_add("gram", slice(None), cov[0] * P if cov.shape[0] == 1 else cov.sum(0).mul_(P))
+        return mean
+
+    def _batch_add(self, name: str, rows: slice, value: torch.Tensor) -> None:
+        """Add a float32 partial sum into this batch's accumulator ``name`` (rows of it)."""
+        if name not in self._batch:
+            self._batch[name] = torch.zeros(self._state[name].shape, dtype=torch.float32, device=value.device)
+        self._batch[name][rows].add_(value)
+
+    def _accumulate(self, name: str, metric: str, a: MapMoments, b: MapMoments, cov: torch.Tensor,
+                    identical: bool = False) -> None:
+        """Add sum over images of ``similarity_from_moments`` into state ``name``, a block of rows at a
+        time: the dozen passes over each block then stay in cache however wide the layer. With
+        ``identical`` (a map with itself) the diagonal is exact: 1, or the PSNR cap."""
+        nb, C = cov.shape[0], cov.shape[-1]
+        rows = max(1, min(C, ROW_BLOCK_ELEMENTS // (nb * C)))
+        kw = self._kw()
+        for r0 in range(0, C, rows):
+            r1 = min(C, r0 + rows)
+            block = similarity_from_moments(metric, MapMoments(*(t[..., r0:r1] for t in _fields(a))), b,
+                                            cov[:, r0:r1], **kw).sum(0)
+            if identical:
+                block[torch.arange(r1 - r0), torch.arange(r0, r1)] = nb * (kw["cap"] if metric == "psnr" else 1.0)
+            self._batch_add(name, slice(r0, r1), block)
+
+    def _null_pairs(self, xc: torch.Tensor, mom: MapMoments) -> None:
+        """Similarities of channel i on image n with channel j on image n-1 (centred maps xc)."""
+        pairs = []
+        if xc.shape[0] > 1:
+            cross = torch.bmm(xc[1:], xc[:-1].transpose(1, 2)).div_(xc.shape[-1])
+            pairs.append((MapMoments(*(t[1:] for t in _fields(mom))), MapMoments(*(t[:-1] for t in _fields(mom))),
+                          cross))
+        if self._prev is not None:
+            pxc, pmom = self._prev
+            cross = (xc[0] @ pxc.T).div_(xc.shape[-1]).unsqueeze(0)
+            pairs.append((MapMoments(*(t[:1] for t in _fields(mom))), pmom, cross))
+        for a, b, cross in pairs:
+            for metric in (m for m in MOMENT_METRICS if m in self.metrics):
+                self._accumulate(f"null.{metric}", metric, a, b, cross)
+        self._prev = (xc[-1].clone(), MapMoments(*(t[-1:].clone() for t in _fields(mom))))
+
+    def _windowed(self, x: torch.Tensor) -> None:
+        """Windowed SSIM per map (no moment form), and its null with the previous image."""
+        o = self.options
+        kw = {"window": o["window"], "c1": o["c1"], "c2": o["c2"]}
+        self._add("sim.ssim-windowed", windowed_ssim_matrix(x, **kw).sum(dim=0))
+        if "null" in self.metrics:
+            if x.shape[0] > 1:
+                self._add("null.ssim-windowed", windowed_ssim_matrix(x[1:], other=x[:-1], **kw).sum(dim=0))
+            if self._prev_raw is not None:
+                self._add("null.ssim-windowed", windowed_ssim_matrix(x[:1], other=self._prev_raw, **kw).sum(dim=0))
+            self._prev_raw = x[-1:].clone()
+
+    def _update_pooled(self, x: torch.Tensor) -> None:
+        x64 = x.to(torch.float64)  # (B, C): one value per channel and image, tiny
+        self._raise_max(x64.amax(0), x64.amin(0))
+        self._add("gram", x64.T @ x64)
+        self._add("channel_sum", x64.sum(0))
+        if "null" in self.metrics:
+            if x64.shape[0] > 1:
+                self._add("cross", x64[1:].T @ x64[:-1])
+            if self._prev is not None:
+                self._add("cross", torch.outer(x64[0], self._prev))
+            self._prev = x64[-1].clone()
+        self._count(x64.shape[0], x64.shape[0])
 
     @property
     def images(self) -> int:
@@ -104,53 +236,110 @@ class ChannelStats:
         """Number of pixels accumulated per channel (sum of H*W over images)."""
         return int(self._state["pixels"].item())
 
-    def _get(self, name: str, metric: str) -> torch.Tensor:
-        """State tensor ``name``, refusing untracked metrics."""
+    def _need(self, metric: str) -> None:
         if metric not in self.metrics:
             tracked = ", ".join(sorted(self.metrics)) or "nothing"
             raise SimpruneError(f"statistic {metric!r} was not tracked (tracking {tracked})")
-        return self._state[name]
-
-    def _mean(self, name: str, metric: str) -> torch.Tensor:
-        """Per-image mean of a tracked sum; there must be at least one image."""
-        total = self._get(name, metric)
         if self.images == 0:
             raise SimpruneError("no calibration images were accumulated; call update() first")
-        return total / self._state["images"]
+
+    def _pooled_moments(self) -> tuple[MapMoments, torch.Tensor]:
+        n = self._state["images"]
+        mean = self._state["channel_sum"] / n
+        cov = self._state["gram"] / n - torch.outer(mean, mean)
+        lo = -self._state["max.neg_lo"]
+        return MapMoments(mean, cov.diagonal().clamp_min(0.0), lo, self._state["max.hi"] - lo), cov
+
+    def _kw(self) -> dict:
+        o = self.options
+        return {"c1": o["c1"], "c2": o["c2"], "cap": o["psnr_cap"]}
 
     def similarity(self, metric: str) -> torch.Tensor:
-        """(C, C) similarity averaged over images (QSFM / SFS)."""
+        """(C, C) similarity averaged over images (QSFM / SFS); pooled probes: of the vectors over images."""
         if metric not in SIMILARITIES:
             raise SimpruneError(f"unknown similarity {metric!r}; choose from {', '.join(SIMILARITIES)}")
-        return self._mean(f"sim.{metric}", metric)
+        self._need(metric)
+        if not self.pooled:
+            S = self._state[f"sim.{metric}"] / self._state["images"]
+        else:
+            mom, cov = self._pooled_moments()
+            S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cov, **self._kw())
+            S.fill_diagonal_(self.options["psnr_cap"] if metric == "psnr" else 1.0)
+        S = (S + S.T) / 2  # products are symmetric only up to rounding; ties must stay ties
+        return S.clamp(-1.0, 1.0) if metric != "psnr" else S
+
+    def null_similarity(self, metric: str) -> torch.Tensor:
+        """(C, C) similarity of unrelated maps (channel i of one image, j of the previous; the upper
+        triangle mirrored, not averaged with the lower one, which would halve its variance): the chance
+        level of ``similarity(metric)``. Zero when fewer than two images were seen."""
+        self._need("null")
+        self._need(metric)
+        pairs = self._state["null_images"]
+        if pairs == 0:
+            return torch.zeros(self.channels, self.channels, dtype=torch.float64)
+        if not self.pooled:
+            S = self._state[f"null.{metric}"] / pairs
+        else:
+            mom, _ = self._pooled_moments()
+            cross = self._state["cross"] / pairs - torch.outer(mom.mean, mom.mean)
+            S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cross,
+                                        **self._kw())
+        S = S.clamp(-1.0, 1.0) if metric != "psnr" else S
+        upper = torch.triu(S, diagonal=1)  # one shifted pair per channel pair: symmetric, same variance as S
+        return upper + upper.T + torch.diag(S.diagonal())
 
     def mstd(self) -> torch.Tensor:
-        """(C,) mean over images of each channel's spatial std (DFS's M-std)."""
-        return self._mean("mstd", "mstd")
+        """(C,) mean over images of each channel's spatial std (DFS's M-std); pooled: std over images."""
+        self._need("mstd")
+        if self.pooled:
+            return self._pooled_moments()[0].var.sqrt()
+        return self._state["mstd"] / self._state["images"]
 
     def mean_rank(self) -> torch.Tensor:
-        """(C,) mean over images of each channel's map rank (HRank)."""
-        return self._mean("rank", "rank")
+        """(C,) mean over images of each channel's map rank (HRank); pooled: 1 unless the channel is 0."""
+        self._need("rank")
+        if self.pooled:
+            return ((self._state["max.hi"] > 0) | (self._state["max.neg_lo"] > 0)).double()
+        return self._state["rank"] / self._state["images"]
+
+    def rank_fraction(self) -> torch.Tensor:
+        """(C,) mean rank as a fraction of the full rank min(H, W): comparable across map sizes."""
+        if self.pooled:
+            return self.mean_rank()
+        return self.mean_rank() * self._state["images"] / self._state["rank_full"].clamp_min(1.0)
+
+    def constant_channels(self) -> torch.Tensor:
+        """(C,) True where a channel took one value on every pixel of every image (e.g. dead after ReLU)."""
+        if self.images == 0:
+            raise SimpruneError("no calibration images were accumulated; call update() first")
+        return self._state["max.hi"] == -self._state["max.neg_lo"]
 
     def gram(self) -> torch.Tensor:
         """(C, C) sum over images and pixels of x x^T on raw maps (for compensation fits)."""
-        return self._get("gram", "gram")
+        if not self.pooled:
+            self._need("gram")
+        return self._state["gram"]
 
     def channel_sum(self) -> torch.Tensor:
         """(C,) sum over images and pixels of each raw channel."""
-        return self._get("channel_sum", "gram")
+        if not self.pooled:
+            self._need("gram")
+        return self._state["channel_sum"]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """All state as sums (clones): summing these across processes merges the statistics."""
+        """All state (clones): summing these across processes merges the statistics, except the
+        ``max.*`` entries, which merge by maximum."""
         return {n: t.clone() for n, t in self._state.items()}
 
     @classmethod
-    def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], channels: int | None = None, **options
-    ) -> "ChannelStats":
-        """Rebuild from ``tensors()`` output (e.g. after an all-reduce); options as in __init__."""
-        skip = _COUNTS + ("channel_sum",)
-        metrics = {n[4:] if n.startswith("sim.") else n for n in tensors if n not in skip}
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], channels: int | None = None, metrics=None,
+                     **options) -> "ChannelStats":
+        """Rebuild from ``tensors()`` output (e.g. after an all-reduce); options as in __init__.
+        ``metrics`` defaults to what the spatial state names say."""
+        if metrics is None:
+            skip = _COUNTS + _MAXIMA + ("channel_sum", "rank_full", "cross")
+            metrics = {n.split(".", 1)[1] if n.startswith("sim.") else "null" if n.startswith("null.") else n
+                       for n in tensors if n not in skip}
         shapes = [t.shape[0] for n, t in tensors.items() if n not in _COUNTS]
         if channels is None:
             if not shapes:
@@ -165,11 +354,14 @@ class ChannelStats:
         return stats
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
-        """Add another object's sums into this one (same channels, metrics, options); returns self."""
+        """Add another object's sums (and maxima) into this one (same channels, metrics, options)."""
         if (other.channels, other.metrics, other.options) != (self.channels, self.metrics, self.options):
             raise SimpruneError("can only merge ChannelStats with the same channels, metrics and options")
         for name, t in other._state.items():
-            self._add(name, t)
+            if name in _MAXIMA:
+                self._state[name] = torch.maximum(self._state[name], t.to(self.device))
+            else:
+                self._add(name, t)
         return self
 
     def to(self, device: str | torch.device) -> "ChannelStats":
@@ -177,6 +369,15 @@ class ChannelStats:
         self.device = torch.device(device)
         self._state = {n: t.to(self.device) for n, t in self._state.items()}
         return self
+
+
+def is_maximum(name: str) -> bool:
+    """True for ``tensors()`` entries that combine across processes by maximum, not by sum."""
+    return name in _MAXIMA
+
+
+def _fields(m: MapMoments) -> tuple[torch.Tensor, ...]:
+    return m.mean, m.var, m.lo, m.span
 
 
 def fit_compensation(stats: ChannelStats, i: int, j: int, affine: bool = False) -> tuple[float, float]:

@@ -6,6 +6,8 @@ PSNR cap). Nothing here loops over channel pairs in Python except the greedy sel
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -75,38 +77,43 @@ def _box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def windowed_ssim_matrix(
-    maps: torch.Tensor, window: int = 7, c1: float = C1, c2: float = C2, max_elements: int = 2**24
+    maps: torch.Tensor, window: int = 7, c1: float = C1, c2: float = C2, max_elements: int = 2**24,
+    other: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Classic local SSIM (uniform window, population statistics) averaged over windows, per pair.
 
-    Pairs are processed in chunks of images x rows of the upper triangle so that no intermediate
-    holds more than about ``max_elements`` values, whatever C is.
+    With ``other`` (same shape), entry (i, j) compares ``maps`` channel i with ``other`` channel j
+    (the chance level: maps of different images). Pairs are processed in chunks of images x rows so
+    that no intermediate holds more than about ``max_elements`` values, whatever C is.
     """
     _check_constants(c1, c2)
     if window < 1:
         raise SimpruneError(f"SSIM window must be >= 1, got {window}")
     x = minmax_scale(_check_maps(maps))
+    y = x if other is None else minmax_scale(_check_maps(other))
     B, C, H, W = x.shape
     k = min(window, H, W)
-    mu = _box_mean(x, k)  # (B, C, H', W')
-    var = (_box_mean(x * x, k) - mu * mu).clamp_min(0.0)
+    mu_x, mu_y = _box_mean(x, k), _box_mean(y, k)  # (B, C, H', W')
+    var_x = (_box_mean(x * x, k) - mu_x * mu_x).clamp_min(0.0)
+    var_y = var_x if other is None else (_box_mean(y * y, k) - mu_y * mu_y).clamp_min(0.0)
     out = torch.empty(B, C, C, dtype=x.dtype, device=x.device)
     per_row = C * H * W
     rows = max(1, min(C, max_elements // per_row))
     nb = max(1, max_elements // (per_row * C)) if rows == C else 1
     for b0 in range(0, B, nb):
-        xb, mub, varb = x[b0 : b0 + nb], mu[b0 : b0 + nb], var[b0 : b0 + nb]
+        b1 = b0 + nb
         for r0 in range(0, C, rows):
-            r1 = min(C, r0 + rows)
-            xy = xb[:, r0:r1, None] * xb[:, None, r0:]  # (nb, r, C - r0, H, W)
-            mi, mj = mub[:, r0:r1, None], mub[:, None, r0:]
+            r1, c0 = min(C, r0 + rows), (r0 if other is None else 0)
+            xy = x[b0:b1, r0:r1, None] * y[b0:b1, None, c0:]  # (nb, r, C - c0, H, W)
+            mi, mj = mu_x[b0:b1, r0:r1, None], mu_y[b0:b1, None, c0:]
             cov = _box_mean(xy, k) - mi * mj
             num = (2 * mi * mj + c1) * (2 * cov + c2)
-            den = (mi * mi + mj * mj + c1) * (varb[:, r0:r1, None] + varb[:, None, r0:] + c2)
+            den = (mi * mi + mj * mj + c1) * (var_x[b0:b1, r0:r1, None] + var_y[b0:b1, None, c0:] + c2)
             block = (num / den).mean(dim=(-2, -1)).clamp(-1.0, 1.0)
-            out[b0 : b0 + nb, r0:r1, r0:] = block
-            out[b0 : b0 + nb, r0:, r0:r1] = block.transpose(1, 2)
-    return _set_diagonal(out, 1.0)
+            out[b0:b1, r0:r1, c0:] = block
+            if other is None:
+                out[b0:b1, r0:, r0:r1] = block.transpose(1, 2)
+    return out if other is not None else _set_diagonal(out, 1.0)
 
 
 def psnr_matrix(maps: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
@@ -133,6 +140,67 @@ def _cosine_rows(x: torch.Tensor, zero_pair: float = 1.0) -> torch.Tensor:
 def cosine_matrix(maps: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of the raw flattened maps (SFS); zero-zero pairs -> 1, zero-nonzero -> 0."""
     return _cosine_rows(_check_maps(maps).flatten(2))
+
+
+@dataclass(frozen=True)
+class MapMoments:
+    """Per-channel moments of feature maps over pixels, in raw units: mean, population variance, min and
+    max-minus-min (``span``). Shapes (..., C). Every map metric below is a function of these and the
+    covariance of two sets of maps, which is what lets statistics be gathered by matrix products."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    lo: torch.Tensor
+    span: torch.Tensor
+
+    def scaled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, var, 1/span) after min-max scaling to [0, 1]; a constant map scales to 0 (1/span = 0)."""
+        flat = self.span > 0
+        inv = torch.where(flat, 1.0 / self.span.clamp_min(torch.finfo(self.span.dtype).tiny), 0.0)
+        return (self.mean - self.lo) * inv, self.var * inv * inv, inv
+
+
+def _col(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(-1)
+
+
+def _row(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(-2)
+
+
+def similarity_from_moments(metric: str, a: MapMoments, b: MapMoments, cov: torch.Tensor, *, c1: float = C1,
+                            c2: float = C2, cap: float = 100.0) -> torch.Tensor:
+    """(..., C, C) similarity of maps a_i and b_j from their moments and raw covariance cov_ij.
+
+    Equal to ``SIMILARITIES[metric]`` on the maps themselves (global SSIM and PSNR on min-max scaled
+    maps, cosine on raw maps), without touching a pixel: min-max scaling is affine per map. It runs
+    once per image and probe, so it is a few broadcast and in-place passes over the (C, C) result;
+    SSIM is not clamped here (rounding may leave it 1e-7 outside [-1, 1]), PSNR is capped."""
+    if metric == "cosine":
+        na, nb = a.var + a.mean * a.mean, b.var + b.mean * b.mean
+        tiny = torch.finfo(na.dtype).tiny
+        cos = (_col(a.mean) * _row(b.mean)).add_(cov)
+        cos.mul_(_col(na.clamp_min(tiny).rsqrt()) * _row(nb.clamp_min(tiny).rsqrt())).clamp_(-1.0, 1.0)
+        za, zb = na <= 0, nb <= 0
+        if bool(za.any()) or bool(zb.any()):  # zero maps: 0 with others, 1 with another zero map
+            both = _col(za) & _row(zb)
+            cos = torch.where(_col(za) | _row(zb), both.to(cos.dtype), cos)
+        return cos
+    ua, va, sa = a.scaled()
+    ub, vb, sb = b.scaled()
+    cs = (_col(sa) * _row(sb)).mul_(cov)  # covariance of the min-max scaled maps
+    if metric == "ssim":  # (2 ua ub + c1)(2 cov' + c2) / ((ua^2 + ub^2 + c1)(va + vb + c2))
+        num = (_col(2 * ua) * _row(ub)).add_(c1).mul_(cs.mul_(2.0).add_(c2))
+        den = (_col(ua * ua + c1) + _row(ub * ub)).mul_(_col(va + c2) + _row(vb))
+        return num.div_(den)
+    if metric == "psnr":  # mse = (va + ua^2) + (vb + ub^2) - 2 (ua ub + cov')
+        cross = (_col(ua) * _row(ub)).add_(cs).mul_(-2.0)
+        mse = cross.add_(_col(va + ua * ua)).add_(_row(vb + ub * ub)).clamp_min_(0.0)
+        return mse.log10_().mul_(-10.0).clamp_(max=cap)
+    raise SimpruneError(f"similarity {metric!r} has no moment form; choose ssim, psnr or cosine")
+
+
+MOMENT_METRICS = ("ssim", "psnr", "cosine")
 
 
 SIMILARITIES = {

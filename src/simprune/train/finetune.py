@@ -36,6 +36,7 @@ class FineTune:
     resume: bool = False
     log: Callable[[str], None] = print
     progress: bool = True
+    device: str | None = None  # None: CUDA when available, else CPU
 
     def run(self, model: nn.Module, hooks: TrainHooks | None = None, epochs: int | None = None,
             checkpoint: bool = True) -> list[dict]:
@@ -43,7 +44,7 @@ class FineTune:
         cfg = self.cfg if epochs is None else TrainConfig(**{**self.cfg.__dict__, "epochs": epochs})
         return train(model, self.train_ds, cfg, self.out_dir if checkpoint else None, self.test_ds,
                      self.description, resume=self.resume and checkpoint, teacher=self.teacher, log=self.log,
-                     progress=self.progress, hooks=hooks)
+                     progress=self.progress, hooks=hooks, device=self.device)
 
 
 def mark_incomplete(out: Path, phase: str, command: str) -> None:
@@ -60,14 +61,14 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> dict | None:
     marker = out / MARKER
     if resume:
         if not marker.exists() or not (out / STATE_FILE).exists():
-            raise SimpruneError(f"--resume: {out} holds no unfinished run ({MARKER} and {STATE_FILE}); "
-                                "drop --resume to start a new one")
+            raise SimpruneError(f"resume=True but {out} holds no unfinished run ({MARKER} and {STATE_FILE}); "
+                                "drop resume=True to start a new one")
         return read_json(marker)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            hint = " (an unfinished run: add --resume to continue it)" if marker.exists() else ""
+            hint = " (an unfinished run: add resume=True to continue it)" if marker.exists() else ""
             raise SimpruneError(f"output directory {out} already exists and is not empty{hint}; "
-                                "pass --overwrite or pick another")
+                                "pass overwrite=True or pick another")
         distributed.barrier()
         if distributed.is_main():
             shutil.rmtree(out)
@@ -86,7 +87,7 @@ def load_teacher(desc: dict, teacher_dir: str | None) -> nn.Module:
     """The unpruned model for distillation: --teacher, else the checkpoint the model was pruned from."""
     source = teacher_dir or (desc.get("pruning") or {}).get("source") or (desc.get("finetune") or {}).get("teacher")
     if not source:
-        raise SimpruneError("--distill needs the unpruned model and this model records none; pass --teacher DIR")
+        raise SimpruneError("distillation needs the unpruned model and this model records none; pass teacher=")
     teacher, _ = load_model(source)
     return teacher.eval()
 

@@ -1,7 +1,7 @@
 """Training, fine-tuning and evaluation loops.
 
 SGD + momentum with a per-step cosine schedule after a linear warm-up, bf16
-autocast and channels_last on CPU, tqdm progress, and a checkpoint written
+autocast and channels_last, on ``device`` (CUDA when available, else CPU), tqdm progress, and a checkpoint written
 atomically after every epoch (``train_state.safetensors``: weights, momentum
 buffers, epoch) so ``resume`` continues exactly where a run stopped: each epoch
 reseeds its shuffling and augmentation from ``seed + epoch``.
@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from tqdm.auto import tqdm
 
 from simprune import distributed
 from simprune.errors import SimpruneError
@@ -32,6 +31,7 @@ from simprune.io.files import (
     save_model,
     tensors_bytes,
 )
+from simprune.progress import bar as progress_bar
 
 
 @dataclass
@@ -55,8 +55,8 @@ class TrainConfig:
             raise SimpruneError("epochs and batch size must be >= 1 and lr > 0")
 
 
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+def autocast(enabled: bool, device: torch.device | str = "cpu"):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -83,13 +83,13 @@ def _optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str
         for p in group["params"]:
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                out[f"optim.{names[id(p)]}"] = buf.detach().contiguous().clone()
+                out[f"optim.{names[id(p)]}"] = buf.detach().to("cpu", copy=True).contiguous()
     return out
 
 
 def save_train_state(out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
                      history: list[dict], cfg: TrainConfig, hook_state: dict | None = None) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     tensors.update(_optimizer_tensors(model, opt))
     meta = {"epoch": str(epoch), "history": json.dumps(history), "config": json.dumps(asdict(cfg)),
             "hooks": json.dumps(hook_state or {})}
@@ -104,7 +104,7 @@ def load_train_state(out_dir: Path, model: nn.Module,
     count, one history record per epoch), names, shapes and finite values."""
     path = out_dir / STATE_FILE
     if not path.exists():
-        raise SimpruneError(f"--resume: {path} does not exist; nothing to resume, drop --resume")
+        raise SimpruneError(f"resume=True but {path} does not exist; nothing to resume, drop resume=True")
     tensors, meta = read_safetensors(path)
     try:
         text = meta["epoch"]
@@ -117,7 +117,7 @@ def load_train_state(out_dir: Path, model: nn.Module,
             raise ValueError("unexpected types")
     except (KeyError, ValueError, RecursionError) as exc:
         raise SimpruneError(f"{path} lacks valid epoch/history metadata; it is not a simprune training state, "
-                            "start again with --overwrite") from exc
+                            "start again with overwrite=True") from exc
     unknown = sorted(k for k in tensors if not k.startswith(("model.", "optim.")))
     if unknown:
         raise SimpruneError(f"{path}: unexpected entries {unknown[:3]}; it is not a simprune training state")
@@ -128,7 +128,7 @@ def load_train_state(out_dir: Path, model: nn.Module,
             p = params.get(key[6:])
             if p is None or p.shape != buf.shape or not buf.is_floating_point():
                 raise SimpruneError(f"{path}: optimizer state {key} does not match the model")
-            buf = buf.to(p.dtype)
+            buf = buf.to(p)
             if not torch.isfinite(buf).all():
                 raise SimpruneError(f"{path}: optimizer state {key} contains NaN or inf; the file is corrupt")
             momentum[p] = buf
@@ -146,21 +146,23 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, sampler=None
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, bf16: bool = True,
-             progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy over ``ds`` (sharded across torchrun ranks)."""
-    was_training = model.training
-    model.eval()
+             progress: bool = False, desc: str = "eval", device: str | torch.device | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy over ``ds`` (sharded across torchrun ranks),
+    on ``device`` (None: where the model already is; the model goes back where it was)."""
+    was_training, home = model.training, distributed.model_device(model)
+    device = home if device is None else distributed.resolve_device(device)
+    model.to(device).eval()
     if distributed.active():
         ds = Subset(ds, distributed.shard(list(range(len(ds)))))
     sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, n
-    for x, y in tqdm(_loader(ds, batch_size, False, 0), desc=desc, leave=False,
-                     disable=not (progress and distributed.is_main())):
-        with autocast(bf16):
+    for x, y in progress_bar(_loader(ds, batch_size, False, 0), desc, unit="batches", enabled=progress):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(bf16, device):
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(dim=1).sum().item(),
                               F.cross_entropy(logits, y, reduction="sum").item(), len(y)], dtype=torch.float64)
-    model.train(was_training)
+    model.train(was_training).to(home)
     correct1, correct5, loss_sum, n = distributed.all_reduce_sum(sums).tolist()
     if n == 0:
         raise SimpruneError("evaluation data set is empty")
@@ -201,7 +203,7 @@ def _epoch_loader(train_ds: Dataset, cfg: TrainConfig, epoch: int, batch: int) -
 def _step_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                teacher: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, logits) of one batch: cross-entropy, plus distillation from ``teacher`` when it is given."""
-    with autocast(cfg.bf16):
+    with autocast(cfg.bf16, x.device):
         logits = net(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if teacher is not None and cfg.distill_alpha > 0:
@@ -219,11 +221,13 @@ def _train_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, l
     (steps per epoch, total steps, warm-up steps) of the learning-rate curve."""
     steps_per_epoch, total, warmup = schedule
     sums = torch.zeros(3, dtype=torch.float64)
-    bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not (progress and distributed.is_main()))
+    bar = progress_bar(loader, f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, unit="batches",
+                       enabled=progress)
+    device = distributed.model_device(model)
     for step, (x, y) in enumerate(bar):
         if step >= steps_per_epoch:
             break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch * steps_per_epoch + step, total, warmup, cfg.lr)
         if cfg.channels_last:
@@ -235,7 +239,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, l
         hooks.on_step(model)
         if not torch.isfinite(loss):
             raise SimpruneError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower the learning "
-                                "rate (lr=, the CLI's --lr)")
+                                "rate lr=")
         sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
                              dtype=torch.float64)
         bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")
@@ -255,13 +259,19 @@ def _checkpoint(out_dir: Path, model: nn.Module, opt, epoch: int, history: list[
 def train(model: nn.Module, train_ds: Dataset, cfg: TrainConfig, out_dir: Path | None = None,
           test_ds: Dataset | None = None, description: dict[str, Any] | None = None, resume: bool = False,
           teacher: nn.Module | None = None, log: Callable[[str], None] = print,
-          progress: bool = True, hooks: TrainHooks | None = None) -> list[dict]:
-    """Train ``model`` in place; return per-epoch history. Writes checkpoints to ``out_dir`` if given.
+          progress: bool = True, hooks: TrainHooks | None = None,
+          device: str | torch.device | None = None) -> list[dict]:
+    """Train ``model`` in place on ``device`` (None: CUDA when available, else CPU; the model stays
+    there); return per-epoch history. Writes checkpoints to ``out_dir`` if given.
 
     Under torchrun the model is wrapped in DistributedDataParallel, each rank reads its shard
     (DistributedSampler; ``cfg.batch_size`` is the global batch) and only rank 0 writes files.
     """
     cfg.validate()
+    device = distributed.resolve_device(device)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
     hooks = hooks or TrainHooks()
     out_dir = Path(out_dir) if out_dir else None
     if cfg.channels_last:
@@ -273,7 +283,8 @@ def train(model: nn.Module, train_ds: Dataset, cfg: TrainConfig, out_dir: Path |
         hooks.load_state(hook_state)
         log(f"resuming from epoch {start_epoch} of {cfg.epochs} ({out_dir / STATE_FILE})")
     world = distributed.world_size()
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ids = [device.index] if device.type == "cuda" else None
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     batch = max(1, cfg.batch_size // world)
     steps_per_epoch = math.ceil(math.ceil(len(train_ds) / world) / batch)
     if cfg.limit_batches:

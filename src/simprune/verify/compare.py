@@ -18,17 +18,19 @@ from typing import Iterator
 
 import torch
 
-from simprune.criteria import ScoreCache, get_criterion
+from simprune.criteria import ScoreCache, available_criteria, get_criterion
 from simprune.errors import SimpruneError
 from simprune.io.files import atomic_write_bytes, atomic_write_json
+from simprune.progress import note as progress_note
 from simprune.schedules.run import run_schedule
 from simprune.train.loop import evaluate
 from simprune.verify.reports import write_report
 from simprune.verify.tables import markdown_table, pivot_table, run_label
 
 COMPENSATIONS = ("default", "lstsq", "twin", "none")
-COLUMNS = ["label", "criterion", "compensated", "reconstructed", "schedule", "target", "flops_removed", "params_removed", "macs",
-           "params", "top1", "change", "score_s", "seconds"]
+COLUMNS = ["label", "criterion", "compensated", "reconstructed", "schedule", "target", "flops_removed",
+           "params_removed", "macs", "params", "top1", "change", "score_s", "seconds", "latency_ms", "speedup",
+           "model_dir"]
 
 
 @dataclass(frozen=True)
@@ -41,18 +43,21 @@ class Spec:
 
 
 def parse_specs(text: str) -> list[Spec]:
-    """``"qsfm,qsfm:cosine,l1"`` -> specs; ``NAME:METRIC`` sets the criterion's similarity metric."""
-    specs = []
+    """``"qsfm,qsfm:cosine,l1,tp:lamp"`` -> specs; ``NAME:METRIC`` sets the criterion's similarity metric
+    unless the whole item is a criterion's name (``tp:lamp``)."""
+    specs, names = [], available_criteria()
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
         name, _, metric = item.partition(":")
+        if item in names:  # a name with a colon, e.g. tp:lamp
+            name, metric = item, ""
         options = {"similarity": metric} if metric else {}
         get_criterion(name, **options)  # unknown names and options fail here, before any work
         specs.append(Spec(item, name, options))
     labels = [s.label for s in specs]
     if not specs or len(set(labels)) != len(labels):
-        raise SimpruneError(f"--criteria {text!r} must name distinct criteria, e.g. qsfm,l1,random")
+        raise SimpruneError(f"criteria {text!r} must name distinct criteria, e.g. qsfm,l1,random")
     return specs
 
 
@@ -109,42 +114,37 @@ def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[floa
     CriterionResult, e.g. its similarity matrices); ``model`` itself is never modified.
     ``prune_options`` (e.g. ``cost_weight``, ``guards``) go to every :func:`simprune.schedules.run.run_schedule` call.
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     crits = [get_criterion(s.name, **s.options) for s in specs]
-    for crit in crits:
-        if hasattr(crit, "progress"):
-            crit.progress = False
     total = sum(len(_modes(c, list(compensations))) for c in crits) * len(schedules) * len(targets) * \
         len(reconstructions)
-    bar = tqdm(total=total, desc="compare", disable=not progress, leave=False)
-    try:
-        for spec, crit in zip(specs, crits):
-            for schedule in schedules:
-                extra = schedule_options(schedule)
-                cache = ScoreCache(crit, reuse=not extra)  # re-scored at every step of a schedule
-                score_s = None
-                for comp, refit, target in itertools.product(_modes(crit, list(compensations)), reconstructions,
-                                                         targets):
-                    bar.set_postfix_str(f"{spec.label} {target:g}")
-                    t0 = time.perf_counter()
-                    pruned, report = run_schedule(model, example, cache, {kind: target}, calibration=calibration,
-                                               compensate=comp, protect_uncompensable=protect_uncompensable,
-                                               recalibrate_bn=calibration is not None, reconstruct=refit,
-                                               **extra, **prune_options)
-                    score_s = (report.get("seconds") or {}).get("scores") if score_s is None else score_s
-                    top1 = evaluate(pruned, test)["top1"]
-                    row = {"criterion": spec.label, "compensated": report["compensated"],
-                           "reconstructed": bool(report.get("reconstructed")), "schedule": schedule,
-                           "target": target, "flops_removed": report["reduction"]["flops"],
-                           "params_removed": report["reduction"]["params"], "macs": report["macs"]["after"],
-                           "params": report["params"]["after"], "top1": top1, "change": top1 - base_top1,
-                           "score_s": score_s, "seconds": time.perf_counter() - t0}
-                    row = {"label": run_label(row), **row}
-                    bar.update()
-                    yield {"row": row, "model": pruned, "report": report, "result": cache.result}
-    finally:
-        bar.close()
+    done = 0
+    for spec, crit in zip(specs, crits):
+        for schedule in schedules:
+            extra = schedule_options(schedule)
+            cache = ScoreCache(crit, reuse=not extra)  # re-scored at every step of a schedule
+            score_s = None
+            for comp, refit, target in itertools.product(_modes(crit, list(compensations)), reconstructions,
+                                                     targets):
+                t0 = time.perf_counter()
+                pruned, report = run_schedule(model, example, cache, {kind: target}, calibration=calibration,
+                                              compensate=comp, protect_uncompensable=protect_uncompensable,
+                                              recalibrate_bn=calibration is not None, reconstruct=refit,
+                                              **extra, **prune_options)
+                score_s = (report.get("seconds") or {}).get("scores") if score_s is None else score_s
+                top1 = evaluate(pruned, test, progress=progress, desc=f"top-1 of {spec.label} at {target:g}",
+                                device=prune_options.get("device"))["top1"]
+                row = {"criterion": spec.label, "compensated": report["compensated"],
+                       "reconstructed": bool(report.get("reconstructed")), "schedule": schedule,
+                       "target": target, "flops_removed": report["reduction"]["flops"],
+                       "params_removed": report["reduction"]["params"], "macs": report["macs"]["after"],
+                       "params": report["params"]["after"], "top1": top1, "change": top1 - base_top1,
+                       "score_s": score_s, "seconds": time.perf_counter() - t0}
+                row = {"label": run_label(row), **row}
+                done += 1
+                if progress:
+                    progress_note(f"[{done}/{total}] {row['label']} at {target:g}: MACs "
+                                  f"-{row['flops_removed']:.1%}, top-1 {top1:.2f} % ({row['seconds']:.0f} s)")
+                yield {"row": row, "model": pruned, "report": report, "result": cache.result}
 
 
 def results_markdown(data: dict) -> str:

@@ -7,17 +7,15 @@ Each file is written atomically; the commands write them inside their atomic out
 """
 from __future__ import annotations
 
-import base64
-import html
 import importlib.metadata
 import platform
 import re
 from pathlib import Path
-from typing import Any
 
 from simprune.errors import SimpruneError
 from simprune.io.files import atomic_write_bytes, read_json
-from simprune.verify.tables import markdown_table, pivot_table
+from simprune.verify.render import render_html, render_markdown
+from simprune.verify.tables import pivot_table
 
 KINDS = ("prune", "analyze", "compare", "demo")
 PACKAGES = ("simprune", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "numpy")
@@ -61,9 +59,12 @@ def _latency_blocks(data: dict) -> list[Block]:
     lat = data.get("latency") or {}
     blocks: list[Block] = []
     if lat.get("rows"):
+        int8 = any("int8_ms" in r for r in lat["rows"])
         rows = [[r["engine"], r["batch"], _ms(r["before_ms"]), _ms(r["after_ms"]), f"{r['speedup']:.2f}x"]
+                + ([_ms(r.get("int8_ms")), f"{r['int8_speedup']:.2f}x" if "int8_speedup" in r else ""] if int8 else [])
                 for r in lat["rows"]]
-        blocks.append(("table", ["engine", "batch", "before (median)", "after (median)", "speedup"], rows))
+        blocks.append(("table", ["engine", "batch", "before (median)", "after (median)", "speedup"]
+                       + (["int8 (median)", "int8 speedup"] if int8 else []), rows))
     speed = data.get("speedup") or {}
     if speed.get("measured") is not None:
         head = "onnxruntime at batch 1" if any(r["engine"] == "onnxruntime" and r["batch"] == 1
@@ -78,6 +79,32 @@ def _latency_blocks(data: dict) -> list[Block]:
                                       "share the cores)" if lat.get("load_average", 0) >= 1 else "") if s)
         blocks.append(("p", text + (f"; {where}." if where else ".")))
     return blocks
+
+
+def _int8_blocks(data: dict, original_top1: float | None) -> list[Block]:
+    """Original float32, pruned float32 and pruned int8 side by side: top-1, onnxruntime batch-1 latency, MiB."""
+    int8, lat, size = data.get("int8") or {}, data.get("latency_ms") or {}, data.get("size_mib") or {}
+    if not int8 and "int8" not in lat:
+        return []
+
+    def top1(v):
+        return "" if v is None else f"{v:.2f} %"
+
+    rows = [[name, top1(acc), _ms(lat.get(key)), "" if size.get(file) is None else f"{size[file]:.2f} MiB"]
+            for name, acc, key, file in (("original float32", int8.get("original_top1") or original_top1, "before",
+                                          "original"),
+                                         ("pruned float32", int8.get("fp32_top1"), "after", "pruned"),
+                                         ("pruned int8", int8.get("int8_top1"), "int8", "int8"))]
+    text = "Latency: onnxruntime, batch 1, median of the interleaved runs above; size: the ONNX file."
+    if int8:
+        tol = int8.get("tolerance") or {}
+        text = (f"Top-1 in onnxruntime on {int8.get('images')} test images of {int8.get('data')}; int8 picks "
+                f"float32's class on {int8.get('agreement', 0):.1f} % of them ("
+                + (f"kept: within {tol['max_drop']:.1f} points of float32" if "max_drop" in tol else
+                   f"kept: at least {tol.get('min_agreement', 0):g} % agreement")
+                + f"). The int8 file: {int8.get('method')}, {int8.get('calibration_images')} calibration images. "
+                + ("" if int8.get("original_top1") is not None else "Original: top-1 measured when pruning. ") + text)
+    return [("table", ["", "top-1", "latency", "size"], rows), ("p", text)]
 
 
 def _provenance(data: dict, versions: dict | None) -> tuple[str, list[Block]]:
@@ -126,14 +153,21 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     if lat and lat.get("after"):
         rows.append(["latency (onnxruntime, batch 1)", _ms(lat["before"]), _ms(lat["after"]),
                      f"{lat['before'] / lat['after']:.2f}x faster"])
-    model_rows = [["model", data.get("model")], ["pruned from", (desc.get("pruning") or {}).get("source") or "-"],
-                  ["input", "x".join(map(str, desc.get("input_shape") or [])) or "-"],
-                  ["data", (desc.get("data") or {}).get("name") or "-"],
+    origin = data.get("provenance") or {}
+    model_rows = [["model", data.get("model")],
+                  ["pruned from", (desc.get("pruning") or {}).get("source") or "the architecture (no checkpoint)"],
+                  ["weights", origin.get("weights") or "not recorded"],
+                  ["calibration", origin.get("calibration") or "not recorded"],
+                  ["input", "x".join(map(str, desc.get("input_shape") or [])) or "not recorded"],
+                  ["trained on", (desc.get("data") or {}).get("name") or "not recorded"],
                   ["prunable groups", len(data.get("groups", []))]]
     sections = [("Summary", [("cards", cards), ("table", ["", "before", "after", "change"], rows)]),
                 ("Model", [("table", ["", ""], model_rows)])]
+    if data.get("warnings"):
+        sections.insert(1, ("Warnings", [("p", text) for text in data["warnings"]]))
     if data.get("latency"):
         sections.append(("Latency", _latency_blocks(data)))
+    sections.append(("Float32 and int8", _int8_blocks(data, (acc or {}).get("before"))))
     if data.get("layers"):
         sections.append(("Channels per layer", [("img", "channels.png",
                                                  "output channels of every conv/linear layer before (grey) and after")]))
@@ -179,29 +213,38 @@ def _analyze_sections(data: dict, directory: Path, context: dict) -> tuple[str, 
     weights = "random weights" if data.get("weights") == "random" else (data.get("checkpoint") or "checkpoint")
     title = f"Redundancy analysis: {data.get('model')} ({weights})"
     keys = list(net["twins"])
-    low = keys[0]  # the most inclusive threshold
-    cards = [(f"{100 * net['twin_share'][low]:.1f} %", f"of channels have a twin above {low}"),
-             (str(net["groups"]), "channel groups"), (str(net["channels"]), "channels"),
-             (str(net["dead_channels"]), "dead channels")]
+    levels = list(net.get("removable_within") or {})
+    mid = levels[len(levels) // 2] if levels else None
+    cards = ([(_pct(net["macs_removed_within"][mid]), f"of MACs in channels reproducible within {float(mid):.0%}")]
+             if mid else []) + [(str(net["groups"]), "channel groups"), (str(net["channels"]), "channels"),
+                                (str(net["dead_channels"]), "dead channels")]
     rows = [[f"> {k}", net["twins"][k], _pct(net["twin_share"][k]), net["removable"][k]] for k in keys]
+    removable = [[f"{float(e):.0%}", net["removable_within"][e], _pct(net["removable_within"][e] / net["channels"]),
+                  _pct(net["macs_removed_within"][e])] for e in levels]
     model_rows = [["model", data.get("model")], ["weights", weights],
                   ["input", "x".join(map(str, data.get("input_shape") or []))],
                   ["calibration", f"{cal.get('images')} images of {cal.get('data')} (seed {cal.get('seed')})"],
                   ["similarity", net["similarity"]]]
-    top = sorted(data["groups"], key=lambda g: -(g.get("mean_max_similarity") or float("-inf")))[:10]
-    top_rows = [[g["group"], g["channels"], "yes" if g["residual"] else "",
-                 "" if g.get("mean_max_similarity") is None else f"{g['mean_max_similarity']:.3f}"]
+    top = sorted(data["groups"], key=lambda g: (-g["removable_within"][mid] / g["channels"]) if mid else
+                 -(g.get("mean_max_similarity") or float("-inf")))[:10]
+    top_rows = [[g["group"], g["channels"], "yes" if g["residual"] else ""]
+                + [g["removable_within"][e] for e in levels]
+                + ["" if g.get("mean_max_similarity") is None else f"{g['mean_max_similarity']:.3f}"]
                 + [g["twins"][k] for k in keys] + [g["dead_channels"]] for g in top]
+    what_can_go = [("table", ["error within", "channels that can go", "share", "MACs saved"], removable),
+                   ("p", "Channels the other channels of their layer reproduce by least squares (what `--compensate "
+                         "lstsq` folds into the next layer), removed greedily; the error is the share of the layer's "
+                         "map energy the kept channels cannot reproduce.")] if levels else []
     sections = [
-        ("Summary", [("cards", cards), ("table", ["max similarity", "channels with a twin", "share",
-                                                  "removable as twins"], rows)]),
+        ("Summary", [("cards", cards)] + what_can_go + [
+            ("table", ["max similarity", "channels with a near-copy", "share", "removable as twins"], rows)]),
         ("Model", [("table", ["", ""], model_rows)]),
         ("Redundancy per group", _figures(directory, "redundancy.png", "share of channels with a twin per group "
                                           "(top) and the spread of each channel's highest similarity (bottom)")),
-        ("Most redundant groups", [("table", ["group", "channels", "residual", "mean max similarity"]
+        ("Most redundant groups", [("table", ["group", "channels", "residual"]
+                                   + [f"can go within {float(e):.0%}" for e in levels] + ["mean max similarity"]
                                    + [f"twins > {k}" for k in keys] + ["dead"], top_rows),
-                                  ("p", "The ten groups whose channels are, on average, most similar to their "
-                                        "closest other channel.")]),
+                                  ("p", "The ten groups with the largest share of channels that can go.")]),
         ("Channel similarity", _figures(directory, "similarity*.png", "similarity of every pair of channels in "
                                         "each group")),
     ]
@@ -282,6 +325,7 @@ def _demo_sections(data: dict, directory: Path, context: dict) -> tuple[str, lis
                                 f"{onnx.get('bytes', 0) / 2**20:.1f} MiB, verified in onnxruntime: max difference "
                                 f"{onnx.get('max_abs_diff', 0):.1e})."))
         sections.append(("Latency", blocks))
+    sections.append(("Float32 and int8", _int8_blocks(data, base)))
     sections.append(("Channels per layer", [("img", "channels.png", "output channels of every layer before "
                                              "(grey bars) and kept by each criterion (lines)")]))
     heat = _figures(directory, "similarity*.png", f"similarity of every pair of channels in each group of the "
@@ -297,88 +341,6 @@ BUILDERS = {"prune": _prune_sections, "analyze": _analyze_sections, "compare": _
 
 # ---- rendering ------------------------------------------------------------------------------
 
-def render_markdown(title: str, sections: list) -> str:
-    lines = [f"# {title}", ""]
-    for name, blocks in sections:
-        lines += [f"## {name}", ""]
-        for block in blocks:
-            kind = block[0]
-            if kind == "p":
-                lines += [block[1], ""]
-            elif kind == "cards":
-                lines += [" · ".join(f"**{v}** {label}" for v, label in block[1]), ""]
-            elif kind == "table":
-                lines += [markdown_table(block[1], block[2]), ""]
-            elif kind == "img":
-                lines += [f"![{Path(block[1]).stem}]({block[1]})", ""] + ([f"*{block[2]}*", ""] if block[2] else [])
-            elif kind == "code":
-                lines += ["```", block[1], "```", ""]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-CSS = """
-body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#1f2328;
-background:#f6f7f9;margin:0}
-main{max-width:1160px;margin:0 auto;padding:28px 36px 48px;background:#fff;min-height:100vh;box-sizing:border-box}
-h1{font-size:24px;margin:0 0 4px;line-height:1.3}
-.sub{color:#59636e;margin:0 0 20px;font-size:13px}
-h2{font-size:18px;margin:32px 0 10px;padding-bottom:4px;border-bottom:1px solid #d1d9e0}
-p{margin:8px 0 12px;max-width:900px}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
-th,td{padding:5px 12px;border-bottom:1px solid #e5e8eb;text-align:left;vertical-align:top}
-th{background:#f6f8fa;font-weight:600;border-bottom:2px solid #d1d9e0}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tbody tr:hover{background:#f9fafb}
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0 16px}
-.card{border:1px solid #d1d9e0;border-radius:8px;padding:10px 16px;min-width:130px;background:#fbfcfd}
-.card b{display:block;font-size:22px;line-height:1.2;color:#0b5cad}
-.card span{font-size:12px;color:#59636e}
-figure{margin:12px 0 20px}
-figure img{max-width:100%;height:auto;border:1px solid #e5e8eb;border-radius:4px}
-figcaption{font-size:13px;color:#59636e;margin-top:4px}
-pre{background:#f6f8fa;border:1px solid #e5e8eb;border-radius:6px;padding:10px 12px;font-size:13px;
-white-space:pre-wrap;word-break:break-all}
-"""
-_NUMERIC = re.compile(r"^[-+]?\d[\d,.]*\s?(%|M|ms|x|points|x faster|\([-+]\d[\d.]*\))?$")
-
-
-def _html_cell(v: Any, tag: str = "td", align: bool = True) -> str:
-    text = str(v)
-    cls = ' class="num"' if tag == "td" and align and _NUMERIC.match(text.strip()) else ""
-    return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
-
-
-def render_html(title: str, sections: list, directory: Path, subtitle: str = "") -> str:
-    """One HTML page; PNGs referenced by the sections are read from ``directory`` and embedded."""
-    out = [f"<h1>{html.escape(title)}</h1>"]
-    if subtitle:
-        out.append(f'<p class="sub">{html.escape(subtitle)}</p>')
-    for name, blocks in sections:
-        out.append(f"<h2>{html.escape(name)}</h2>")
-        for block in blocks:
-            kind = block[0]
-            if kind == "p":
-                out.append(f"<p>{html.escape(block[1])}</p>")
-            elif kind == "cards":
-                cards = "".join(f'<div class="card"><b>{html.escape(str(v))}</b><span>{html.escape(label)}</span></div>'
-                                for v, label in block[1])
-                out.append(f'<div class="cards">{cards}</div>')
-            elif kind == "table":
-                header, rows = block[1], block[2]
-                head = "".join(_html_cell(h, "th") for h in header) if any(header) else ""
-                body = "".join("<tr>" + "".join(_html_cell(c, align=bool(head)) for c in r) + "</tr>" for r in rows)
-                out.append(f"<table>{f'<thead><tr>{head}</tr></thead>' if head else ''}<tbody>{body}</tbody></table>")
-            elif kind == "img":
-                data = base64.b64encode((directory / block[1]).read_bytes()).decode()
-                cap = f"<figcaption>{html.escape(block[2])}</figcaption>" if block[2] else ""
-                out.append(f'<figure><img alt="{html.escape(block[2] or block[1])}" '
-                           f'src="data:image/png;base64,{data}">{cap}</figure>')
-            elif kind == "code":
-                out.append(f"<pre>{html.escape(block[1])}</pre>")
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n"
-            + "\n".join(out) + "\n</main></body></html>\n")
 
 
 def write_report(directory: str | Path, kind: str, data: dict, context: dict | None = None) -> list[Path]:

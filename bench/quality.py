@@ -3,9 +3,11 @@ Fashion-MNIST ResNets.
 
 Every run prunes the same model to the same MACs target on the same footing: the same allocator, groups
 read by the parameter-free option-A shortcut left whole for all, the same 640 seeded calibration images,
-BatchNorm statistics re-estimated on them, no fine-tuning. "refit" rows run the reconstruction
-(``simprune.prune(..., reconstruct=True)``: every layer that lost input channels is refit by least squares
-to reproduce the unpruned model's output, in network order); the other rows use the criterion's own
+BatchNorm statistics re-estimated on them, kept channel counts as the allocator ranks them (``round_to=1``;
+the "aligned" row keeps the library's default alignment to the CPU's vector block), no fine-tuning. "refit"
+rows run the reconstruction (``simprune.prune(..., reconstruct=True)``: the conv and linear layers are refit
+by least squares to reproduce the unpruned model's outputs, in network order); the other rows use the
+criterion's own
 repair (qsfm and feature-stats: the least-squares channel fold) or none. Torch-Pruning's importances run
 through Torch-Pruning's own classes (``tp:*``). Top-1 on the 10,000-image test set. A criterion's scores
 are computed once per model and reused for every target. Rows are written to the JSON as they finish;
@@ -34,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import simprune  # noqa: E402
 from common import RESULTS, print_table, write_json  # noqa: E402
+from simprune.allocation.allocator import Guards  # noqa: E402
 from simprune.calibrate.calibration import calibration_loader  # noqa: E402
 from simprune.criteria import ScoreCache, get_criterion  # noqa: E402
 from simprune.io.data import load_dataset  # noqa: E402
@@ -53,7 +56,9 @@ CRITERIA = {  # label -> (registry name, options)
     "fpgm": ("fpgm", {}),
     "random": ("random", {}),
     **{name: (name, {}) for name in IMPORTANCES},
+    "refit-error aligned": ("refit-error", {}),
 }
+ALIGNED = {"refit-error aligned"}  # these rows keep the default Guards(round_to=None): vector-block multiples
 TARGETS = [0.30, 0.48, 0.62, 0.70]
 ABLATIONS = {  # what each part of the refit adds: refit-error selection, the refit with one part changed
     "as is": ({}, True),
@@ -75,8 +80,9 @@ def make_criterion(label: str):
 def prune_row(model, example, crit, label: str, target: float, refit: bool, calib, test, base: float,
               model_name: str) -> dict:
     """One pruned model, evaluated: the row of the table."""
+    guards = Guards() if label in ALIGNED else Guards(round_to=1)
     pruned, report = simprune.prune(model, example, crit, {"flops": target}, calibration=calib, reconstruct=refit,
-                                    protect_uncompensable=True, recalibrate_bn=True)
+                                    protect_uncompensable=True, recalibrate_bn=True, guards=guards)
     top1 = evaluate(pruned, test)["top1"]
     refit_info = report.get("reconstructed") or {}
     return {"model": model_name, "criterion": label, "reconstructed": refit,
@@ -106,7 +112,8 @@ def speed(model, example, calib) -> dict:
     fp32 = min((bare_forward(model, calib, False) for _ in range(2)), key=lambda t: t[1])
     bf16 = min((bare_forward(model, calib, True) for _ in range(2)), key=lambda t: t[1])
     t0, c0 = time.perf_counter(), time.process_time()
-    _, report = simprune.prune(model, example, make_criterion("refit-error"), {"flops": 0.48}, calibration=calib)
+    _, report = simprune.prune(model, example, make_criterion("refit-error"), {"flops": 0.48}, calibration=calib,
+                               guards=Guards(round_to=1))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     refit = report["reconstructed"]
     return {"criterion": "refit-error", "target": 0.48, "prune_s": wall, "prune_cpu_s": cpu,
@@ -126,7 +133,8 @@ def ablations(model, example, calib, test, base: float, targets: list[float], en
             if any((r["variant"], r["target"]) == (label, target) for r in rows):
                 continue
             pruned, report = simprune.prune(model, example, crit, {"flops": target}, calibration=calib,
-                                            reconstruct_options=options, recalibrate_bn=recalibrate)
+                                            reconstruct_options=options, recalibrate_bn=recalibrate,
+                                            guards=Guards(round_to=1))
             top1 = evaluate(pruned, test)["top1"]
             rows.append({"variant": label, "target": target, "top1": top1, "change": top1 - base,
                          "refit_seconds": report["seconds"]["reconstruction"]})
@@ -180,7 +188,7 @@ def main() -> None:
               f"({sp['ratio_bf16']:.1f}x a bf16 one); wall {sp['prune_s']:.1f} s", file=sys.stderr)
     for label in args.criteria:
         crit = ScoreCache(make_criterion(label), reuse=True)  # one scoring pass serves every target
-        for refit in (False, True):
+        for refit in (True,) if label in ALIGNED else (False, True):
             for target in sorted(args.targets):
                 if not args.redo and any((r["criterion"], r["reconstructed"], r["target"]) == (label, refit, target)
                                          for r in entry["rows"]):

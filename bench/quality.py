@@ -3,13 +3,16 @@ Fashion-MNIST ResNets.
 
 Every run prunes the same model to the same MACs target on the same footing: the same allocator, groups
 read by the parameter-free option-A shortcut left whole for all, the same 640 seeded calibration images,
-BatchNorm statistics re-estimated on them, no fine-tuning. "refit" rows run the reconstruction
-(``simprune.prune(..., reconstruct=True)``: every layer that lost input channels is refit by least squares
-to reproduce the unpruned model's output, in network order); the other rows use the criterion's own
+BatchNorm statistics re-estimated on them, kept channel counts as the allocator ranks them (``round_to=1``;
+the "aligned" row keeps the library's default alignment to the CPU's vector block), no fine-tuning. "refit"
+rows run the reconstruction (``simprune.prune(..., reconstruct=True)``: the conv and linear layers are refit
+by least squares to reproduce the unpruned model's outputs, in network order); the other rows use the
+criterion's own
 repair (qsfm and feature-stats: the least-squares channel fold) or none. Torch-Pruning's importances run
 through Torch-Pruning's own classes (``tp:*``). Top-1 on the 10,000-image test set. A criterion's scores
 are computed once per model and reused for every target. Rows are written to the JSON as they finish;
-a rerun keeps the rows of other models, criteria or targets (``--fresh`` starts over).
+a rerun keeps the rows already measured and runs only the missing ones (``--fresh`` starts over;
+``--redo`` measures the selected rows again).
 
 The timing line prunes once more from scratch (refit-error + refit at 48 %) and divides its CPU time by
 that of a bare forward over the same 640 images (fp32, the refit's precision; and bf16 autocast).
@@ -33,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import simprune  # noqa: E402
 from common import RESULTS, print_table, write_json  # noqa: E402
+from simprune.allocation.allocator import Guards  # noqa: E402
 from simprune.calibrate.calibration import calibration_loader  # noqa: E402
 from simprune.criteria import ScoreCache, get_criterion  # noqa: E402
 from simprune.io.data import load_dataset  # noqa: E402
@@ -52,7 +56,9 @@ CRITERIA = {  # label -> (registry name, options)
     "fpgm": ("fpgm", {}),
     "random": ("random", {}),
     **{name: (name, {}) for name in IMPORTANCES},
+    "refit-error aligned": ("refit-error", {}),
 }
+ALIGNED = {"refit-error aligned"}  # these rows keep the default Guards(round_to=None): vector-block multiples
 TARGETS = [0.30, 0.48, 0.62, 0.70]
 ABLATIONS = {  # what each part of the refit adds: refit-error selection, the refit with one part changed
     "as is": ({}, True),
@@ -74,8 +80,9 @@ def make_criterion(label: str):
 def prune_row(model, example, crit, label: str, target: float, refit: bool, calib, test, base: float,
               model_name: str) -> dict:
     """One pruned model, evaluated: the row of the table."""
+    guards = Guards() if label in ALIGNED else Guards(round_to=1)
     pruned, report = simprune.prune(model, example, crit, {"flops": target}, calibration=calib, reconstruct=refit,
-                                    protect_uncompensable=True, recalibrate_bn=True)
+                                    protect_uncompensable=True, recalibrate_bn=True, guards=guards)
     top1 = evaluate(pruned, test)["top1"]
     refit_info = report.get("reconstructed") or {}
     return {"model": model_name, "criterion": label, "reconstructed": refit,
@@ -105,7 +112,8 @@ def speed(model, example, calib) -> dict:
     fp32 = min((bare_forward(model, calib, False) for _ in range(2)), key=lambda t: t[1])
     bf16 = min((bare_forward(model, calib, True) for _ in range(2)), key=lambda t: t[1])
     t0, c0 = time.perf_counter(), time.process_time()
-    _, report = simprune.prune(model, example, make_criterion("refit-error"), {"flops": 0.48}, calibration=calib)
+    _, report = simprune.prune(model, example, make_criterion("refit-error"), {"flops": 0.48}, calibration=calib,
+                               guards=Guards(round_to=1))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     refit = report["reconstructed"]
     return {"criterion": "refit-error", "target": 0.48, "prune_s": wall, "prune_cpu_s": cpu,
@@ -116,18 +124,22 @@ def speed(model, example, calib) -> dict:
             "largest_gram_mib": refit["largest_gram_mib"], "frontier_mib": refit["frontier_mib"]}
 
 
-def ablations(model, example, calib, test, base: float, targets: list[float]) -> list[dict]:
-    """refit-error + refit with one part of the refit changed at a time (scores computed once)."""
-    crit, rows = ScoreCache(make_criterion("refit-error"), reuse=True), []
+def ablations(model, example, calib, test, base: float, targets: list[float], entry: dict, save) -> None:
+    """refit-error + refit with one part of the refit changed at a time (scores computed once); rows go to
+    ``entry["ablations"]`` and are saved one by one, those already there are kept."""
+    crit, rows = ScoreCache(make_criterion("refit-error"), reuse=True), entry.setdefault("ablations", [])
     for label, (options, recalibrate) in ABLATIONS.items():
         for target in targets:
+            if any((r["variant"], r["target"]) == (label, target) for r in rows):
+                continue
             pruned, report = simprune.prune(model, example, crit, {"flops": target}, calibration=calib,
-                                            reconstruct_options=options, recalibrate_bn=recalibrate)
+                                            reconstruct_options=options, recalibrate_bn=recalibrate,
+                                            guards=Guards(round_to=1))
             top1 = evaluate(pruned, test)["top1"]
             rows.append({"variant": label, "target": target, "top1": top1, "change": top1 - base,
                          "refit_seconds": report["seconds"]["reconstruction"]})
             print(f"ablation {label} {target}: {top1:.2f}", file=sys.stderr)
-    return rows
+            save()
 
 
 def main() -> None:
@@ -139,6 +151,7 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=None, help="default: the whole test set")
     ap.add_argument("--no-speed", action="store_true", help="skip the timing line")
     ap.add_argument("--fresh", action="store_true", help="drop the rows already in the JSON")
+    ap.add_argument("--redo", action="store_true", help="measure the selected rows again even if present")
     ap.add_argument("--ablations", nargs="*", type=float, default=None, metavar="TARGET",
                     help="only the ablation rows of the refit, at these targets (default 0.48 0.7)")
     args = ap.parse_args()
@@ -158,22 +171,28 @@ def main() -> None:
     models = {m["model"]: m for m in data.get("models", [])}
     entry = models.setdefault(desc["model"], {"model": desc["model"], "rows": []})
     entry.update(checkpoint=str(Path(args.checkpoint).resolve().relative_to(ROOT)), baseline_top1=base,
-                 calib_images=args.calib_images, eval_images=len(test),
-                 command="python bench/quality.py " + " ".join(sys.argv[1:]))
+                 calib_images=args.calib_images, eval_images=len(test))
+    entry["ablations_command" if args.ablations is not None else "command"] = \
+        "python bench/quality.py " + " ".join(sys.argv[1:])
     if args.ablations is not None:
-        entry["ablations"] = ablations(model, example, calib, test, base, args.ablations or [0.48, 0.70])
-        write_json("quality", {"models": list(models.values())})
+        if args.redo:
+            entry.pop("ablations", None)
+        ablations(model, example, calib, test, base, args.ablations or [0.48, 0.70], entry,
+                  lambda: write_json("quality", {"models": list(models.values())}))
         print_table(entry["ablations"], ["variant", "target", "top1", "change", "refit_seconds"])
         return
-    if not args.no_speed:
+    if not args.no_speed and (args.redo or "speed" not in entry):
         entry["speed"] = speed(model, example, calib)
         sp = entry["speed"]
         print(f"prune + refit at 48 %: {sp['prune_cpu_s']:.1f} CPU s = {sp['ratio_fp32']:.1f}x a bare fp32 forward "
               f"({sp['ratio_bf16']:.1f}x a bf16 one); wall {sp['prune_s']:.1f} s", file=sys.stderr)
     for label in args.criteria:
         crit = ScoreCache(make_criterion(label), reuse=True)  # one scoring pass serves every target
-        for refit in (False, True):
+        for refit in (True,) if label in ALIGNED else (False, True):
             for target in sorted(args.targets):
+                if not args.redo and any((r["criterion"], r["reconstructed"], r["target"]) == (label, refit, target)
+                                         for r in entry["rows"]):
+                    continue
                 row = prune_row(model, example, crit, label, target, refit, calib, test, base, desc["model"])
                 key = (row["criterion"], row["reconstructed"], row["target"])
                 entry["rows"] = [r for r in entry["rows"] if (r["criterion"], r["reconstructed"], r["target"]) != key]

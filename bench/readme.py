@@ -99,8 +99,7 @@ def _quality_table(m: dict) -> str:
         targets = sorted({r["target"] for r in m["ablations"]})
         cells = {(r["variant"], r["target"]): r for r in m["ablations"]}
         variants = list(dict.fromkeys(r["variant"] for r in m["ablations"]))
-        text += ("\n\nWhat each part of the refit adds (refit-error selection; `python bench/quality.py "
-                 "--ablations`):\n\n" + _table(["refit", *[f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]],
+        text += (f"\n\nWhat each part of the refit adds (refit-error selection; `{m['ablations_command'].strip()}`):\n\n" + _table(["refit", *[f"{100 * t:.0f} % MACs: top-1 (change)" for t in targets]],
                                                 [[v, *[f"{cells[(v, t)]['top1']:.2f} ({cells[(v, t)]['change']:+.2f})"
                                                        if (v, t) in cells else "" for t in targets]] for v in variants]))
     return text

@@ -393,3 +393,20 @@ def test_in_place_operations_do_not_link_blocks():
     assert "layer1.0" in blocks and not any(b.startswith("layer1.0.") for b in blocks)
     residual = {s.module: s.residual for s in plan.segments}
     assert residual["layer1.0"] == ""  # relu(bn2 + block input), verified on the traced values
+
+
+@pytest.mark.slow
+def test_prune_cli_refits_by_default_with_calibration_data_and_says_so(cli, tmp_path):
+    common = ["prune", "--checkpoint", ZOO / "resnet20-fashion-mnist", "--criterion", "l1", "--calib-data",
+              "fashion-mnist-sample", "--calib-images", "64", "--target-flops", "0.3", "--no-latency"]
+    code, _, err = cli(*common, "--out", tmp_path / "refit")
+    assert code == 0, err
+    report = json.loads((tmp_path / "refit" / "report.json").read_text())
+    assert report["reconstructed"]["layers"] > 0 and report["compensated"] is False and report["bn_recalibrated"]
+    assert "layers refit in network order" in (tmp_path / "refit" / "report.md").read_text()
+    code, _, err = cli(*common, "--no-reconstruct", "--out", tmp_path / "plain")
+    assert code == 0, err
+    assert json.loads((tmp_path / "plain" / "report.json").read_text())["reconstructed"] is False
+    code, _, err = cli(*common, "--schedule", "soft", "--reconstruct", "--finetune-epochs", "1", "--data",
+                       "fashion-mnist-sample", "--out", tmp_path / "soft")
+    assert code == 2 and "--schedule soft trains instead" in err and not (tmp_path / "soft").exists()

@@ -51,27 +51,34 @@ def _padded(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (pw, pw, ph, ph), mode=mode) if ph or pw else x
 
 
-def _patch_view(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """(B, Ho, Wo, C, kh, kw) view of the input patch at every output position (no copy)."""
-    xp = _padded(layer, x)
+def _patch_index(layer: nn.Conv2d, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into a padded (height x width) map: the top-left corner of every output position
+    (positions,) and the offset of every tap from it (k*k,)."""
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
-    view = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-    return view.permute(0, 2, 3, 1, 4, 5)
+    ho, wo = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    corners = ((torch.arange(ho) * sh)[:, None] * width + torch.arange(wo) * sw).reshape(-1)
+    offsets = ((torch.arange(kh) * dh)[:, None] * width + torch.arange(kw) * dw).reshape(-1)
+    return corners, offsets
 
 
 def output_size(layer: nn.Conv2d, x: torch.Tensor) -> int:
     """Output positions per image of ``layer`` on input ``x``."""
-    view = _patch_view(layer, x[:1, :1])
-    return view.shape[1] * view.shape[2]
+    ph, pw = (0, 0) if isinstance(layer.padding, str) else layer.padding
+    return _patch_index(layer, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)[0].numel()
 
 
 def _patch_rows(layer: nn.Conv2d, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
     """(B*S, C*k*k) rows: the input patch at each of the S output ``positions`` (flat; None: all) of every
-    image, columns ordered (channel, tap) as the flattened weights."""
-    view = _patch_view(layer, x)
+    image, columns ordered (channel, tap) as the flattened weights. One gather of whole channel vectors
+    from a channels-last copy of the padded input."""
+    xp = _padded(layer, x)
+    corners, offsets = _patch_index(layer, xp.shape[2], xp.shape[3])
     if positions is not None:
-        view = view[:, positions // view.shape[2], positions % view.shape[2]]
-    return view.reshape(-1, weight_matrix(layer).shape[1])
+        corners = corners[positions]
+    channels_last = xp.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+    patches = channels_last[:, (corners[:, None] + offsets[None, :]).reshape(-1)]  # (B, S*k*k, C)
+    return patches.reshape(x.shape[0], corners.numel(), offsets.numel(), x.shape[1]).transpose(2, 3) \
+        .reshape(-1, x.shape[1] * offsets.numel())
 
 
 def design_rows(layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,

@@ -206,8 +206,8 @@ def add_prune_parser(sub) -> None:
                    help="leave groups read by parameter-free layers (option-A shortcut) whole "
                         "(default: on when compensating)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
-                   help="after removal, refit every layer that lost input channels (all k x k taps, least squares "
-                        "on the calibration images) to reproduce the unpruned model's output, in network order; "
+                   help="after removal, refit the conv and linear layers (all k x k taps, least squares on the "
+                        "calibration images) so each reproduces the unpruned model's output, in network order; "
                         "any criterion (default: on with --calib-data unless --compensate asks for the criterion's "
                         "channel fold; with the refit the fold defaults to off)")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,

@@ -3,7 +3,7 @@ import torch
 
 from simprune import distributed
 from simprune.errors import SimpruneError
-from simprune.stats.channel_stats import METRICS, ChannelStats, fit_compensation, is_maximum
+from simprune.stats.channel_stats import METRICS, NULL_BLOCK, ChannelStats, fit_compensation, is_maximum
 from simprune.stats.similarity import SIMILARITIES, map_rank, spatial_std
 
 
@@ -58,9 +58,10 @@ def test_merge_of_halves_equals_one_pass_and_tensor_roundtrip():
     first, second = batched(maps[:6], [6]), batched(maps[6:], [2, 2])
     merged = first.merge(second)
     assert merged.images == 10
-    for name, t in whole.tensors().items():  # a split at an even position keeps every null pair
-        assert torch.allclose(merged.tensors()[name], t, atol=1e-10), name
-    assert merged.tensors()["null_images"] == whole.tensors()["null_images"] == 5
+    for name, t in whole.tensors().items():
+        if not name.startswith("null"):  # halves not cut at a block of 8 pair other images: (8, 7), not (6, 5)
+            assert torch.allclose(merged.tensors()[name], t, atol=1e-10), name
+    assert merged.tensors()["null_images"] == whole.tensors()["null_images"] == 8
     # an all-reduce is a sum of tensors(): rebuild from summed dicts
     a, b = batched(maps[:5], [5]).tensors(), batched(maps[5:], [5]).tensors()
     summed = ChannelStats.from_tensors({k: torch.maximum(a[k], b[k]) if is_maximum(k) else a[k] + b[k] for k in a})
@@ -169,19 +170,21 @@ def test_pooled_statistics_are_those_of_the_vectors_over_images():
     assert stats.similarity("ssim")[1, 3].item() == pytest.approx(1.0)
     assert torch.allclose(stats.similarity("cosine"), SIMILARITIES["cosine"](as_map)[0], atol=1e-10)
     assert torch.allclose(stats.mstd(), v.double().std(0, correction=0))
-    # the chance level pairs channel i on image 2k+1 with channel j on image 2k: the mean product over
-    # the pairs, over the root mean squares of all images (hand-computed: 0.8499 for these values)
+    # the chance level pairs channel i on image n with channel j on image n-1 inside blocks of 8 images:
+    # the mean product over the pairs, over the root mean squares of all images
     v64 = v.double()
-    want = (v64[1::2, 0] * v64[0::2, 2]).mean() / ((v64[:, 0] ** 2).mean() * (v64[:, 2] ** 2).mean()).sqrt()
+    after = [n for n in range(1, 40) if n % 8]
+    pairs = v64[after, 0] * v64[[n - 1 for n in after], 2]
+    want = pairs.mean() / ((v64[:, 0] ** 2).mean() * (v64[:, 2] ** 2).mean()).sqrt()
     assert stats.null_similarity("cosine")[0, 2].item() == pytest.approx(want.item(), abs=1e-9)
 
 
-def test_null_similarity_pairs_fixed_image_pairs_across_batches():
-    """Image 2k+1 with image 2k, whatever the batches: a pair may straddle two of them."""
-    maps = _realistic_maps(n=8)
-    stats = batched(maps, [3, 5], metrics={"cosine", "null"})
+def test_null_similarity_pairs_each_image_with_the_one_before_inside_blocks_of_8():
+    """Image n with image n-1, whatever the batches (a pair may straddle two), never across a block."""
+    maps = _realistic_maps(n=11)
+    stats = batched(maps, [3, 5, 3], metrics={"cosine", "null"})
     pairs = [SIMILARITIES["cosine"](torch.cat([maps[n:n + 1], maps[n - 1:n]], 1).double())[0, :12, 12:]
-             for n in range(1, 8, 2)]
+             for n in (1, 2, 3, 4, 5, 6, 7, 9, 10)]
     want = torch.stack(pairs).mean(0)
     got = stats.null_similarity("cosine")
     upper = torch.triu(torch.ones(12, 12, dtype=torch.bool), diagonal=1)
@@ -193,8 +196,9 @@ def test_null_similarity_pairs_fixed_image_pairs_across_batches():
 def test_null_level_does_not_depend_on_batching_or_on_shards_of_whole_pairs(pooled, monkeypatch):
     """Under torchrun each rank streams its own shard; with shards of whole pairs (block=2) the summed
     statistics, null included, equal one process's, so the qsfm decision is the same on 1 or 2 ranks."""
+    assert NULL_BLOCK == 8
     g = torch.Generator().manual_seed(3)
-    maps = torch.rand(11, 5, *(() if pooled else (6, 6)), generator=g)
+    maps = torch.rand(19, 5, *(() if pooled else (6, 6)), generator=g)
     metrics = {"ssim", "psnr", "cosine", "null"} | (set() if pooled else {"ssim-windowed"})
 
     def stream(x, sizes):
@@ -204,16 +208,16 @@ def test_null_level_does_not_depend_on_batching_or_on_shards_of_whole_pairs(pool
             at += n
         return stats
 
-    whole = stream(maps, [11])
-    assert torch.allclose(stream(maps, [3, 1, 5, 2]).null_similarity("ssim"), whole.null_similarity("ssim"))
+    whole = stream(maps, [19])
+    assert torch.allclose(stream(maps, [3, 1, 5, 2, 8]).null_similarity("ssim"), whole.null_similarity("ssim"))
     shards = []
     for rank in range(2):
         monkeypatch.setattr(distributed, "rank", lambda r=rank: r)
         monkeypatch.setattr(distributed, "world_size", lambda: 2)
-        shards.append(distributed.shard(list(range(11)), block=2))
-    assert shards == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10]]
-    merged = stream(maps[shards[0]], [6]).merge(stream(maps[shards[1]], [1, 4]))
-    assert merged.tensors()["null_images"] == whole.tensors()["null_images"] == 5
+        shards.append(distributed.shard(list(range(19)), block=NULL_BLOCK))
+    assert shards == [[*range(8), *range(16, 19)], list(range(8, 16))]
+    merged = stream(maps[shards[0]], [6, 5]).merge(stream(maps[shards[1]], [1, 7]))
+    assert merged.tensors()["null_images"] == whole.tensors()["null_images"] == 16
     for metric in metrics - {"null"}:
         if not (pooled and metric == "ssim-windowed"):
             assert torch.allclose(merged.null_similarity(metric), whole.null_similarity(metric), atol=1e-9), metric

@@ -32,7 +32,7 @@ from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph, is_depthwise
 from simprune.io.data import load_dataset
 from simprune.progress import bar as progress_bar
-from simprune.stats.channel_stats import ChannelStats, is_maximum
+from simprune.stats.channel_stats import NULL_BLOCK, ChannelStats, is_maximum
 
 PRECISIONS = ("fp32", "bf16")
 MAX_MATERIALISED_BYTES = 2 * 2**30  # a one-shot iterator of calibration batches is kept in memory up to this
@@ -59,12 +59,12 @@ def calibration_loader(name: str, n_images: int = 640, data_dir: str | None = No
                        seed: int = 0, batch_size: int = 128, split: str = "train") -> DataLoader:
     """Calibration batches from a named data set's training split (no augmentation).
 
-    Under torchrun each rank gets its own shard of the same seeded subset, in whole pairs of images so
+    Under torchrun each rank gets its own shard of the same seeded subset, in whole blocks of images so
     that the null pairs of the statistics (stats/channel_stats.py) are the same as in one process."""
     ds = load_dataset(name, split, data_dir, pad_to, augment=False)
     subset = calibration_subset(ds, n_images, seed)
     if distributed.active():
-        subset = Subset(subset.dataset, distributed.shard(list(subset.indices), block=2))
+        subset = Subset(subset.dataset, distributed.shard(list(subset.indices), block=NULL_BLOCK))
     return DataLoader(subset, batch_size=batch_size, shuffle=False)
 
 

@@ -14,10 +14,11 @@ Two kinds of probe: *spatial* (a map of H x W pixels per image; similarities are
 images) and *pooled* (one value per channel and image, e.g. a Linear after global pooling: the
 "map" of a channel is its vector of values over all calibration images, and similarities are
 those of these vectors). With the ``null`` statistic, the same similarities are also gathered
-between channel i of the image at an odd position 2k+1 of the stream and channel j of the image at
-2k: the chance level of unrelated maps. Fixed pairs (not every consecutive pair) make the null the
-same however the images are batched or sharded over ranks, as long as shards hold whole pairs
-(``distributed.shard(..., block=2)``, as the calibration loader does)."""
+between channel i of one image and channel j of the image before it in the stream: the chance level
+of unrelated maps. The stream is cut into blocks of NULL_BLOCK images and pairs never cross a block
+(7 pairs per 8 images), which makes the null the same however the images are batched or sharded over
+ranks, as long as shards hold whole blocks (``distributed.shard(..., block=NULL_BLOCK)``, as the
+calibration loader does)."""
 from __future__ import annotations
 
 import torch
@@ -38,6 +39,7 @@ METRICS = ("ssim", "ssim-windowed", "psnr", "cosine", "mstd", "rank", "gram", "n
 _COUNTS = ("images", "pixels", "null_images")
 _MAXIMA = ("max.hi", "max.neg_lo")
 CHUNK_ELEMENTS = 2**22  # float32 values per temporary (16 MiB): bounds memory whatever B, C, H, W
+NULL_BLOCK = 8  # null pairs stay inside blocks of this many consecutive images (see the module docstring)
 ROW_BLOCK_ELEMENTS = 2**18  # float32 values per block of similarity rows (1 MiB): the passes stay in cache
 
 
@@ -69,7 +71,7 @@ class ChannelStats:
         self.channels, self.metrics = int(channels), metrics
         self.options = {"window": window, "c1": c1, "c2": c2, "psnr_cap": psnr_cap, "pooled": bool(pooled)}
         self.device = torch.device(device)
-        self._prev = self._prev_raw = None  # an image at an even stream position, awaiting its partner
+        self._prev = self._prev_raw = None  # the last image seen, the partner of the next one
         self._position = 0  # images seen by this object (the stream position of the next one)
         C = self.channels
         self._state = {n: torch.zeros((), dtype=torch.float64, device=self.device) for n in _COUNTS}
@@ -141,7 +143,8 @@ class ChannelStats:
         self._state["images"] += images
         self._state["pixels"] += pixels
         if "null" in self.metrics:
-            self._state["null_images"] += len(range((self._position + 1) % 2, images, 2))
+            inner, with_prev = _paired(self._position, images)
+            self._state["null_images"] += inner.numel() + with_prev
         self._position += images
 
     def _moments_chunk(self, xb: torch.Tensor, P: int, start: int) -> torch.Tensor:
@@ -188,13 +191,13 @@ class ChannelStats:
             self._batch_add(name, slice(r0, r1), block)
 
     def _null_pairs(self, xc: torch.Tensor, mom: MapMoments, start: int) -> None:
-        """Similarities of channel i on each image at an odd stream position with channel j on the image
-        before it (centred maps xc of images ``start``, ``start + 1``, ...)."""
-        odd, with_prev = _odd_positions(start, xc.shape[0])
+        """Similarities of channel i on each paired image with channel j on the image before it (centred
+        maps xc of the images at stream positions ``start``, ``start + 1``, ...)."""
+        paired, with_prev = _paired(start, xc.shape[0])
         pairs = []
-        if odd.numel():
-            cross = torch.bmm(xc[odd], xc[odd - 1].transpose(1, 2)).div_(xc.shape[-1])
-            pairs.append((_take(mom, odd), _take(mom, odd - 1), cross))
+        if paired.numel():
+            cross = torch.bmm(xc[paired], xc[paired - 1].transpose(1, 2)).div_(xc.shape[-1])
+            pairs.append((_take(mom, paired), _take(mom, paired - 1), cross))
         if with_prev:
             pxc, pmom = self._prev
             cross = (xc[0] @ pxc.T).div_(xc.shape[-1]).unsqueeze(0)
@@ -202,8 +205,7 @@ class ChannelStats:
         for a, b, cross in pairs:
             for metric in (m for m in MOMENT_METRICS if m in self.metrics):
                 self._accumulate(f"null.{metric}", metric, a, b, cross)
-        waiting = (start + xc.shape[0] - 1) % 2 == 0
-        self._prev = (xc[-1].clone(), MapMoments(*(t[-1:].clone() for t in _fields(mom)))) if waiting else None
+        self._prev = (xc[-1].clone(), MapMoments(*(t[-1:].clone() for t in _fields(mom))))
 
     def _windowed(self, x: torch.Tensor) -> None:
         """Windowed SSIM per map (no moment form), and its null with the previous image."""
@@ -211,12 +213,12 @@ class ChannelStats:
         kw = {"window": o["window"], "c1": o["c1"], "c2": o["c2"]}
         self._add("sim.ssim-windowed", windowed_ssim_matrix(x, **kw).sum(dim=0))
         if "null" in self.metrics:
-            odd, with_prev = _odd_positions(self._position, x.shape[0])
-            if odd.numel():
-                self._add("null.ssim-windowed", windowed_ssim_matrix(x[odd], other=x[odd - 1], **kw).sum(dim=0))
+            paired, with_prev = _paired(self._position, x.shape[0])
+            if paired.numel():
+                self._add("null.ssim-windowed", windowed_ssim_matrix(x[paired], other=x[paired - 1], **kw).sum(dim=0))
             if with_prev:
                 self._add("null.ssim-windowed", windowed_ssim_matrix(x[:1], other=self._prev_raw, **kw).sum(dim=0))
-            self._prev_raw = x[-1:].clone() if (self._position + x.shape[0] - 1) % 2 == 0 else None
+            self._prev_raw = x[-1:].clone()
 
     def _update_pooled(self, x: torch.Tensor) -> None:
         x64 = x.to(torch.float64)  # (B, C): one value per channel and image, tiny
@@ -224,12 +226,12 @@ class ChannelStats:
         self._add("gram", x64.T @ x64)
         self._add("channel_sum", x64.sum(0))
         if "null" in self.metrics:
-            odd, with_prev = _odd_positions(self._position, x64.shape[0])
-            if odd.numel():
-                self._add("cross", x64[odd].T @ x64[odd - 1])
+            paired, with_prev = _paired(self._position, x64.shape[0])
+            if paired.numel():
+                self._add("cross", x64[paired].T @ x64[paired - 1])
             if with_prev:
                 self._add("cross", torch.outer(x64[0], self._prev))
-            self._prev = x64[-1].clone() if (self._position + x64.shape[0] - 1) % 2 == 0 else None
+            self._prev = x64[-1].clone()
         self._count(x64.shape[0], x64.shape[0])
 
     @property
@@ -390,13 +392,12 @@ def _take(m: MapMoments, index) -> MapMoments:
     return MapMoments(*(t[index] for t in _fields(m)))
 
 
-def _odd_positions(start: int, n: int) -> tuple[torch.Tensor, bool]:
-    """Null pairs among ``n`` images at stream positions ``start``...: the local indices i >= 1 whose
-    position is odd (each paired with image i - 1), and whether image 0 is at an odd position (paired
-    with the last image of the previous batch)."""
-    first = (start + 1) % 2
-    inner = range(first + 2 * (first == 0), n, 2)
-    return torch.tensor(inner, dtype=torch.long), first == 0 and n > 0
+def _paired(start: int, n: int) -> tuple[torch.Tensor, bool]:
+    """Null pairs among ``n`` images at stream positions ``start``...: the local indices i >= 1 of images
+    that do not open a block of NULL_BLOCK (each paired with image i - 1), and whether image 0 is paired
+    (with the last image of the previous batch)."""
+    inner = [i for i in range(1, n) if (start + i) % NULL_BLOCK]
+    return torch.tensor(inner, dtype=torch.long), n > 0 and start % NULL_BLOCK != 0
 
 
 def fit_compensation(stats: ChannelStats, i: int, j: int, affine: bool = False) -> tuple[float, float]:

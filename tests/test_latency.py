@@ -133,6 +133,19 @@ def test_latency_report_math():
                               "before_spread_ms": 2.0, "after_spread_ms": 1.0, "speedup": 1.5}
 
 
+def test_a_pruned_model_slower_than_the_original_is_warned_about(recwarn):
+    def stats(ms, low=None, high=None):
+        return {"median_ms": ms, "iqr_ms": 0.1, **({"vs_first": {"speedup_low": low, "speedup_high": high,
+                                                                    "stable": True}, "runs": 30} if low else {})}
+    latency_report({("onnxruntime", 1): [stats(10.0), stats(12.0, 0.8, 0.9)]}, 400, 200, threads=1, runs=30)
+    (w,) = [w for w in recwarn if "slower than the original" in str(w.message)]
+    assert "0.83x in onnxruntime at batch 1 for 2.00x fewer MACs" in str(w.message)
+    recwarn.clear()
+    latency_report({("onnxruntime", 1): [stats(10.0), stats(10.5, 0.9, 1.1)]}, 400, 200, threads=1, runs=30)
+    latency_report({("onnxruntime", 1): [stats(10.0), stats(8.0, 1.2, 1.3)]}, 400, 200, threads=1, runs=30)
+    assert not [w for w in recwarn if "slower" in str(w.message)]  # within noise of 1, or faster: no warning
+
+
 def _check_latency_keys(report, macs, runs, threads, batch):
     assert report["latency_ms"]["before"] > 0 and report["latency_ms"]["after"] > 0
     s = report["speedup"]

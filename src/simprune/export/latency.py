@@ -292,6 +292,11 @@ def latency_report(timings: dict[tuple[str, int], list[dict[str, Any]]], macs_be
         progress.warn(f"timed with a 1-minute load average of {load:.1f} on {os.cpu_count()} cores: other processes "
                       "compete for the CPU and slow the longer-running model more, so the speed-ups may be "
                       "inflated; time again on an idle machine before publishing them")
+    if head["speedup"] < 1 and head.get("speedup_high", head["speedup"]) < 1:
+        progress.warn(f"the pruned model is slower than the original: {head['speedup']:.2f}x in {head['engine']} at "
+                      f"batch {head['batch']} for {mac_speedup:.2f}x fewer MACs. Kept widths off the runtime's vector "
+                      "block are the usual cause: keep the default alignment (round_to=None, or leave out "
+                      "--round-to 1), or prune to a latency target instead of MACs")
     keys = {"latency_ms": {"before": head["before_ms"], "after": head["after_ms"]},
             "speedup": {"measured": head["speedup"], "macs": mac_speedup, "ratio": head["speedup"] / mac_speedup},
             "latency": {"threads": threads, "runs": runs, "machine": machine_name(), "load_average": load,

@@ -3,7 +3,8 @@
 ImageNet itself is not available here, so a pruned ImageNet model is calibrated on, and
 compared with the unpruned one on, the photographs scikit-image ships (``PHOTOS``):
 random crops and flips for calibration, the ten standard 224-pixel crops of each photo
-(four corners and centre, each also mirrored) for the top-1 agreement check.
+(four corners and centre, each also mirrored) for the top-1 agreement check. Photographs of
+one's own (``photo_files``) give an agreement on images the calibration never saw.
 
 Weights are never downloaded here: :func:`load_pretrained` reads the file torchvision
 expects in ``torch.hub.get_dir()/checkpoints`` (``make weights`` puts MobileNetV2's there)
@@ -15,12 +16,14 @@ import hashlib
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from simprune.compat import import_torchvision
 from simprune.errors import SimpruneError
+from simprune.io.data import load_image
 from simprune.models import build_model
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "grass", "gravel", "brick",
@@ -73,8 +76,33 @@ def categories(model: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1") -> l
     return list(weights_enum(model, weights).meta["categories"])
 
 
-def _photo(name: str) -> torch.Tensor:
-    """One scikit-image photograph as float (3, H, W) in [0, 1] (grey ones repeated to 3 channels)."""
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_PHOTO_SIDE = 1024  # larger photo files are reduced on reading: crops are 224 px, wallpapers 5640
+
+
+def photo_files(folder: str | Path) -> list[Path]:
+    """The JPEG and PNG files under ``folder``, sorted: photographs of one's own (e.g. Debian's
+    mate-backgrounds, /usr/share/backgrounds/mate/nature) to evaluate on images never calibrated on."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SimpruneError(f"photo folder {folder} does not exist; pass a folder of .jpg/.png photographs")
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in PHOTO_SUFFIXES and f.is_file())
+    if not files:
+        raise SimpruneError(f"{folder} holds no .jpg/.png photographs")
+    return files
+
+
+def _photo_file(path: Path) -> torch.Tensor:
+    img = load_image(str(path))
+    img.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _photo(name: str | Path) -> torch.Tensor:
+    """One photograph as float (3, H, W) in [0, 1]: a scikit-image photo by name (grey ones repeated to
+    3 channels) or an image file by Path."""
+    if isinstance(name, Path):
+        return _photo_file(name)
     try:
         import skimage.data  # noqa: PLC0415
     except ImportError as exc:
@@ -117,8 +145,8 @@ def calibration_photos(n: int = 128, size: int = 224, seed: int = 0, photos=PHOT
 
 
 def evaluation_photos(size: int = 224, photos=PHOTOS) -> TensorDataset:
-    """The ten standard crops of every photo: resize the short side to 256/224 of ``size``, four corners and
-    centre, each also mirrored; labels are the photo index."""
+    """The ten standard crops of every photo (scikit-image names or image file Paths): resize the short
+    side to 256/224 of ``size``, four corners and centre, each also mirrored; labels are the photo index."""
     F = _functional()
     crops, labels = [], []
     for k, name in enumerate(photos):

@@ -1,13 +1,15 @@
 """Prune the committed Fashion-MNIST ResNet-56 past 61 % FLOPs and fine-tune: schedules side by side.
 
 Each run is the real CLI (`simprune prune ... --finetune-epochs E`), so the numbers are what a user
-gets: filter-similarity with the hard (iterative, re-scored) and soft schedules, and qsfm one-shot
-with compensation. Top-1 on the full 10,000-image test set, against the unpruned baseline.
+gets: filter-similarity with the hard (iterative, re-scored) and soft schedules, qsfm one-shot
+with compensation, and the defaults with calibration data (refit-error + the consumer refit) distilled
+from the unpruned model. Top-1 on the full 10,000-image test set, against the unpruned baseline.
 On a 2-core CPU an epoch of the pruned network takes minutes, so the default is a short fine-tune;
 raise --epochs where you have the time (or a GPU).
 
     python bench/finetune.py                     # table + bench/results/finetune.json
     python bench/finetune.py --epochs 30 --runs qsfm
+    python bench/finetune.py --merge --runs "refit-error + refit, distilled"   # one row, the others kept
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ RUNS = {  # label -> extra CLI arguments
     "filter-similarity hard": ["--criterion", "filter-similarity", "--schedule", "iterative", "--steps", "3"],
     "filter-similarity soft": ["--criterion", "filter-similarity", "--schedule", "soft", "--soft-hold", "1"],
     "qsfm": ["--criterion", "qsfm", "--similarity", "ssim", "--calib-data", "fashion-mnist"],
+    # the defaults with calibration data (refit-error selection, the consumer refit), distilled from the
+    # unpruned model while fine-tuning
+    "refit-error + refit, distilled": ["--criterion", "refit-error", "--calib-data", "fashion-mnist", "--distill"],
 }
 
 

@@ -172,8 +172,14 @@ def main() -> None:
     entry = models.setdefault(desc["model"], {"model": desc["model"], "rows": []})
     entry.update(checkpoint=str(Path(args.checkpoint).resolve().relative_to(ROOT)), baseline_top1=base,
                  calib_images=args.calib_images, eval_images=len(test))
-    entry["ablations_command" if args.ablations is not None else "command"] = \
-        "python bench/quality.py " + " ".join(sys.argv[1:])
+    command = ("python bench/quality.py " + " ".join(sys.argv[1:])).strip()
+    if args.ablations is not None:
+        entry["ablations_command"] = command
+    else:  # rows come from several runs (subsets, resumed): every command that wrote some is kept
+        commands = [c for c in entry.get("commands", [entry.get("command")] if entry.get("command") else [])
+                    if c != command and not args.fresh]
+        entry["commands"] = [*commands, command]
+        entry.pop("command", None)
     if args.ablations is not None:
         if args.redo:
             entry.pop("ablations", None)

@@ -75,13 +75,19 @@ def _quality_table(m: dict) -> str:
     best = []
     for t in targets:
         ours = [r for r in m["rows"] if r["target"] == t and not r["criterion"].startswith("tp:")]
-        peers = [r for r in m["rows"] if r["target"] == t and r["criterion"].startswith("tp:") and not r["reconstructed"]]
+        peers = [r for r in m["rows"] if r["target"] == t and r["criterion"].startswith("tp:")]
         if ours:
             top = max(ours, key=lambda r: r["top1"])
             line = f"{100 * t:.0f} %: {top['criterion']} + {top['repair']} {top['top1']:.2f}"
-            if peers:
-                peer = max(peers, key=lambda r: r["top1"])
-                line += f" (best Torch-Pruning importance as it comes: {peer['criterion']} {peer['top1']:.2f})"
+            bare = [r for r in peers if not r["reconstructed"]]
+            refit = [r for r in peers if r["reconstructed"]]
+            if bare:
+                peer = max(bare, key=lambda r: r["top1"])
+                line += f" (best Torch-Pruning importance as it comes: {peer['criterion']} {peer['top1']:.2f}"
+                if refit:
+                    peer = max(refit, key=lambda r: r["top1"])
+                    line += f"; given our refit: {peer['criterion']} {peer['top1']:.2f}"
+                line += ")"
             best.append(line)
     text = (f"**{m['model']}** (`{m['checkpoint']}`, baseline top-1 {m['baseline_top1']:.2f} % on "
             f"{m['eval_images']} test images, {m['calib_images']} calibration images):\n\n" + _table(header, rows) +
@@ -94,7 +100,7 @@ def _quality_table(m: dict) -> str:
                  f"autocast one ({sp['bare_forward_bf16_cpu_s']:.1f} s); {sp['layers_refit']} layers refit in "
                  f"{sp['blocks']} blocks, largest Gram {sp['largest_gram_mib']:.1f} MiB, stored block inputs "
                  f"{sp['frontier_mib']:.0f} MiB.")
-    text += f" `{m['command'].strip()}`"
+    text += " Commands: " + ", ".join(f"`{c}`" for c in m.get("commands") or [m["command"].strip()]) + "."
     if m.get("ablations"):
         targets = sorted({r["target"] for r in m["ablations"]})
         cells = {(r["variant"], r["target"]): r for r in m["ablations"]}

@@ -111,14 +111,34 @@ def _time_models(baseline, runs: list[dict], shape, threads: int) -> dict:
     return stats[0]
 
 
-def cmd_compare(args) -> int:
-    t_start = time.perf_counter()
+def _grid_options(args) -> tuple[list, list[float], list, list[str]]:
+    """Criteria specs, targets, compensations and schedules from the flags, each checked."""
     specs = parse_specs(args.criteria)
     targets = parse_fractions(args.targets, "--targets")
     compensations = parse_choices(args.compensate, COMPENSATIONS, "--compensate")
     schedules = list(dict.fromkeys(t.strip() for t in args.schedules.split(",") if t.strip())) or ["oneshot"]
     for schedule in schedules:
         schedule_options(schedule)
+    return specs, targets, compensations, schedules
+
+
+def _print_summary(args, rows: list[dict], base_top1: float, test_images: int, data: str,
+                   baseline_latency: dict | None) -> None:
+    header, body = pivot_table(rows, args.target_kind)
+    print(f"unpruned top-1 {base_top1:.2f} % on {test_images} {data} test images")
+    print(markdown_table(header, body))
+    if baseline_latency:
+        print(f"\nonnxruntime batch 1, {args.threads} thread(s): unpruned {baseline_latency['median_ms']:.3f} ms")
+        print(markdown_table(["run", "target", "ms (IQR)", "speed-up"], [
+            [r["label"], f"{r['target']:g}", f"{r['latency_ms']:.3f} ({r['latency_iqr_ms']:.2f})",
+             f"{r['speedup']:.2f}x" + ("" if r["speedup_stable"] else " (unstable)")] for r in rows]))
+    kept = f", models/ ({len(rows)} pruned models)" if args.keep_models else ""
+    print(f"wrote {args.out}/results.md, results.csv, results.json, accuracy_vs_flops.png, report.html{kept}")
+
+
+def cmd_compare(args) -> int:
+    t_start = time.perf_counter()
+    specs, targets, compensations, schedules = _grid_options(args)
     ckpt_data = (read_json(resolve_model_path(args.checkpoint)[1]).get("data") or {}) if args.checkpoint else {}
     data = args.data or ckpt_data.get("name")
     if not data:
@@ -170,14 +190,5 @@ def cmd_compare(args) -> int:
                   "seconds": time.perf_counter() - t_start}
         write_results(tmp, result)
     warn_if_random(args)
-    header, body = pivot_table(rows, args.target_kind)
-    print(f"unpruned top-1 {base_top1:.2f} % on {len(test)} {data} test images")
-    print(markdown_table(header, body))
-    if baseline_latency:
-        print(f"\nonnxruntime batch 1, {args.threads} thread(s): unpruned {baseline_latency['median_ms']:.3f} ms")
-        print(markdown_table(["run", "target", "ms (IQR)", "speed-up"], [
-            [r["label"], f"{r['target']:g}", f"{r['latency_ms']:.3f} ({r['latency_iqr_ms']:.2f})",
-             f"{r['speedup']:.2f}x" + ("" if r["speedup_stable"] else " (unstable)")] for r in rows]))
-    kept = f", models/ ({len(rows)} pruned models)" if args.keep_models else ""
-    print(f"wrote {args.out}/results.md, results.csv, results.json, accuracy_vs_flops.png, report.html{kept}")
+    _print_summary(args, rows, base_top1, len(test), data, baseline_latency)
     return 0

@@ -88,6 +88,20 @@ def _latency(baseline, pruned, shape, macs: tuple[int, int], out_dir: Path, thre
     return {**keys, "size_mib": sizes, "onnx": {**info, "path": "qsfm-model/model.onnx"}, **extra}
 
 
+def _deploy_keys(summary: dict, seconds: dict, model, kept: dict, shape, macs_before: int, folder: Path,
+                 timing: tuple[int, int], calib, test, data: str) -> None:
+    """The latency and int8 keys of the demo report, or why they were skipped (no onnxruntime)."""
+    try:
+        require("onnx", "onnxruntime")
+    except SimpruneError as exc:
+        summary["latency_skipped"] = str(exc)
+        return
+    t0 = time.perf_counter()
+    summary.update(_latency(model, kept["model"], shape, (macs_before, kept["row"]["macs"]), folder, *timing,
+                            calib, test, data))
+    seconds["export_and_latency"] = time.perf_counter() - t0
+
+
 def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: int | None = None,
              calib_images: int = 640, checkpoint: Path | None = None, threads: int = 1, latency_runs: int = 50,
              round_to: int = 8, progress: bool = False, command: str = "simprune demo") -> dict:
@@ -139,15 +153,8 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
                    "target_flops": target, "round_to": round_to, "baseline_top1": base, "rows": rows,
                    "layers": layers,
                    "layers_title": f"Channels per layer at {100 * target:.0f} % of MACs removed"}
-        try:
-            require("onnx", "onnxruntime")
-        except SimpruneError as exc:
-            summary["latency_skipped"] = str(exc)
-        else:
-            t0 = time.perf_counter()
-            summary.update(_latency(model, kept["model"], shape, (cost.macs, kept["row"]["macs"]),
-                                    tmp / "qsfm-model", threads, latency_runs, calib, test, data))
-            seconds["export_and_latency"] = time.perf_counter() - t0
+        _deploy_keys(summary, seconds, model, kept, shape, cost.macs, tmp / "qsfm-model",
+                     (threads, latency_runs), calib, test, data)
         if kept["result"] is not None and kept["result"].similarity:
             similarity_heatmaps(network_order(kept["result"].similarity), tmp / "similarity.png", label="ssim")
         seconds["total"] = time.perf_counter() - t_start

@@ -68,6 +68,29 @@ def _target(args) -> dict[str, float]:
     return given
 
 
+def _calibration(args, criterion, desc: dict):
+    """The calibration loader the flags ask for (None without --calib-data) and its padding."""
+    if getattr(criterion, "needs_data", False) and not args.calib_data:
+        raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
+    calib_pad = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
+    if not args.calib_data:
+        return None, calib_pad
+    return calibration_loader(args.calib_data, args.calib_images, data_dir=args.data_dir, pad_to=calib_pad,
+                              seed=args.seed), calib_pad
+
+
+def _print_outcome(report: dict, out: Path) -> None:
+    red = report["reduction"]
+    print(f"MACs {report['macs']['before'] / 1e6:.2f} M -> {report['macs']['after'] / 1e6:.2f} M "
+          f"({red['flops']:.1%} removed), params {report['params']['before'] / 1e6:.3f} M -> "
+          f"{report['params']['after'] / 1e6:.3f} M ({red['params']:.1%} removed)")
+    if report["accuracy"]:
+        how = (f"after {report['finetune']['epochs']} fine-tuning epochs" if report.get("finetune")
+               else "no fine-tuning")
+        print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
+    print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
+
+
 def cmd_prune(args) -> int:
     target = _target(args)
 
@@ -81,13 +104,7 @@ def cmd_prune(args) -> int:
         set_calib_precision(criterion, args.calib_precision, "--calib-precision")
     model, desc, shape = load_or_build(args, args.input)
     example = torch.zeros(1, *shape)
-    calibration = None
-    if getattr(criterion, "needs_data", False) and not args.calib_data:
-        raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
-    calib_pad = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
-    if args.calib_data:
-        calibration = calibration_loader(args.calib_data, args.calib_images, data_dir=args.data_dir,
-                                         pad_to=calib_pad, seed=args.seed)
+    calibration, calib_pad = _calibration(args, criterion, desc)
     guards = Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio, round_to=args.round_to)
     eval_ds = _eval_dataset(args, desc)
     acc_before = _accuracy(model, eval_ds, "top-1 before pruning", args.device)
@@ -122,15 +139,7 @@ def cmd_prune(args) -> int:
         finish(out)
     if not distributed.is_main():
         return 0
-    red = report["reduction"]
-    print(f"MACs {report['macs']['before'] / 1e6:.2f} M -> {report['macs']['after'] / 1e6:.2f} M "
-          f"({red['flops']:.1%} removed), params {report['params']['before'] / 1e6:.3f} M -> "
-          f"{report['params']['after'] / 1e6:.3f} M ({red['params']:.1%} removed)")
-    if report["accuracy"]:
-        how = (f"after {report['finetune']['epochs']} fine-tuning epochs" if report.get("finetune")
-               else "no fine-tuning")
-        print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
-    print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
+    _print_outcome(report, out)
     int8_step(args, out)
     latency_step(args, out)
     refresh_prune_report(out)  # again, now with the latency keys
@@ -248,6 +257,16 @@ def _check_schedule_flags(args, epochs: int) -> None:
                             "drop --reconstruct")
 
 
+def _between_steps(args, ft, eval_ds):
+    """What runs after each iterative step: --epochs-between fine-tuning, then the step's accuracy."""
+    between = None
+    if args.epochs_between:
+        def between(m: nn.Module, k: int) -> None:
+            ft.log(f"fine-tuning {args.epochs_between} epoch(s) after step {k}")
+            ft.run(m, epochs=args.epochs_between, checkpoint=False)
+    return _step_accuracy(eval_ds, args.steps, between) if args.schedule == "iterative" else between
+
+
 def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion: Any, target: dict, *,
                         calibration, guards, desc: dict, new_desc: dict, command: str,
                         prune_options: dict, eval_ds=None) -> tuple[nn.Module, dict, bool]:
@@ -286,13 +305,7 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
             raise SimpruneError(f"--resume: {out} was interrupted while pruning, before any checkpoint; "
                                 "start again with --overwrite")
         ft.resume = False  # the between-steps epochs start fresh; only the final fine-tune checkpoints
-        between = None
-        if args.epochs_between:
-            def between(m: nn.Module, k: int) -> None:
-                ft.log(f"fine-tuning {args.epochs_between} epoch(s) after step {k}")
-                ft.run(m, epochs=args.epochs_between, checkpoint=False)
-        if args.schedule == "iterative":
-            between = _step_accuracy(eval_ds, args.steps, between)
+        between = _between_steps(args, ft, eval_ds)
         model, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
                                   inplace=True, schedule=args.schedule, steps=args.steps, between=between, device=args.device,
                                   **prune_options)

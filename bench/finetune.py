@@ -32,6 +32,9 @@ RUNS = {  # label -> extra CLI arguments
     # the defaults with calibration data (refit-error selection, the consumer refit), distilled from the
     # unpruned model while fine-tuning
     "refit-error + refit, distilled": ["--criterion", "refit-error", "--calib-data", "fashion-mnist", "--distill"],
+    # the same from the refit's already good weights at half the learning rate
+    "refit-error + refit, distilled, lr 0.01": ["--criterion", "refit-error", "--calib-data", "fashion-mnist",
+                                                "--distill", "--lr", "0.01"],
 }
 
 
@@ -59,7 +62,8 @@ def run(label: str, extra: list[str], args, out: Path) -> dict:
         subprocess.run(cmd + ["--no-latency"], check=True)  # latency is bench/latency.py's job
     report = json.loads((out / "report.json").read_text())
     ft = report["finetune"]
-    return {"run": label, "schedule": report["schedule"]["name"], "epochs": args.epochs,
+    lr = float(extra[extra.index("--lr") + 1]) if "--lr" in extra else args.lr  # the last --lr wins
+    return {"run": label, "schedule": report["schedule"]["name"], "epochs": args.epochs, "lr": lr,
             "flops_removed_pct": 100 * report["reduction"]["flops"],
             "params_removed_pct": 100 * report["reduction"]["params"],
             "top1_baseline": report["accuracy"]["before"],

@@ -123,7 +123,8 @@ def render_finetune(data: dict) -> str:
     return _table(["run", "schedule", "epochs", "MACs removed %", "params removed %", "baseline top-1",
                    "top-1 before fine-tune", "top-1 after", "change", "minutes"], rows) + (
         f"\n\nResNet-56 (Fashion-MNIST, padded to 32x32), target {100 * data['target']:.0f} % MACs, "
-        f"{data['epochs']} fine-tuning epoch(s) at lr {data['lr']} (cosine), top-1 on the 10,000 test images. "
+        f"{data['epochs']} fine-tuning epoch(s) at lr {data['lr']} (cosine; a row naming its lr used that), top-1 on the "
+        f"10,000 test images. "
         f"For the soft schedule the epochs are the soft-pruning epochs themselves (the model trains at full "
         f"width, zeroed filters may recover). {_machine(data)} `python bench/finetune.py`.")
 
@@ -191,9 +192,56 @@ def render_robustness(data: dict) -> str:
             f"{data['per_mutation']} seeded cases per mutation. {_machine(data)} `python bench/robustness.py`.")
 
 
+def render_int8(data: dict) -> str:
+    """Original float32, pruned float32 and pruned int8 of each model: accuracy, time and size."""
+    text = []
+    for m in data["results"]:
+        if m.get("failed"):
+            text.append(f"**{m['model']}**: the run failed ({m['failed']}): `{m['command']}`")
+            continue
+        resnet = m["model"] == "ResNet-56"
+        rows = [[r["file"], f"{r['top1']:.2f} ({r['top1_change']:+.2f})" if resnet else f"{r['agreement']:.1f}",
+                 f"{r['cpu_ms']:.2f}", f"{r['cpu_speedup']:.2f}x", f"{r['ms']:.2f}", f"{r['speedup']:.2f}x",
+                 f"{r['MiB']:.2f}"] for r in m["rows"]]
+        head = (f"**{m['model']}** ({m['criterion']}, {100 * m['macs_removed']:.1f} % of MACs removed"
+                + (f"; `{m['command'].split(' --out ')[0].replace(str(ROOT) + '/', '')}`" if resnet else "") + "):\n\n")
+        acc = "top-1 % (change)" if resnet else "top-1 agreement %"
+        body = _table(["file", acc, "CPU ms", "CPU speed-up", "wall ms", "wall speed-up", "MiB"], rows)
+        if m.get("goals"):
+            g = m["goals"]
+            body += (f"\n\nGoals: int8 within {g['max_drop_points']} point of the unpruned float32 model (here "
+                     f"{g['drop_points']:.2f} points lost), >= {g['min_speedup']}x faster by thread CPU time (here "
+                     f"{g['speedup_cpu']:.2f}x): {'met' if g['met'] else 'not met'}.")
+        text.append(head + body)
+    return "\n\n".join(text) + (
+        f"\n\nonnxruntime {data['onnxruntime']}, batch 1, 1 thread, the three files timed interleaved "
+        f"({data['runs']} runs); CPU ms is the thread's CPU time (robust to other processes), wall ms the "
+        f"median wall-clock time (1-minute load average {data['load_average_at_start']:.2f} at the start). "
+        f"{_machine(data)} `python bench/int8.py` (the ResNet-56 row: `python bench/int8.py --models resnet56 "
+        f"--merge`).")
+
+
+def render_edge_mobilenet(data: dict) -> str:
+    """MobileNetV2 pruned without fine-tuning: measured speed-up and agreement on held-out photographs."""
+    rows = [[r["row"], f"{r['flops_removed_%']:.1f}", f"{r['mac_speedup']:.2f}x", f"{r['speedup']:.2f}x",
+             f"{r['agreement_heldout_%']:.1f}", f"{r['agreement_calibration_photos_%']:.1f}"] for r in data["rows"]]
+    best = data.get("best_at_goal")
+    goal = data["edge_speedup_goal"]
+    line = (f"At >= {goal}x measured, the best held-out agreement is {best['agreement_heldout_%']:.1f} % "
+            f"({best['row']}, {best['flops_removed_%']:.1f} % of MACs removed)." if best
+            else f"No row reached {goal}x.")
+    return _table(["row", "MACs removed %", "MAC speed-up", "measured speed-up", "agreement, held-out photos %",
+                   "agreement, calibration photos %"], rows) + (
+        f"\n\nCalibration: {data['calibration_images']} crops of scikit-image's {len(data['calibration_photos'])} "
+        f"photographs. Held out: the ten crops of each of {len(data['holdout_photos'])} photographs in "
+        f"`{data['holdout_folder']}` ({data['holdout_images']} images), never calibrated on. onnxruntime, batch 1, "
+        f"1 thread, interleaved, original {data['original_ms']:.2f} ms. {line} {_machine(data)} "
+        "`python bench/edge_mobilenet.py`.")
+
+
 RENDERERS = {"engine": render_engine, "calibration": render_calibration, "scale": render_scale, "quality": render_quality,
              "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
-             "robustness": render_robustness}
+             "robustness": render_robustness, "int8": render_int8, "edge_mobilenet": render_edge_mobilenet}
 
 
 def rendered_readme(text: str) -> str:

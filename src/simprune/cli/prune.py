@@ -91,7 +91,16 @@ def _print_outcome(report: dict, out: Path) -> None:
     print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
 
 
+def default_criterion(args) -> str:
+    """--criterion as given, else refit-error when calibration images are there to score and refit with
+    (kept widths aligned, l1 + refit lost 8 points on ResNet-56 at 47 % where refit-error lost 0.3), else l1."""
+    if args.criterion:
+        return args.criterion
+    return "refit-error" if args.calib_data and args.schedule != "soft" else "l1"
+
+
 def cmd_prune(args) -> int:
+    args.criterion = default_criterion(args)
     target = _target(args)
 
     check_latency_options(args)  # before any work: onnxruntime is there when latency was asked for
@@ -190,7 +199,9 @@ def add_prune_parser(sub) -> None:
     device_option(p)
     model_options(p, required=False)
     p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture)")
-    p.add_argument("--criterion", default="l1", help="see `simprune criteria`")
+    p.add_argument("--criterion", default=None,
+                   help="see `simprune criteria` (default: refit-error with --calib-data, the most accurate "
+                        "without fine-tuning; l1 without data or with --schedule soft)")
     p.add_argument("--similarity", default=None, help="similarity metric for qsfm / filter-similarity")
     p.add_argument("--target-flops", type=float, default=None, help="fraction of MACs to remove, e.g. 0.5")
     p.add_argument("--target-params", type=float, default=None, help="fraction of parameters to remove")

@@ -17,7 +17,7 @@ from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, 
 from simprune.schedules.run import run_schedule
 
 
-def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = "l1",
+def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | None = None,
           target: dict[str, float] | None = None, *, calibration=None, guards: Guards | None = None,
           ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 0.0,
           compensate: bool | str | None = None, protect_uncompensable: bool | None = None,
@@ -26,7 +26,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
           criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
           between: Callable[[nn.Module, int], None] | None = None, latency_table=None,
           calib_precision: str | None = None, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
-    """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``.
+    """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``
+    (default: "refit-error" when ``calibration`` is given, the most accurate without fine-tuning; else "l1").
 
     Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
     ``compensate`` folds removed channels into the next layers (data criteria): True for the
@@ -44,6 +45,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any = 
     compensation and BatchNorm re-estimation there, each calibration batch moved to it; the pruned
     model comes back on ``model``'s device. The decision is the CPU one up to floating-point ties.
     """
+    if criterion is None:
+        criterion = "refit-error" if calibration is not None else "l1"
     return run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
                         between=between, inplace=inplace, criterion_options=criterion_options,
                         latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,

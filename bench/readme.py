@@ -239,9 +239,22 @@ def render_edge_mobilenet(data: dict) -> str:
         "`python bench/edge_mobilenet.py`.")
 
 
+def render_models(data: dict) -> str:
+    """The model sweep in one paragraph: the count and what each model went through."""
+    failed = [r for r in data["rows"] if r["outcome"] != "ok"]
+    tv = sum(r["model"].startswith("torchvision:") for r in data["rows"])
+    return (f"{data['ok']}/{data['tried']} models ({tv} torchvision classification and segmentation, "
+            f"{data['tried'] - tv} timm) pruned to {100 * data['target_flops']:.0f} % of MACs within "
+            f"{100 * data['within']:.1f} points with the default options, reloaded from their folder with identical "
+            f"outputs{' and exported to ONNX (verified in onnxruntime)' if data['onnx'] else ''}"
+            + (": failed " + ", ".join(f"{r['model']} ({r['outcome']})" for r in failed) if failed else "")
+            + f". {_machine(data)} `python bench/models.py`.")
+
+
 RENDERERS = {"engine": render_engine, "calibration": render_calibration, "scale": render_scale, "quality": render_quality,
              "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
-             "robustness": render_robustness, "int8": render_int8, "edge_mobilenet": render_edge_mobilenet}
+             "robustness": render_robustness, "int8": render_int8, "edge_mobilenet": render_edge_mobilenet,
+             "models": render_models}
 
 
 def rendered_readme(text: str) -> str:

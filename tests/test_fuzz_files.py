@@ -1,6 +1,7 @@
 """Hostile and broken files: every damaged model, training state or data file ends in a one-line error
 of ours or loads exactly what it holds; never a traceback, a hang, a memory blow-up, a wrong model,
 or a pickle's code running. The cases live in tests/hostile.py (bench/robustness.py runs more)."""
+import json
 import pickle
 import time
 
@@ -135,3 +136,18 @@ def test_input_shape_too_large_for_one_image_is_refused(fuzzer, tmp_path):
     with pytest.raises(SimpruneError, match=r"input_shape must be \[C, H, W\]"):
         load_model(tmp_path)
     shutil.rmtree(tmp_path)
+
+
+def test_model_whose_digest_key_is_damaged_is_refused_through_model_json(fuzzer):
+    """model.json records the weights' sha256, so a flip in the weights file's own digest key no longer
+    switches the check off: the weights below are changed too, and the load is refused."""
+    folder = fuzzer.workdir / "model-digest-key"
+    folder.mkdir()
+    hostile._make_model(folder)
+    assert len(json.loads((folder / "model.json").read_text())["weights_sha256"]) == 64
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes().replace(b"simprune.sha256", b"simprune.shA256"))
+    data[-3] ^= 0x10  # one bit of the last weight
+    path.write_bytes(bytes(data))
+    verdict, detail = fuzzer._judge(hostile.TARGETS["model.safetensors"], "flip_bits", folder, None)
+    assert verdict == "refused" and "does not carry the sha256 model.json recorded" in detail

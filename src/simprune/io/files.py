@@ -181,10 +181,13 @@ def state_dict_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -
 
 
 def save_model(out_dir: Path, model: nn.Module, description: dict[str, Any]) -> None:
-    """Write ``model.safetensors`` and ``model.json`` (weights first, JSON last, each atomically)."""
+    """Write ``model.safetensors`` and ``model.json`` (weights first, JSON last, each atomically); the JSON
+    records the weights' sha256, so damage to the digest inside the weights file is caught too."""
     out_dir = Path(out_dir)
-    desc = {"format": FORMAT, **description, "versions": versions()}
-    atomic_write_bytes(out_dir / "model.safetensors", state_dict_bytes(model))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    digest = tensor_digest(tensors, {})
+    desc = {"format": FORMAT, **description, "weights_sha256": digest, "versions": versions()}
+    atomic_write_bytes(out_dir / "model.safetensors", st_save(tensors, metadata={DIGEST_KEY: digest}))
     atomic_write_json(out_dir / "model.json", desc)
 
 
@@ -308,10 +311,13 @@ def load_model(path: str | Path, model: nn.Module | None = None, allow_incomplet
     if not allow_incomplete and (weights_path.parent / "INCOMPLETE.json").exists():
         raise SimpruneError(f"{weights_path.parent} is an unfinished run (INCOMPLETE.json); finish it by rerunning "
                             "the command that wrote it with resume=True, or start again with overwrite=True")
-    tensors = read_tensors(weights_path)
+    tensors, meta = read_safetensors(weights_path)
     desc = read_json(json_path)
     if desc.get("format") != FORMAT:
         raise SimpruneError(f"{json_path} is not a simprune model description (format {desc.get('format')!r})")
+    if "weights_sha256" in desc and meta.get(DIGEST_KEY) != desc["weights_sha256"]:
+        raise SimpruneError(f"{weights_path} does not carry the sha256 {json_path.name} recorded when it was saved: "
+                            "it is damaged or comes from another save; re-create it or restore a good copy")
     name, args = _model_args(desc, json_path)
     shape = _input_shape(desc, json_path)
     if model is None:

@@ -114,3 +114,18 @@ def test_torchrun_two_ranks_agree_with_one_process(tmp_path):
         json.loads((two / "model.json").read_text())["structure"]
     per_rank = r2["finetune"]["weights_fingerprint_per_rank"]
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # fine-tuned weights identical across ranks
+
+
+@pytest.mark.slow
+def test_torchrun_qsfm_decision_matches_one_process(tmp_path):
+    """qsfm's chance level pairs images inside fixed blocks and the calibration shards hold whole blocks,
+    so 2 ranks make the one-process decision (it differed while pairs were consecutive images)."""
+    common = ["prune", "--checkpoint", str(R20), "--criterion", "qsfm", "--calib-data", "fashion-mnist",
+              "--calib-images", "128", "--target-flops", "0.4", "--quiet", "--no-latency"]
+    subprocess.run([SIMPRUNE, *common, "--out", str(tmp_path / "one")], check=True, env=ENV, capture_output=True)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29523", "-m", "simprune.cli", *common,
+                          "--out", str(tmp_path / "two")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert r2["decision_fingerprint_per_rank"] == [r1["decision_fingerprint"]] * 2

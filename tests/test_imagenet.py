@@ -15,6 +15,7 @@ from simprune.io.imagenet import (  # noqa: E402
     calibration_photos,
     evaluation_photos,
     load_pretrained,
+    photo_files,
     top1_agreement,
     weights_path,
 )
@@ -109,3 +110,25 @@ def test_real_weights_recognise_the_photographs():
     pred = [names[i] for i in top1(model, ev.tensors[0]).tolist()]
     assert sum(p in CATS for p in pred[:10]) >= 8  # Chelsea the cat
     assert sum(p in {"espresso", "cup", "coffee mug"} for p in pred[10:]) >= 8
+
+
+def test_photo_files_of_ones_own_are_ten_crops_each_and_a_missing_folder_is_one_line(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (300, 200), (255, 0, 0)).save(tmp_path / "b.png")
+    Image.new("RGB", (2400, 1600), (0, 0, 255)).save(tmp_path / "sub" / "a.JPG")  # reduced on reading
+    (tmp_path / "notes.txt").write_text("not a photo")
+    files = photo_files(tmp_path)
+    assert [f.name for f in files] == ["b.png", "a.JPG"]
+    ev = evaluation_photos(size=32, photos=files)
+    assert ev.tensors[0].shape == (20, 3, 32, 32) and ev.tensors[1].tolist() == [0] * 10 + [1] * 10
+    red = ev.tensors[0][0] * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) \
+        + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    assert torch.allclose(red.mean((1, 2)), torch.tensor([1.0, 0.0, 0.0]), atol=1e-3)
+    with pytest.raises(SimpruneError, match="does not exist") as err:
+        photo_files(tmp_path / "nowhere")
+    assert "\n" not in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SimpruneError, match="no .jpg/.png"):
+        photo_files(tmp_path / "empty")

@@ -192,6 +192,11 @@ def render_robustness(data: dict) -> str:
             f"{data['per_mutation']} seeded cases per mutation. {_machine(data)} `python bench/robustness.py`.")
 
 
+def _repo_relative(command: str) -> str:
+    """A recorded command with the checkout's absolute path to zoo/ dropped (it differs per clone)."""
+    return re.sub(r"\S*/(zoo/\S+)", r"\1", command)
+
+
 def render_int8(data: dict) -> str:
     """Original float32, pruned float32 and pruned int8 of each model: accuracy, time and size."""
     text = []
@@ -204,7 +209,7 @@ def render_int8(data: dict) -> str:
                  f"{r['cpu_ms']:.2f}", f"{r['cpu_speedup']:.2f}x", f"{r['ms']:.2f}", f"{r['speedup']:.2f}x",
                  f"{r['MiB']:.2f}"] for r in m["rows"]]
         head = (f"**{m['model']}** ({m['criterion']}, {100 * m['macs_removed']:.1f} % of MACs removed"
-                + (f"; `{m['command'].split(' --out ')[0].replace(str(ROOT) + '/', '')}`" if resnet else "") + "):\n\n")
+                + (f"; `{_repo_relative(m['command'].split(' --out ')[0])}`" if resnet else "") + "):\n\n")
         acc = "top-1 % (change)" if resnet else "top-1 agreement %"
         body = _table(["file", acc, "CPU ms", "CPU speed-up", "wall ms", "wall speed-up", "MiB"], rows)
         if m.get("goals"):

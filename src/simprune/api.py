@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from simprune.allocation.allocator import Guards
+from simprune.criteria import default_criterion
 from simprune.io.description import check_loadable, describe
 from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
 from simprune.schedules.run import run_schedule
@@ -46,7 +47,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | 
     model comes back on ``model``'s device. The decision is the CPU one up to floating-point ties.
     """
     if criterion is None:
-        criterion = "refit-error" if calibration is not None else "l1"
+        criterion = default_criterion(calibration is not None)
     return run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
                         between=between, inplace=inplace, criterion_options=criterion_options,
                         latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,

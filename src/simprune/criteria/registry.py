@@ -26,6 +26,13 @@ def available_criteria() -> dict[str, str]:
     return {n: d for n, (_, d) in sorted(_CRITERIA.items())}
 
 
+def default_criterion(with_data: bool) -> str:
+    """The criterion used when none is named: refit-error when calibration images are there to score and
+    refit with (with aligned widths, l1 + refit lost 8 points on ResNet-56 at 47 % where refit-error lost
+    0.3), else l1."""
+    return "refit-error" if with_data else "l1"
+
+
 def get_criterion(name: str, **options) -> Criterion:
     """Instantiate a criterion by name with its options (e.g. ``similarity="pearson"``)."""
     if name not in _CRITERIA:

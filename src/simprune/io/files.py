@@ -168,26 +168,25 @@ def tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | N
     return h.hexdigest()
 
 
-def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """safetensors bytes carrying their own digest, so that any later damage is refused on reading."""
+def digested_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """safetensors bytes carrying their own digest, so that any later damage is refused on reading; and
+    that digest."""
     meta = {k: v for k, v in (metadata or {}).items() if k != DIGEST_KEY}
     meta[DIGEST_KEY] = tensor_digest(tensors, meta)
-    return st_save(tensors, metadata=meta)
+    return st_save(tensors, metadata=meta), meta[DIGEST_KEY]
 
 
-def state_dict_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> bytes:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return tensors_bytes(tensors, metadata)
+def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return digested_bytes(tensors, metadata)[0]
 
 
 def save_model(out_dir: Path, model: nn.Module, description: dict[str, Any]) -> None:
     """Write ``model.safetensors`` and ``model.json`` (weights first, JSON last, each atomically); the JSON
     records the weights' sha256, so damage to the digest inside the weights file is caught too."""
     out_dir = Path(out_dir)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    digest = tensor_digest(tensors, {})
+    data, digest = digested_bytes({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     desc = {"format": FORMAT, **description, "weights_sha256": digest, "versions": versions()}
-    atomic_write_bytes(out_dir / "model.safetensors", st_save(tensors, metadata={DIGEST_KEY: digest}))
+    atomic_write_bytes(out_dir / "model.safetensors", data)
     atomic_write_json(out_dir / "model.json", desc)
 
 
@@ -214,11 +213,6 @@ def refuse_pickle(path: Path, head: bytes) -> None:
         raise SimpruneError(f"{path} is a pickle/torch.save file; simprune never unpickles model files. "
                             "Convert it once with safetensors.torch.save_file(torch.load(f, weights_only=True), "
                             "'model.safetensors') in a trusted session")
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, refusing pickles and reporting corruption in one line."""
-    return read_safetensors(path)[0]
 
 
 def read_safetensors(path: Path, require_digest: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

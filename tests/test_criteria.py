@@ -56,7 +56,7 @@ def test_twin_removal_with_compensation_is_exact(similarity, mode):
 
 
 def test_lstsq_coefficients_by_hand():
-    from simprune.criteria.compensation import lstsq_coefficients
+    from simprune.repair.fold import lstsq_coefficients
 
     # x2 = 2 x0 + 3 x1 exactly: Gram of three channels over four pixels
     x = torch.tensor([[1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 3.0]], dtype=torch.float64)
@@ -78,7 +78,7 @@ def test_uncompensable_groups_are_protected_when_compensating():
 
 
 def test_batchnorm_recalibration_matches_the_calibration_statistics():
-    from simprune.calibrate.calibration import recalibrate_batchnorm
+    from simprune.repair.batchnorm import recalibrate_batchnorm
 
     model = build_model("resnet20", in_channels=1).eval()
     x = next(iter(_batches(16)))[0]
@@ -151,7 +151,7 @@ def test_registry_lists_all_criteria():
 
 
 def test_affine_lstsq_coefficients_by_hand():
-    from simprune.criteria.compensation import affine_lstsq_coefficients
+    from simprune.repair.fold import affine_lstsq_coefficients
 
     # x2 = 2 x0 - x1 + 0.5 exactly, over five pixels
     x = torch.tensor([[1.0, 0.0, 2.0, 1.0, 3.0], [0.0, 1.0, 1.0, 3.0, -1.0]], dtype=torch.float64)

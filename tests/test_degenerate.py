@@ -9,11 +9,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import simprune
-from simprune.calibrate.calibration import collect_statistics, recalibrate_batchnorm
+from simprune.calibrate.calibration import collect_statistics
 from simprune.criteria import get_criterion
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
 from simprune.io.data import DatasetInfo, ImageTensorDataset, load_dataset
+from simprune.repair.batchnorm import recalibrate_batchnorm
 from simprune.stats.channel_stats import METRICS, ChannelStats
 from simprune.stats.similarity import SIMILARITIES, map_rank, spatial_std
 from simprune.train.loop import evaluate

@@ -16,12 +16,12 @@ from torch import nn
 import simprune
 from simprune.calibrate.consumer_inputs import design_rows, refit_support
 from simprune.criteria import get_criterion
-from simprune.engine.reconstruct import RefitOptions, reconstruct, refit_targets
-from simprune.engine.segments import find_chain, plan_segments, trace_calls
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
 from simprune.graph.removal import remove_channels
 from simprune.models import build_model
+from simprune.repair.refit import RefitOptions, reconstruct, refit_targets
+from simprune.repair.segments import find_chain, plan_segments, trace_calls
 from simprune.stats.refit import greedy_removal, refit_error, removal_costs, ridge_refit
 from tests.conftest import ZOO, require_fashion_mnist
 

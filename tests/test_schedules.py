@@ -4,12 +4,14 @@ import torch
 
 import simprune
 from simprune.allocation.allocator import Guards
+from simprune.allocation.selection import Selection
 from simprune.criteria import get_criterion
 from simprune.graph.counting import count
 from simprune.graph.groups import PruningGraph
 from simprune.io.data import DatasetInfo, ImageTensorDataset
 from simprune.models import build_model
 from simprune.schedules.iterative import iterative, step_targets
+from simprune.schedules.oneshot import Job
 from simprune.schedules.soft import (
     SoftPruning,
     finish_soft,
@@ -72,8 +74,8 @@ def test_option_a_middle_stage_is_left_whole_by_soft_pruning():
 def test_iterative_reaches_the_target_within_one_point(ratio, steps):
     model = build_model("resnet20").eval()
     calls = []
-    pruned, report = iterative(model, torch.zeros(1, 3, 32, 32), "filter-similarity", {"flops": ratio}, steps,
-                               between=lambda m, k: calls.append(k))
+    job = Job(model, torch.zeros(1, 3, 32, 32), "filter-similarity", {"flops": ratio})
+    pruned, report = iterative(job, steps, between=lambda m, k: calls.append(k))
     assert abs(report["reduction"]["flops"] - ratio) <= 0.01
     assert [s["step"] for s in report["schedule"]["steps"]] == list(range(1, steps + 1))
     assert calls == list(range(1, steps))  # fine-tuning between steps, not after the last
@@ -100,7 +102,7 @@ def test_soft_training_loop_zeroes_then_removes_with_identical_outputs(tmp_path)
     model = build_model("resnet20", num_classes=10, in_channels=1)
     ex = torch.zeros(1, 1, 16, 16)
     graph = PruningGraph(model, ex)
-    select = soft_selector(graph, get_criterion("filter-similarity"), ex, guards=Guards())
+    select = soft_selector(graph, get_criterion("filter-similarity"), ex, selection=Selection(guards=Guards()))
     hooks = SoftPruning(graph, select, "flops", 0.4, epochs=3, hold=1, log=lambda _: None)
     cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, limit_batches=2)
     train(model, _tiny_data(), cfg, tmp_path, log=lambda _: None, progress=False, hooks=hooks)

@@ -7,11 +7,12 @@ from torch.utils.data import DataLoader, TensorDataset
 import simprune
 from simprune.allocation.allocator import normalize
 from simprune.calibrate import calibration
-from simprune.calibrate.calibration import calibration_loader, collect_statistics, recalibrate_batchnorm
+from simprune.calibrate.calibration import calibration_loader, collect_statistics
 from simprune.criteria import get_criterion
 from simprune.graph.groups import PruningGraph
 from simprune.io.files import load_model
 from simprune.models import build_model
+from simprune.repair.batchnorm import recalibrate_batchnorm
 from tests.conftest import ZOO
 
 

@@ -1,7 +1,7 @@
 """simprune: similarity-based structural filter pruning for convolutional networks.
 
     import simprune
-    pruned, report = simprune.prune(model, torch.zeros(1, 3, 32, 32), criterion="l1", target={"flops": 0.5})
+    pruned, report = simprune.prune(model, torch.zeros(1, 3, 32, 32), criterion="l1", target={"macs": 0.5})
     simprune.save("out/", pruned, {"model": "resnet56", "model_args": {...}, "input_shape": [3, 32, 32]})
     model = simprune.load("out/")
 
@@ -14,8 +14,10 @@ from simprune.compat import install_import_hook as _install_import_hook  # noqa:
 
 _install_import_hook()  # a later ``import torchvision`` (or timm) works on CPU-only torch
 
-_LAZY = {"prune": "api", "save": "api", "load": "api", "build_model": "models", "SimpruneError": "errors"}
-__all__ = ["prune", "save", "load", "build_model", "SimpruneError", "__version__"]
+_OPTIONS = ("Calibration", "Selection", "Repair", "RefitOptions", "Guards", "OneShot", "Iterative", "Soft", "ToLatency")
+_LAZY = {"prune": "api", "save": "api", "load": "api", "build_model": "models", "SimpruneError": "errors",
+         **{name: "api" for name in _OPTIONS}}
+__all__ = ["prune", "save", "load", "build_model", "SimpruneError", "__version__", *_OPTIONS]
 
 
 def __getattr__(name: str):

@@ -12,49 +12,44 @@ import torch
 from torch import nn
 
 from simprune.allocation.allocator import Guards
+from simprune.allocation.selection import Selection
+from simprune.calibrate.batches import Calibration
 from simprune.criteria import default_criterion
 from simprune.io.description import check_loadable, describe
 from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
+from simprune.repair.refit import RefitOptions
+from simprune.repair.stage import Repair
+from simprune.schedules.kinds import Iterative, OneShot, Soft, ToLatency
+from simprune.schedules.legacy import from_keywords
 from simprune.schedules.run import run_schedule
+
+__all__ = ["Calibration", "Guards", "Iterative", "OneShot", "RefitOptions", "Repair", "Selection", "Soft", "ToLatency",
+           "load", "prune", "save"]
 
 
 def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | None = None,
-          target: dict[str, float] | None = None, *, calibration=None, guards: Guards | None = None,
-          ignore: tuple[str, ...] | list[str] = (), normalization: str | None = None, cost_weight: float = 0.0,
-          compensate: bool | str | None = None, protect_uncompensable: bool | None = None,
-          recalibrate_bn: bool | None = None, reconstruct: bool | None = None,
-          reconstruct_options: dict | None = None, inplace: bool = False,
-          criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
-          between: Callable[[nn.Module, int], None] | None = None, latency_table=None,
-          calib_precision: str | None = None, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
-    """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``
-    (default: "refit-error" when ``calibration`` is given, the most accurate without fine-tuning; else "l1").
+          target: dict[str, float] | None = None, *, calibration=None, selection: Selection = Selection(),
+          repair: Repair = Repair.auto(), schedule=OneShot(), inplace: bool = False,
+          **legacy) -> tuple[nn.Module, dict]:
+    """Prune ``model`` to ``target`` (e.g. ``{"macs": 0.5}``: half the MACs removed; "flops" is the old name)
+    with ``criterion`` (default: "refit-error" when ``calibration`` is given, the most accurate without
+    fine-tuning; else "l1"). Returns ``(pruned_model, report)``; ``model`` is left untouched unless ``inplace``.
 
-    Returns ``(pruned_model, report)``; the input model is left untouched unless ``inplace``.
-    ``compensate`` folds removed channels into the next layers (data criteria): True for the
-    criterion's default mode, "lstsq" or "twin", False for none; None: the criterion's default.
-    ``protect_uncompensable`` (default: on when compensating) leaves groups whose channels reach a
-    parameter-free reader (option-A shortcut) untouched. ``recalibrate_bn`` (default: on when
-    ``calibration`` is given) re-estimates BatchNorm statistics on the calibration images afterwards.
-    ``schedule="iterative"`` prunes in ``steps`` re-scored steps, calling ``between(model, k)`` (e.g. a
-    fine-tuning epoch) after each but the last; the soft schedule trains, so it lives in
-    :func:`simprune.schedules.soft.soft_prune`. A ``{"latency": R}`` target needs ``latency_table`` (a
-    :class:`simprune.schedules.latency.LatencyTable`); :func:`simprune.schedules.latency.prune_to_latency` makes one.
-    ``calibration`` may be any iterable of batches (a one-shot one is kept in memory: it is read several
-    times); ``calib_precision`` ("fp32" or "bf16") sets a data criterion's calibration forward pass.
-    ``device`` ("cuda", "cuda:N" or "cpu"; default CUDA when available, else CPU) runs statistics,
-    compensation and BatchNorm re-estimation there, each calibration batch moved to it; the pruned
-    model comes back on ``model``'s device. The decision is the CPU one up to floating-point ties.
+    ``calibration``: any iterable of batches, or a :class:`Calibration` (a one-shot one is kept: it is read
+    several times). ``selection`` (:class:`Selection`): guards, ignored layers, normalization, cost weight,
+    criterion options, calibration precision. ``repair`` (:class:`Repair`): the channel fold, protection,
+    refit, recovery and BatchNorm re-estimation after removal (``Repair.auto()``: the defaults for the
+    criterion and data). ``schedule``: :class:`OneShot` (``device=``: where the work runs, default CUDA when
+    available), :class:`Iterative` (steps, between), :class:`Soft` (trains) or :class:`ToLatency` (a measured
+    ``{"latency": R}`` target). The old keywords (``compensate=``, ``reconstruct=``, ``guards=``, ``steps=``,
+    ``device=``, ...) still work with a DeprecationWarning (see :mod:`simprune.schedules.legacy`).
     """
+    selection, repair, schedule = from_keywords(selection, repair, schedule, calibration, legacy)
     if criterion is None:
         criterion = default_criterion(calibration is not None)
-    return run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
-                        between=between, inplace=inplace, criterion_options=criterion_options,
-                        latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,
-                        normalization=normalization, cost_weight=cost_weight, compensate=compensate,
-                        protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn,
-                        calib_precision=calib_precision, device=device, reconstruct=reconstruct,
-                        reconstruct_options=reconstruct_options)
+    pruned, report = run_schedule(model, example_input, criterion, target, calibration=calibration,
+                                  selection=selection, repair=repair, schedule=schedule, inplace=inplace)
+    return pruned, report.to_dict()
 
 
 def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any] | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -58,6 +59,22 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+@contextmanager
+def forward_precision(device: torch.device | str, precision: str = "fp32"):
+    """The one autocast of simprune: "bf16" autocast on ``device``'s type, or true "fp32" (autocast off,
+    also inside a caller's; on CUDA TF32 off too, cuDNN's default would round to a 10-bit mantissa)."""
+    device = torch.device(device)
+    bf16 = precision == "bf16"
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if device.type == "cuda" and not bf16:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def init_from_env(device: str | torch.device | None = None) -> bool:

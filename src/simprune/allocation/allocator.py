@@ -294,8 +294,8 @@ def allocate_aligned(groups: list[ChannelGroup], scores: dict[str, torch.Tensor]
     """
     kind, ratio = _check_target(target)
     if kind == "latency" and not cost.has_latency:
-        raise SimpruneError("a latency target needs a cost model with a latency table; use "
-                            "simprune.schedules.latency.prune_to_latency, which builds one")
+        raise SimpruneError("a latency target needs a cost model with a latency table; use schedule=ToLatency() "
+                            "(simprune.schedules.latency.prune_to_latency), which builds one")
     k, base = KINDS.index(kind), cost.base(kind)
     goal, slack = base * (1 - ratio), base * overshoot
     ledger = _Ledger(cost, len(groups))
@@ -336,11 +336,13 @@ def _give_back_overshoot(ledger: _Ledger, k: int, goal: float, slack: float) -> 
 
 
 def _check_target(target: dict[str, float]) -> tuple[str, float]:
+    """(kind, ratio) of a one-key target; "macs" is the documented name of "flops" (kept)."""
     if not isinstance(target, dict) or len(target) != 1:
-        raise SimpruneError("give exactly one target: {'flops': R} or {'params': R}")
+        raise SimpruneError("give exactly one target: {'macs': R} or {'params': R}")
     kind, ratio = next(iter(target.items()))
+    kind = "flops" if kind == "macs" else kind
     if kind not in KINDS:
-        raise SimpruneError(f"unknown target {kind!r}; use flops, params or latency")
+        raise SimpruneError(f"unknown target {kind!r}; use macs (or flops), params or latency")
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise SimpruneError(f"target {kind} must be a fraction removed strictly between 0 and 1, got {ratio}")
     return kind, float(ratio)

@@ -20,7 +20,6 @@ which the fp32 statistics pass turns off): near-ties may flip, nothing else.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from simprune import distributed
+from simprune.calibrate.batches import PRECISIONS, Calibration, check_calibration, check_precision, reusable
 from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph, is_depthwise
 from simprune.io.data import load_dataset
-from simprune.progress import bar as progress_bar
 from simprune.stats.channel_stats import NULL_BLOCK, ChannelStats, is_maximum
 
-PRECISIONS = ("fp32", "bf16")
-MAX_MATERIALISED_BYTES = 2 * 2**30  # a one-shot iterator of calibration batches is kept in memory up to this
+__all__ = ["PRECISIONS", "Calibration", "Probe", "calibration_loader", "check_calibration", "check_precision",
+           "collect_statistics", "mean_null_similarity", "mean_similarity", "reusable"]
 
 
 @dataclass
@@ -92,12 +91,6 @@ def _maps_for(member: Member, x: torch.Tensor, channels: int) -> tuple[torch.Ten
     raise SimpruneError(f"cannot read feature maps of shape {tuple(x.shape)} at {member.name}")
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise SimpruneError(f"calib_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
 def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: set[str],
                        precision: str = "bf16", progress: bool = True, window: int = 7,
                        reduce=None) -> dict[str, list[Probe]]:
@@ -127,22 +120,15 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
             probe = Probe(member)
             probes.setdefault(group.root, []).append(probe)
             hooks.append(member.module.register_forward_pre_hook(make_hook(probe, group.size)))
-    was_training = model.training
-    model.eval()
-    seen = varied = 0
-    device = distributed.model_device(model)
-    try:
-        with torch.no_grad(), _forward_precision(device, precision == "bf16"):
-            for batch in progress_bar(batches, "calibration statistics", unit="batches", enabled=progress):
-                x = _images(batch, device)
-                _forward(model, x)
-                seen += x.shape[0]
-                flat = x.flatten(1)
-                varied += int((flat.amax(1) > flat.amin(1)).sum()) if flat.shape[1] else 0
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    varied = 0
+
+    def count_varied(x: torch.Tensor) -> None:
+        nonlocal varied
+        flat = x.flatten(1)
+        varied += int((flat.amax(1) > flat.amin(1)).sum()) if flat.shape[1] else 0
+
+    seen = Calibration.of(batches).forward(model, hooks=hooks, precision=precision, progress=progress,
+                                           label="calibration statistics", each=count_varied)
     if reduce is not None:
         seen, varied = (int(v) for v in reduce(torch.tensor([float(seen), float(varied)], dtype=torch.float64)))
     if seen == 0:
@@ -160,26 +146,6 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     return probes
 
 
-def _images(batch, device: torch.device) -> torch.Tensor:
-    """The images of a batch ((images, labels) or images alone), on ``device``."""
-    x = batch[0] if isinstance(batch, (list, tuple)) else batch
-    return x.to(device, non_blocking=True)
-
-
-@contextmanager
-def _forward_precision(device: torch.device, bf16: bool):
-    """bf16 autocast on ``device``, or true fp32: on CUDA the convolutions would otherwise use TF32
-    (cuDNN's default, 10-bit mantissa), which moves the statistics away from a CPU run's."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    if device.type == "cuda" and not bf16:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _reduced(stats: ChannelStats, reduce) -> ChannelStats:
     """Statistics combined across processes: sums by ``reduce``, maxima by a sum of one slot per rank."""
     out = {}
@@ -194,18 +160,6 @@ def _reduced(stats: ChannelStats, reduce) -> ChannelStats:
                                      device=stats.device, **stats.options)
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> None:
-    try:
-        model(x)
-    except torch.OutOfMemoryError as exc:
-        raise SimpruneError(f"out of memory on {x.device} with calibration batches of {x.shape[0]} images; "
-                            "use smaller batches, or device=cpu") from exc
-    except RuntimeError as exc:  # wrong channel count or size: torch's own message, in one line
-        raise SimpruneError(f"the model cannot read calibration images of shape {tuple(x.shape[1:])} "
-                            f"({str(exc).splitlines()[0][:120]}); give calibration= images of the model's input "
-                            "shape (pad_to=)") from exc
-
-
 def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
     """A group's similarity matrix: the mean over its probes (residual channels share one decision)."""
     return torch.stack([p.stats.similarity(metric) for p in probes]).mean(0)
@@ -214,93 +168,3 @@ def mean_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
 def mean_null_similarity(probes: list[Probe], metric: str) -> torch.Tensor:
     """The chance level of :func:`mean_similarity`: the same mean over unrelated (shifted-image) pairs."""
     return torch.stack([p.stats.null_similarity(metric) for p in probes]).mean(0)
-
-
-def _batch_bytes(batch) -> int:
-    items = batch if isinstance(batch, (list, tuple)) else [batch]
-    return sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
-
-
-def reusable(batches, keyword: str = "calibration"):
-    """Calibration is read several times (shape check, statistics, BatchNorm re-estimation). A
-    collection (DataLoader, list, ...) starts afresh at every ``iter()`` and passes through; a one-shot
-    iterator (generator, ``iter(...)``, ``map``) is materialised into a list, up to
-    MAX_MATERIALISED_BYTES, so that no pass sees a half-consumed stream."""
-    if batches is None:
-        return None
-    try:
-        it = iter(batches)
-    except TypeError:
-        raise SimpruneError(f"{keyword}= must be an iterable of image batches (a DataLoader or a list of "
-                            f"(images, labels)), got {type(batches).__name__}") from None
-    if it is not batches:
-        return batches
-    kept, size = [], 0
-    for batch in it:
-        size += _batch_bytes(batch)
-        if size > MAX_MATERIALISED_BYTES:
-            raise SimpruneError(f"{keyword}= is a one-shot iterator of more than {MAX_MATERIALISED_BYTES >> 30} GiB "
-                                "of images, which simprune reads several times; pass a DataLoader or a list")
-        kept.append(batch)
-    return kept
-
-
-def check_calibration(batches, example_input: torch.Tensor):
-    """The calibration batches, made re-iterable (:func:`reusable`), after checking that the images have
-    the model's input shape (C, H, W): statistics taken at another resolution or channel count would
-    silently describe another model."""
-    batches = reusable(batches)
-    first = next(iter(batches), None)
-    if first is None:
-        raise SimpruneError("calibration= holds no batches; pass a DataLoader or a list of (images, labels)")
-    x = first[0] if isinstance(first, (list, tuple)) else first
-    if tuple(x.shape[1:]) != tuple(example_input.shape[1:]):
-        want, got = "x".join(map(str, example_input.shape[1:])), "x".join(map(str, x.shape[1:]))
-        raise SimpruneError(f"calibration images are {got} but the model's input is {want}; "
-                            "give calibration= images of that shape (pad_to=) or another example_input=")
-    return batches
-
-
-def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average); returns the
-    number of images seen (over all ranks).
-
-    After structural removal the activations feeding later BNs shift a little; a forward pass
-    over the calibration images restores their statistics without touching any weight. A channel
-    that the images leave (nearly) constant, variance below the layer's eps, keeps its trained
-    statistics: a zero variance would divide later, varying inputs by sqrt(eps). When no image comes
-    (an empty or exhausted iterator) every BN keeps its trained statistics and this raises."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
-    trained = {m: (m.running_mean.clone(), m.running_var.clone()) for m in bns if m.running_var is not None}
-    was_training = model.training
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over all batches
-        m.train()
-    seen = 0
-    device = distributed.model_device(model)
-    try:
-        with torch.no_grad(), _forward_precision(device, bf16):
-            for batch in progress_bar(batches, "BatchNorm re-estimation", unit="batches"):
-                x = _images(batch, device)
-                _forward(model, x)
-                seen += x.shape[0]
-        if distributed.active():
-            seen = int(distributed.all_reduce_sum(torch.tensor(float(seen), dtype=torch.float64)))
-        if seen:
-            distributed.average_buffers(model)  # each rank saw its own shard
-        for m, (mean, var) in trained.items():
-            flat = m.running_var < m.eps if seen else torch.ones_like(m.running_var, dtype=torch.bool)
-            m.running_mean[flat] = mean[flat]
-            m.running_var[flat] = var[flat]
-    finally:
-        for m, (momentum, training) in zip(bns, saved):
-            m.momentum = momentum
-            m.train(training)
-        model.train(was_training)
-    if not seen:
-        raise SimpruneError("BatchNorm re-estimation saw no calibration images (empty or already consumed); "
-                            "pass calibration= as a DataLoader or a list of batches")
-    return seen

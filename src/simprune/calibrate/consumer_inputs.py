@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simprune import distributed
+from simprune.calibrate.batches import Calibration
 from simprune.errors import SimpruneError
 
 ROW_CHUNK_BYTES = 64 << 20  # unfold at most this much of a batch at a time
@@ -75,6 +76,7 @@ def _patch_rows(layer: nn.Conv2d, x: torch.Tensor, positions: torch.Tensor | Non
     corners, offsets = _patch_index(layer, xp.shape[2], xp.shape[3])
     if positions is not None:
         corners = corners[positions]
+    corners, offsets = corners.to(x.device), offsets.to(x.device)
     channels_last = xp.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
     patches = channels_last[:, (corners[:, None] + offsets[None, :]).reshape(-1)]  # (B, S*k*k, C)
     return patches.reshape(x.shape[0], corners.numel(), offsets.numel(), x.shape[1]).transpose(2, 3) \
@@ -110,20 +112,22 @@ def design_rows(layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None =
             yield rows, None
             continue
         y = target[k:k + step].detach().float().flatten(2)
-        y = y if positions is None else y[:, :, positions]
+        y = y if positions is None else y[:, :, positions.to(y.device)]
         yield rows, y.transpose(1, 2).reshape(-1, y.shape[1])
 
 
 class RowSums:
     """Float64 sums over rows: count, sum, Gram, and with a target the cross-correlation and energy."""
 
-    def __init__(self, columns: int, outputs: int = 0):
-        self.n = torch.zeros((), dtype=torch.float64)
-        self.total = torch.zeros(columns, dtype=torch.float64)
-        self.gram = torch.zeros(columns, columns, dtype=torch.float64)
-        self.cross = torch.zeros(columns, outputs, dtype=torch.float64) if outputs else None
-        self.target_total = torch.zeros(outputs, dtype=torch.float64) if outputs else None
-        self.target_energy = torch.zeros((), dtype=torch.float64)
+    def __init__(self, columns: int, outputs: int = 0, device: torch.device | str = "cpu"):
+        """Sums on ``device``, the rows' (the model's) device; :meth:`to` moves them for the solve."""
+        zeros = dict(dtype=torch.float64, device=device)
+        self.n = torch.zeros((), **zeros)
+        self.total = torch.zeros(columns, **zeros)
+        self.gram = torch.zeros(columns, columns, **zeros)
+        self.cross = torch.zeros(columns, outputs, **zeros) if outputs else None
+        self.target_total = torch.zeros(outputs, **zeros) if outputs else None
+        self.target_energy = torch.zeros((), **zeros)
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor, target: torch.Tensor | None = None) -> None:
@@ -142,6 +146,12 @@ class RowSums:
         if self.cross is not None:
             out.update(cross=self.cross, target_total=self.target_total)
         return out
+
+    def to(self, device: torch.device | str) -> RowSums:
+        """Every sum moved to ``device``, in place (the solves and scores run on the CPU)."""
+        for name, value in self.tensors().items():
+            setattr(self, name, value.to(device))
+        return self
 
     def all_reduce(self) -> RowSums:
         """Sum every tensor over torchrun ranks (a no-op on one process), in place."""
@@ -188,7 +198,8 @@ def consumer_grams(model: nn.Module, layers: dict[str, nn.Module], batches, prec
 
 def _one_pass(model: nn.Module, layers: dict[str, nn.Module], batches, precision: str, max_positions: int | None,
               seed: int) -> dict[str, RowSums]:
-    sums = {name: RowSums(weight_matrix(layer).shape[1]) for name, layer in layers.items()}
+    device = distributed.model_device(model)
+    sums = {name: RowSums(weight_matrix(layer).shape[1], device=device) for name, layer in layers.items()}
 
     def make_hook(name: str, layer: nn.Module):
         def hook(module, inputs):
@@ -197,16 +208,7 @@ def _one_pass(model: nn.Module, layers: dict[str, nn.Module], batches, precision
         return hook
 
     hooks = [layer.register_forward_pre_hook(make_hook(n, layer)) for n, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            for batch in batches:
-                model(batch[0] if isinstance(batch, (list, tuple)) else batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    Calibration.of(batches).forward(model, hooks=hooks, precision=precision, progress=False)
     for name, s in sums.items():
-        s.all_reduce().check(name)
+        s.all_reduce().check(name).to("cpu")
     return sums

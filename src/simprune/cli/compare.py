@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from simprune.allocation.allocator import Guards
+from simprune.allocation.selection import Selection
 from simprune.calibrate.calibration import calibration_loader
 from simprune.cli.common import (
     check_compatible,
@@ -30,6 +31,7 @@ from simprune.io.files import atomic_output_dir, atomic_write_json, read_json, r
 from simprune.train.loop import evaluate
 from simprune.verify.compare import (
     COMPENSATIONS,
+    Grid,
     parse_choices,
     parse_fractions,
     parse_specs,
@@ -162,10 +164,9 @@ def cmd_compare(args) -> int:
         chart_target = min(targets, key=lambda t: abs(t - 0.5))
         rows, layers, runs = [], {}, []
         for run in run_grid(model, torch.zeros(1, *shape), specs, targets, calibration=calibration, test=test,
-                            base_top1=base_top1, kind=args.target_kind, compensations=compensations,
-                            schedules=schedules, protect_uncompensable=args.protect_uncompensable,
-                            reconstructions=(args.reconstruct,),
-                            progress=True, guards=Guards(round_to=args.round_to), device=args.device):
+                            base_top1=base_top1, progress=True, selection=Selection(guards=Guards(round_to=args.round_to)),
+                            grid=Grid(args.target_kind, tuple(compensations), tuple(schedules), (args.reconstruct,),
+                                      args.protect_uncompensable, args.device)):
             rows.append(run["row"])
             if run["row"]["target"] == chart_target:
                 layers[run["row"]["label"]] = run["report"]["layers"]

@@ -20,6 +20,7 @@ import torch
 
 from simprune import api
 from simprune.allocation.allocator import Guards
+from simprune.allocation.selection import Selection
 from simprune.calibrate.calibration import calibration_loader
 from simprune.cli.common import command_line, positive
 from simprune.errors import SimpruneError
@@ -30,7 +31,7 @@ from simprune.graph.counting import count
 from simprune.io.data import SAMPLE, has_local_files, load_dataset
 from simprune.io.files import atomic_output_dir, atomic_write_json
 from simprune.train.loop import evaluate
-from simprune.verify.compare import Spec, run_grid
+from simprune.verify.compare import Grid, Spec, run_grid
 from simprune.verify.plots import similarity_heatmaps
 from simprune.verify.reports import environment_versions, network_order, write_report
 
@@ -135,8 +136,8 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
                  "params": cost.params, "flops_removed": 0.0, "params_removed": 0.0}]
         layers, kept = {}, None
         for run in run_grid(model, torch.zeros(1, *shape), SPECS, [target], calibration=calib, test=test,
-                            base_top1=base, progress=progress, guards=Guards(round_to=round_to),
-                            reconstructions=(False,)):  # the papers' methods side by side, as before the refit
+                            base_top1=base, progress=progress, selection=Selection(guards=Guards(round_to=round_to)),
+                            grid=Grid(reconstructions=(False,))):  # the papers' methods side by side, as before the refit
             rows.append(run["row"])
             layers[run["row"]["label"]] = run["report"]["layers"]
             if kept is None:  # the first criterion, qsfm, is the one we keep

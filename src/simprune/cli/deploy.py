@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from simprune import api
 from simprune.allocation.allocator import Guards
 from simprune.allocation.rounding import vector_block
 from simprune.calibrate.calibration import calibration_loader
@@ -32,7 +33,7 @@ from simprune.graph.counting import count
 from simprune.io.data import load_dataset
 from simprune.io.files import atomic_write_json, load_model, read_json
 from simprune.models import build_model
-from simprune.schedules.latency import prune_to_latency
+from simprune.schedules.kinds import ToLatency
 from simprune.verify.reports import refresh_prune_report
 
 DEFAULT_BATCH = 8
@@ -290,9 +291,10 @@ def add_prune_latency_options(p: argparse.ArgumentParser) -> None:
     add_int8_options(p)
 
 
-def prune_latency_target(args, model, example, criterion, ratio: float, *, calibration, guards,
-                         prune_options: dict) -> tuple[Any, dict]:
+def prune_latency_target(args, model, example, criterion, ratio: float, *, calibration, selection,
+                         repair) -> tuple[Any, dict]:
     """`simprune prune --target-latency R`: one-shot pruning to a measured latency reduction."""
+    guards = selection.guards
 
     if getattr(args, "schedule", "oneshot") != "oneshot" or getattr(args, "finetune_epochs", None) \
             or getattr(args, "epochs_between", None):
@@ -302,10 +304,12 @@ def prune_latency_target(args, model, example, criterion, ratio: float, *, calib
         guards = Guards(guards.min_channels, guards.max_layer_ratio, vector_block())
         print(f"notice: --target-latency keeps channel counts in multiples of {guards.round_to} (onnxruntime's vector "
               "block on this CPU); pass --round-to N (N > 1) to choose another")
+        selection = selection.replace(guards=guards)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruned, report = prune_to_latency(model, example, criterion, ratio, threads=args.threads,
-                                          calibration=calibration, guards=guards, log=print, **prune_options)
+        pruned, report = api.prune(model, example, criterion, {"latency": ratio}, calibration=calibration,
+                                   selection=selection, repair=repair, inplace=True,
+                                   schedule=ToLatency(threads=args.threads, log=print))
     t = report["latency_target"]
     print(f"latency table: {t['table']['layers']} layers ({t['table']['configs']} distinct, {t['table']['points']} "
           f"widths) timed in {t['table']['seconds']:.1f} s")

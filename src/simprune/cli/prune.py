@@ -13,6 +13,7 @@ from torch.utils.data import Subset
 
 from simprune import api, distributed, progress
 from simprune.allocation.allocator import Guards
+from simprune.allocation.selection import Selection
 from simprune.calibrate.calibration import calibration_loader
 from simprune.cli.common import (
     add_training_options,
@@ -44,7 +45,8 @@ from simprune.errors import SimpruneError
 from simprune.graph.removal import get_structure
 from simprune.io.data import load_dataset
 from simprune.io.files import atomic_write_json, load_model, read_json, save_model
-from simprune.schedules.soft import soft_prune
+from simprune.repair.stage import Repair
+from simprune.schedules.kinds import Iterative, OneShot, Soft
 from simprune.train.finetune import (
     MARKER,
     check_output,
@@ -114,7 +116,11 @@ def cmd_prune(args) -> int:
     model, desc, shape = load_or_build(args, args.input)
     example = torch.zeros(1, *shape)
     calibration, calib_pad = _calibration(args, criterion, desc)
-    guards = Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio, round_to=args.round_to)
+    selection = Selection(guards=Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio,
+                                        round_to=args.round_to),
+                          ignore=args.ignore or (), normalization=args.normalization, cost_weight=args.cost_weight)
+    repair = Repair(fold=args.compensate, protect_uncompensable=args.protect_uncompensable,
+                    refit=args.reconstruct, recalibrate_bn=args.recalibrate_bn)
     eval_ds = _eval_dataset(args, desc)
     acc_before = _accuracy(model, eval_ds, "top-1 before pruning", args.device)
     new_desc = {**{k: v for k, v in desc.items() if k in ("model", "model_args", "data")},
@@ -124,18 +130,14 @@ def cmd_prune(args) -> int:
     if args.calib_data:  # so that `simprune export --int8` calibrates on the same images
         new_desc["calibration"] = calibration_record(args.calib_data, args.calib_images, args.seed, calib_pad,
                                                      args.data_dir)
-    prune_options = {"ignore": args.ignore or (), "normalization": args.normalization,
-                     "cost_weight": args.cost_weight, "compensate": args.compensate,
-                     "protect_uncompensable": args.protect_uncompensable, "recalibrate_bn": args.recalibrate_bn,
-                     "reconstruct": args.reconstruct}
+    stages = {"calibration": calibration, "selection": selection, "repair": repair}
     if "latency" in target:
-        pruned, report = prune_latency_target(args, model, example, criterion, target["latency"],
-                                              calibration=calibration, guards=guards, prune_options=prune_options)
+        pruned, report = prune_latency_target(args, model, example, criterion, target["latency"], **stages)
         worked_in_out = False
     else:
         pruned, report, worked_in_out = prune_with_schedule(
-            args, model, example, criterion, target, calibration=calibration, guards=guards, desc=desc,
-            new_desc=new_desc, command=command_line(), prune_options=prune_options, eval_ds=eval_ds)
+            args, model, example, criterion, target, stages=stages, desc=desc, new_desc=new_desc,
+            command=command_line(), eval_ds=eval_ds)
     report["model"] = desc.get("model")
     report["accuracy"] = None if eval_ds is None else {"before": acc_before,
                                                        "after": _accuracy(pruned, eval_ds, "top-1 after pruning", args.device)}
@@ -278,10 +280,18 @@ def _between_steps(args, ft, eval_ds):
     return _step_accuracy(eval_ds, args.steps, between) if args.schedule == "iterative" else between
 
 
+def _schedule(args, between):
+    """The schedule object --schedule asks for (soft is built where its fine-tuning is)."""
+    if args.schedule == "iterative":
+        return Iterative(args.steps, between, device=args.device)
+    return OneShot(device=args.device)
+
+
 def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion: Any, target: dict, *,
-                        calibration, guards, desc: dict, new_desc: dict, command: str,
-                        prune_options: dict, eval_ds=None) -> tuple[nn.Module, dict, bool]:
-    """`simprune prune` past one-shot: iterative/soft schedules, fine-tuning, resume.
+                        stages: dict, desc: dict, new_desc: dict, command: str,
+                        eval_ds=None) -> tuple[nn.Module, dict, bool]:
+    """`simprune prune` past one-shot: iterative/soft schedules, fine-tuning, resume. ``stages``: the
+    calibration, selection and repair keywords of :func:`simprune.prune`.
 
     Returns (model, report, whether OUT was used as the working directory)."""
     out = Path(args.out)
@@ -289,9 +299,8 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
     _check_schedule_flags(args, epochs)
     if not epochs and not args.epochs_between:  # nothing trains: plain pruning, saved atomically by the caller
         between = _step_accuracy(eval_ds, args.steps) if args.schedule == "iterative" else None
-        pruned, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
-                                   inplace=True, schedule=args.schedule, steps=args.steps, between=between, device=args.device,
-                                   **prune_options)
+        pruned, report = api.prune(model, example, criterion, target, inplace=True,
+                                   schedule=_schedule(args, between), **stages)
         return pruned, report, False
     marker = check_output(out, args.resume, args.overwrite)
     log = run_log(out)
@@ -304,9 +313,8 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
         if marker is not None and marker.get("phase") != "soft":
             raise SimpruneError(f"--resume: {out} is an unfinished {marker.get('phase')} run, not --schedule soft")
         ft.description = {**new_desc}
-        soft_opts = {k: prune_options[k] for k in ("ignore", "normalization", "cost_weight") if k in prune_options}
-        pruned, report = soft_prune(model, example, criterion, target, ft, hold=args.soft_hold,
-                                    calibration=calibration, guards=guards, **soft_opts)
+        pruned, report = api.prune(model, example, criterion, target, inplace=True,
+                                   schedule=Soft(ft, args.soft_hold), **stages)
         return pruned, report, True
     if marker is not None and marker.get("phase") == "finetune":  # pruning done: continue fine-tuning
         model, _ = load_model(out, allow_incomplete=True)
@@ -317,9 +325,8 @@ def prune_with_schedule(args, model: nn.Module, example: torch.Tensor, criterion
                                 "start again with --overwrite")
         ft.resume = False  # the between-steps epochs start fresh; only the final fine-tune checkpoints
         between = _between_steps(args, ft, eval_ds)
-        model, report = api.prune(model, example, criterion, target, calibration=calibration, guards=guards,
-                                  inplace=True, schedule=args.schedule, steps=args.steps, between=between, device=args.device,
-                                  **prune_options)
+        model, report = api.prune(model, example, criterion, target, inplace=True,
+                                  schedule=_schedule(args, between), **stages)
         if not epochs:
             return model, report, True
         if distributed.is_main():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -14,15 +13,38 @@ from simprune.calibrate.calibration import Probe, check_precision, collect_stati
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
 
+COMPENSATIONS = ("lstsq", "twin")  # the channel folds :mod:`simprune.repair.fold` knows
+
+
+def check_compensation(mode: str) -> str:
+    """``mode`` when it is a known channel fold, else a one-line error."""
+    if mode not in COMPENSATIONS:
+        raise SimpruneError(f"unknown compensation {mode!r}; use {' or '.join(COMPENSATIONS)}")
+    return mode
+
+
+@dataclass
+class FoldData:
+    """What the repair's channel fold needs from a data criterion: the statistics of each group's readers
+    (``probes``, by root), the criterion's default fold ``mode`` and whether it also fits an offset."""
+
+    probes: dict[str, list[Probe]]
+    mode: str = "lstsq"
+    affine: bool = False
+
+    def __post_init__(self):
+        check_compensation(self.mode)
+
 
 @dataclass
 class CriterionResult:
-    """Importance per channel of each group (keyed by group root); optional twins for compensation."""
+    """Importance per channel of each group (keyed by group root), and data, never closures, for the
+    repair: twins and the statistics a channel fold consumes (None: the criterion has no fold)."""
 
     scores: dict[str, torch.Tensor]
     twins: dict[str, dict[int, int]] = field(default_factory=dict)  # removed channel -> kept twin
     normalization: str = "mean"  # how the allocator makes groups comparable
-    compensator: Callable | None = None  # (graph, remove, mode) -> None: fold removed channels into consumers
+    fold: FoldData | None = None  # what simprune.repair.fold folds removed channels with
     similarity: dict[str, torch.Tensor] = field(default_factory=dict)  # root -> (C, C) matrix, for reports
     notes: dict[str, str] = field(default_factory=dict)  # what the criterion did that a report should say
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from simprune.calibrate.calibration import mean_null_similarity, mean_similarity
-from simprune.criteria.base import CriterionResult, DataCriterion
-from simprune.criteria.compensation import make_compensator
+from simprune.criteria.base import CriterionResult, DataCriterion, FoldData
 from simprune.criteria.registry import register
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
@@ -55,4 +54,4 @@ class FeatureStats(DataCriterion):
             scores[root] = torch.minimum(dfs, sfs).float()
             twins[root] = {j: int(i) for j, i in enumerate(twin.tolist()) if i >= 0}
         return CriterionResult(scores, twins, normalization=self.normalization,
-                               compensator=make_compensator(probes, twins, self.compensation, self.affine))
+                               fold=FoldData(probes, self.compensation, self.affine))

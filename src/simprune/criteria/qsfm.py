@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from simprune.calibrate.calibration import Probe, mean_null_similarity, mean_similarity
-from simprune.criteria.base import CriterionResult, DataCriterion
-from simprune.criteria.compensation import make_compensator
+from simprune.criteria.base import CriterionResult, DataCriterion, FoldData
 from simprune.criteria.registry import register
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
@@ -77,4 +76,4 @@ class QSFM(DataCriterion):
             scores[root] = ((1.0 - r) if self.chance_corrected else ceiling * (1.0 - r)).float()
             twins[root] = {j: int(i) for j, i in enumerate(twin.tolist()) if i >= 0}
         return CriterionResult(scores, twins, normalization=self.normalization, similarity=matrices,
-                               compensator=make_compensator(probes, twins, self.compensation, self.affine))
+                               fold=FoldData(probes, self.compensation, self.affine))

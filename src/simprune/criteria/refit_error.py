@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from simprune.calibrate.batches import check_precision
 from simprune.calibrate.consumer_inputs import consumer_grams, refit_support, taps, weight_matrix
 from simprune.criteria.base import Criterion, CriterionResult
 from simprune.criteria.registry import register
-from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph
 from simprune.stats.refit import centered_gram, greedy_removal
 
@@ -41,16 +41,16 @@ class RefitError(Criterion):
     compensate_by_default = False
     normalization = "none"
 
-    def __init__(self, ridge: float = 1e-4, precision: str = "fp32", max_gram_mib: int = 1024,
-                 max_positions: int | None = 128, progress: bool = False):
-        """``precision``: the forward pass that gathers the Grams, "fp32" or "bf16" autocast (faster, but its
-        rounding depends on the batch composition enough to change the greedy order: measured on ResNet-20,
-        7 of 10 groups ordered differently for one batch of 128 images vs two of 64; fp32: none); the
-        products are float32 and the sums float64 either way. ``max_gram_mib`` bounds the Grams held at once;
-        ``max_positions``: conv output positions read per image (a fixed random set; None: all)."""
-        if precision not in ("fp32", "bf16"):
-            raise SimpruneError(f"refit-error precision must be fp32 or bf16, got {precision!r}")
-        self.ridge, self.precision, self.max_gram_mib, self.progress = ridge, precision, max_gram_mib, progress
+    def __init__(self, ridge: float = 1e-4, calib_precision: str = "fp32", max_gram_mib: int = 1024,
+                 max_positions: int | None = 128, progress: bool = False, precision: str | None = None):
+        """``calib_precision`` (``precision`` is its old name): the forward pass that gathers the Grams, "fp32"
+        or "bf16" autocast (faster, but its rounding depends on the batch composition enough to change the
+        greedy order: measured on ResNet-20, 7 of 10 groups ordered differently for one batch of 128 images vs
+        two of 64; fp32: none); the products are float32 and the sums float64 either way. ``max_gram_mib``
+        bounds the Grams held at once; ``max_positions``: conv output positions read per image (a fixed random
+        set; None: all)."""
+        self.calib_precision = check_precision(precision or calib_precision)
+        self.ridge, self.max_gram_mib, self.progress = ridge, max_gram_mib, progress
         self.max_positions = max_positions
 
     def score(self, graph: PruningGraph, calibration) -> CriterionResult:
@@ -58,7 +58,7 @@ class RefitError(Criterion):
         layers = {m.name: m.module for g in groups.values() for m in readers(g)}
         waiting = {root: {m.name for m in readers(g)} for root, g in groups.items()}
         grams, scores = {}, {}
-        for name, sums in consumer_grams(graph.model, layers, calibration, self.precision,
+        for name, sums in consumer_grams(graph.model, layers, calibration, self.calib_precision,
                                          self.max_gram_mib << 20, self.max_positions):
             grams[name] = centered_gram(sums.gram, sums.total, float(sums.n))
             for root in [r for r, names in waiting.items() if names <= grams.keys()]:
@@ -75,7 +75,7 @@ class RefitError(Criterion):
     def _group_scores(self, group: ChannelGroup, grams: dict[str, torch.Tensor]) -> torch.Tensor:
         members = readers(group)
         order, cumulative = greedy_removal([grams[m.name] for m in members],
-                                           [weight_matrix(m.module) for m in members],
+                                           [weight_matrix(m.module).cpu() for m in members],
                                            [channel_blocks(m, group.size) for m in members],
                                            group.size - 1, self.ridge)
         scores = torch.empty(group.size, dtype=torch.float64)

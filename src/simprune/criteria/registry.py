@@ -48,10 +48,10 @@ def set_calib_precision(criterion, precision: str, keyword: str = "calib_precisi
     """Set the calibration forward precision of a data criterion (through a :class:`ScoreCache`);
     a weight-only criterion reads no images, so asking is refused rather than ignored."""
     inner = criterion.criterion if isinstance(criterion, ScoreCache) else criterion
-    if not getattr(inner, "needs_data", False) or not hasattr(inner, "calib_precision"):
+    if not getattr(inner, "needs_data", False) or not hasattr(inner, "calib_precision"):  # one name on every one
         raise SimpruneError(f"{keyword} applies to data criteria; {getattr(inner, 'name', inner)!r} reads no "
                             "calibration images")
-    inner.calib_precision = check_precision(precision)
+    inner.calib_precision = check_precision(precision, keyword)
 
 
 class ScoreCache:

@@ -12,13 +12,12 @@ the result's ``notes["taylor_targets"]`` says which was used.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from simprune import distributed
-from simprune.calibrate.calibration import check_precision
+from simprune.calibrate.batches import Calibration, check_precision
 from simprune.criteria.base import Criterion, CriterionResult
 from simprune.criteria.registry import register
 from simprune.errors import SimpruneError
@@ -115,27 +114,19 @@ class TPTaylor(TorchPruningImportance):
 
     def _gradients(self, model: nn.Module, calibration) -> str:
         """Sum of the cross-entropy gradients over all calibration images; returns what the targets were."""
-        was_training, used = model.training, set()
-        model.eval()  # BatchNorm uses its running statistics and does not update them
-        seen, device = 0, distributed.model_device(model)
-        try:
-            with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                     enabled=self.calib_precision == "bf16"):
-                for batch in calibration:
-                    x, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 \
-                        else (batch[0] if isinstance(batch, (list, tuple)) else batch, None)
-                    x, labels = x.to(device), labels.to(device) if isinstance(labels, torch.Tensor) else labels
-                    out = model(x).float()
-                    if self.targets == "labels" and isinstance(labels, torch.Tensor) and labels.shape == out.shape[:1]:
-                        target = labels.long()
-                        used.add("labels")
-                    else:
-                        target = out.detach().argmax(1)
-                        used.add("model predictions")
-                    F.cross_entropy(out, target, reduction="sum").backward()
-                    seen += x.shape[0]
-        finally:
-            model.train(was_training)
+        used, seen = set(), 0
+        # eval mode: BatchNorm uses its running statistics and does not update them
+        with Calibration.running(model, precision=self.calib_precision, grad=True) as device:
+            for x, labels in Calibration.of(calibration).labelled(device):
+                out = model(x).float()
+                if self.targets == "labels" and labels is not None and labels.shape == out.shape[:1]:
+                    target = labels.long()
+                    used.add("labels")
+                else:
+                    target = out.detach().argmax(1)
+                    used.add("model predictions")
+                F.cross_entropy(out, target, reduction="sum").backward()
+                seen += x.shape[0]
         if distributed.active():
             for p in model.parameters():
                 if p.grad is not None:

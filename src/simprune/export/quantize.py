@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simprune.calibrate.batches import Calibration, batch_images
 from simprune.errors import SimpruneError
 from simprune.export.latency import ort_session
 from simprune.export.onnx import _quiet, export_onnx, require
@@ -45,7 +46,7 @@ class BatchReader:
     one batch at a time, so calibration memory does not grow with the number of images."""
 
     def __init__(self, batches: Iterable, input_name: str):
-        self.arrays = [_images(b).numpy().astype(np.float32) for b in batches]
+        self.arrays = [x.numpy().astype(np.float32) for x in Calibration.of(batches).images("cpu")]
         self.input_name = input_name
         self.images = sum(len(a) for a in self.arrays)
         self.set_range(0, len(self.arrays))
@@ -61,10 +62,6 @@ class BatchReader:
         return None if x is None else {self.input_name: x}
 
 
-def _images(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
 def _labels(batch) -> torch.Tensor | None:
     return batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 and batch[1] is not None else None
 
@@ -75,7 +72,7 @@ def top1_side_by_side(sessions: list, evaluation: Iterable) -> dict[str, Any]:
     picks: list[list[np.ndarray]] = [[] for _ in sessions]
     labels: list[np.ndarray] | None = []
     for batch in evaluation:
-        x = _images(batch).numpy().astype(np.float32)
+        x = batch_images(batch).numpy().astype(np.float32)
         for out, s in zip(picks, sessions):
             out.append(np.asarray(s.run(None, {name: x})[0]).argmax(1))
         y = _labels(batch)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from simprune import progress
+from simprune.calibrate.batches import Calibration
 from simprune.graph.groups import PruningGraph
 from simprune.schedules.report import MISS_TOLERANCE
 
@@ -22,7 +23,9 @@ MAX_SOFT_STEP = 0.10  # soft pruning should zero at most this much more of the c
 
 
 def calibration_images(calibration) -> int | None:
-    """How many images ``calibration`` holds (a DataLoader or a list of batches); None when unknown."""
+    """How many images ``calibration`` holds (a Calibration, a DataLoader or a list of batches); None when unknown."""
+    if isinstance(calibration, Calibration):
+        calibration = calibration.batches
     dataset = getattr(calibration, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)

@@ -5,16 +5,15 @@ what is left each time); an optional callback (e.g. a fine-tuning epoch) runs be
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
-import torch
 from torch import nn
 
 from simprune import progress
 from simprune.errors import SimpruneError
 from simprune.graph.counting import count
-from simprune.schedules.oneshot import prune_oneshot
-from simprune.schedules.report import merge_steps
+from simprune.schedules.oneshot import Job, prune_oneshot
+from simprune.schedules.report import PruneReport, merge_steps
 
 
 def step_targets(ratio: float, steps: int) -> list[float]:
@@ -24,11 +23,12 @@ def step_targets(ratio: float, steps: int) -> list[float]:
     return [1 - (1 - ratio) ** (k / steps) for k in range(1, steps + 1)]
 
 
-def iterative(model: nn.Module, example: torch.Tensor, criterion: Any, target: dict[str, float], steps: int,
-              between: Callable[[nn.Module, int], None] | None = None, **options) -> tuple[nn.Module, dict]:
-    """``steps`` one-shot prunes (in place) toward the cumulative targets, re-scoring each time;
-    ``between(model, k)`` runs after every step but the last. ``options`` go to :func:`prune_oneshot`."""
-    kind, ratio = next(iter(target.items()))
+def iterative(job: Job, steps: int, between: Callable[[nn.Module, int], None] | None = None
+              ) -> tuple[nn.Module, PruneReport]:
+    """``steps`` one-shot prunes of ``job.model`` (in place) toward the cumulative targets, re-scoring each
+    time; ``between(model, k)`` runs after every step but the last."""
+    model, example = job.model, job.example
+    kind, ratio = next(iter(job.target.items()))
     key = "macs" if kind == "flops" else "params"
     base = count(model, example)
     reports = []
@@ -36,7 +36,7 @@ def iterative(model: nn.Module, example: torch.Tensor, criterion: Any, target: d
         step_ratio = 1 - getattr(base, key) * (1 - cumulative) / getattr(count(model, example), key)
         if step_ratio <= 0:
             continue
-        model, rep = prune_oneshot(model, example, criterion, {kind: step_ratio}, **options)
+        model, rep = prune_oneshot(job.replace(model=model, target={kind: step_ratio}))
         rep["step"], rep["cumulative_target"] = k, cumulative
         reports.append(rep)
         now = getattr(count(model, example), key)
@@ -47,4 +47,4 @@ def iterative(model: nn.Module, example: torch.Tensor, criterion: Any, target: d
             between(model, k)
     if not reports:
         raise SimpruneError("iterative pruning removed nothing; raise the target")
-    return model, merge_steps(reports, base, count(model, example), target)
+    return model, merge_steps(reports, base, count(model, example), job.target)

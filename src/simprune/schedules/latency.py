@@ -33,8 +33,8 @@ from simprune.export.latency import measure_onnx_many, ort_session, time_calls
 from simprune.export.onnx import export_onnx, require
 from simprune.graph.counting import Cost, count
 from simprune.graph.groups import ChannelGroup, PruningGraph, is_depthwise
-from simprune.schedules.checks import check_result
-from simprune.schedules.oneshot import prune_oneshot, resolve_criterion
+from simprune.schedules.oneshot import Job, prune_oneshot
+from simprune.schedules.report import PruneReport
 
 POINTS = 8  # widths timed per channel axis
 OPSET, IR_VERSION = 17, 8
@@ -275,26 +275,24 @@ def _measured_step(pruned: nn.Module, report: dict, x: torch.Tensor, tmp: Path, 
             "after_ms": after["median_ms"], "flops_reduction": report["reduction"]["flops"]}
 
 
-def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, ratio: float, *,
-                     threads: int = 1, tolerance: float = 0.02, max_iterations: int = 6, runs: int = 50,
-                     table: LatencyTable | None = None, log: Callable[[str], None] | None = None,
-                     **prune_options) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune ``model`` so that its onnxruntime batch-1 latency drops by ``ratio`` (within ``tolerance``).
+def prune_to_latency(job: Job, ratio: float, *, threads: int = 1, tolerance: float = 0.02, max_iterations: int = 6,
+                     runs: int = 50, table: LatencyTable | None = None,
+                     log: Callable[[str], None] | None = None) -> tuple[nn.Module, PruneReport]:
+    """Prune ``job.model`` (a copy per try) so that its onnxruntime batch-1 latency drops by ``ratio``
+    (within ``tolerance``).
 
     Builds the latency table (unless given), allocates with it, exports and measures the pruned
     model against the original (interleaved), and re-aims the allocator until the measured reduction
     is within ``tolerance``. Returns the closest pruned model and its report, whose ``latency_target``
-    lists every iteration. ``prune_options`` go to :func:`simprune.schedules.oneshot.prune_oneshot`.
+    lists every iteration.
     """
     if not 0 < ratio < 1:
         raise SimpruneError(f"latency target {ratio} is outside (0, 1); give the fraction of latency to remove, e.g. 0.3")
     log = log or (lambda _line: None)
-    crit = ScoreCache(resolve_criterion(criterion, prune_options.pop("criterion_options", None),
-                                        prune_options.get("calibration")), reuse=True)
-    shape = tuple(example_input.shape[1:])
-    x = example_input[:1]
+    model, x = job.model, job.example[:1]
+    job = job.replace(criterion=ScoreCache(job.criterion, reuse=True), example=x)
     model.eval()
-    groups = PruningGraph(copy.deepcopy(model), x, ignore=prune_options.get("ignore", ())).groups
+    groups = PruningGraph(copy.deepcopy(model), x, ignore=job.selection.ignore).groups
     base_cost = count(model, x)
     history: list[tuple[float, float]] = []
     iterations, best = [], None
@@ -302,15 +300,15 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
         base_path = Path(tmp) / "original.onnx"
         export_onnx(model, x, base_path)
         if table is None:
-            (base_stats,) = measure_onnx_many([base_path], shape, 1, threads, runs)
+            (base_stats,) = measure_onnx_many([base_path], tuple(x.shape[1:]), 1, threads, runs)
             table = build_latency_table(model, x, groups, base_stats["median_ms"], threads=threads)
             log(f"latency table: {len(table.layers)} layers, {table.configs} distinct, {table.points} points, "
                 f"{table.seconds:.1f} s")
         guess = ratio
         for it in range(max_iterations):
             try:
-                pruned, report = prune_oneshot(copy.deepcopy(model), x, crit, {"latency": guess}, latency_table=table,
-                                               **prune_options)
+                pruned, report = prune_oneshot(job.replace(model=copy.deepcopy(model), target={"latency": guess}),
+                                               latency_table=table)
             except SimpruneError as exc:
                 if not iterations:
                     raise
@@ -333,5 +331,4 @@ def prune_to_latency(model: nn.Module, example_input: torch.Tensor, criterion, r
     report["latency_target"] = {"ratio": ratio, "tolerance": tolerance, "achieved": step["measured"],
                                 "met": abs(step["measured"] - ratio) <= tolerance, "iterations": iterations,
                                 "table": table.summary()}
-    return pruned, check_result(pruned, x, report, calibration=prune_options.get("calibration"),
-                                ignore=prune_options.get("ignore", ()))
+    return pruned, report

@@ -1,40 +1,93 @@
-"""The one pruning report: what every schedule (one-shot, iterative, soft) records about a prune."""
+"""The one pruning report: what every schedule (one-shot, iterative, soft, to a latency) records about a
+prune, as a :class:`PruneReport` built by :func:`prune_report` and written with :meth:`PruneReport.to_dict`."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from simprune import distributed
 from simprune.graph.counting import Cost
 from simprune.graph.groups import ChannelGroup
 
+SCHEMA_VERSION = 2  # 1: the untyped dict before report.json had a version; 2: + schema_version and options
+
+
+@dataclass
+class PruneReport:
+    """A prune's report. The fixed fields are today's report.json keys; ``extra`` holds what a schedule
+    or step adds (seconds, reconstructed, warnings, latency_target, ...), ``options`` the resolved stage
+    options. Indexing (``report["reduction"]``) reads and writes fields and extras alike."""
+
+    schedule: dict[str, Any]
+    model: str | None
+    criterion: str
+    target: dict[str, float]
+    macs: dict[str, float]
+    params: dict[str, float]
+    reduction: dict[str, float]
+    layers: list[dict[str, Any]]
+    groups: list[dict[str, Any]]
+    protected_groups: list[str]
+    bn_recalibrated: bool
+    decision_fingerprint: str
+    compensated: bool | str
+    accuracy: dict[str, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    _ORDER = ("schedule", "model", "criterion", "target", "macs", "params", "reduction", "layers", "groups",
+              "accuracy", "protected_groups", "bn_recalibrated", "decision_fingerprint", "compensated")
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._ORDER:
+            return getattr(self, key)
+        return self.extra[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self._ORDER:
+            setattr(self, key, value)
+        else:
+            self.extra[key] = value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._ORDER or key in self.extra
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def update(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            self[k] = v
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report.json dict: today's keys in today's order, the extras, the schema version, the options."""
+        out = {k: getattr(self, k) for k in self._ORDER}
+        out.update(self.extra)
+        out["schema_version"] = self.schema_version
+        if self.options:
+            out["options"] = self.options
+        return out
+
 
 def prune_report(*, model_name: str, criterion: str, target: dict[str, float], schedule: dict[str, Any],
                  before: Cost, after: Cost, layers_before: dict[str, int], layers_after: dict[str, int],
                  groups: list[ChannelGroup], groups_before: dict[str, int], removed: dict[str, list[int]],
                  protected: list[str], compensated: bool | str, bn_recalibrated: bool,
-                 **extra: Any) -> dict[str, Any]:
-    """The report dict of one prune: costs before/after, widths per layer and group, the decision's
+                 **extra: Any) -> PruneReport:
+    """The report of one prune: costs before/after, widths per layer and group, the decision's
     fingerprint, and what was done after removal. ``extra`` keys (seconds, finetune, ...) are added as given."""
-    report = {
-        "schedule": dict(schedule),
-        "model": model_name,
-        "criterion": criterion,
-        "target": dict(target),
-        "macs": {"before": before.macs, "after": after.macs},
-        "params": {"before": before.params, "after": after.params},
-        "reduction": {"flops": 1 - after.macs / before.macs, "params": 1 - after.params / before.params},
-        "layers": [{"name": n, "channels_before": c, "channels_after": layers_after.get(n, 0)}
-                   for n, c in layers_before.items()],
-        "groups": [{"root": g.root, "channels_before": groups_before.get(g.root, g.size), "channels_after": g.size}
-                   for g in groups],
-        "accuracy": None,
-        "protected_groups": list(protected),
-        "bn_recalibrated": bool(bn_recalibrated),
-        "decision_fingerprint": distributed.fingerprint(removed),
-        "compensated": compensated,
-    }
-    report.update(extra)
-    return report
+    return PruneReport(
+        schedule=dict(schedule), model=model_name, criterion=criterion, target=dict(target),
+        macs={"before": before.macs, "after": after.macs},
+        params={"before": before.params, "after": after.params},
+        reduction={"flops": 1 - after.macs / before.macs, "params": 1 - after.params / before.params},
+        layers=[{"name": n, "channels_before": c, "channels_after": layers_after.get(n, 0)}
+                for n, c in layers_before.items()],
+        groups=[{"root": g.root, "channels_before": groups_before.get(g.root, g.size), "channels_after": g.size}
+                for g in groups],
+        protected_groups=list(protected), bn_recalibrated=bool(bn_recalibrated),
+        decision_fingerprint=distributed.fingerprint(removed), compensated=compensated, extra=dict(extra))
 
 
 MISS_TOLERANCE = 0.02  # achieved vs asked reduction beyond which a target counts as missed
@@ -50,9 +103,9 @@ def target_met(target: dict[str, float], before: Cost, after: Cost) -> bool | No
     return abs(achieved - ratio) <= MISS_TOLERANCE
 
 
-def merge_steps(reports: list[dict], base: Cost, after: Cost, target: dict[str, float]) -> dict:
+def merge_steps(reports: list[PruneReport], base: Cost, after: Cost, target: dict[str, float]) -> PruneReport:
     """One report for an iterative run: the last step's, with the first step's 'before' widths and costs."""
-    first, final = reports[0], dict(reports[-1])
+    first, final = reports[0], reports[-1]
     final["macs"] = {"before": base.macs, "after": after.macs}
     final["params"] = {"before": base.params, "after": after.params}
     final["reduction"] = {"flops": 1 - after.macs / base.macs, "params": 1 - after.params / base.params}

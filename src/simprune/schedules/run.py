@@ -1,50 +1,58 @@
-"""One entry point for the schedules that need no training: one-shot and iterative."""
+"""One entry point for every schedule: resolve the stage options once, run the schedule, check the result."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from simprune import progress
-from simprune.calibrate.calibration import check_calibration
-from simprune.criteria import set_calib_precision
+from simprune.allocation.selection import Selection
 from simprune.distributed import model_device, resolve_device
 from simprune.errors import SimpruneError
+from simprune.repair.stage import Repair
 from simprune.schedules.checks import check_result
-from simprune.schedules.iterative import iterative
-from simprune.schedules.oneshot import prune_oneshot, resolve_criterion
+from simprune.schedules.kinds import Iterative, OneShot, ToLatency
+from simprune.schedules.oneshot import Job
+from simprune.schedules.report import PruneReport
+
+
+def resolve_target(target: dict[str, float] | None) -> dict[str, float]:
+    """The target with "macs" (its documented name) spelled "flops" as the allocator and report do;
+    None: half the MACs."""
+    if target is None:
+        return {"flops": 0.5}
+    if not isinstance(target, dict):
+        raise SimpruneError("give exactly one target: {'macs': R} or {'params': R}")
+    return {("flops" if k == "macs" else k): v for k, v in target.items()}
 
 
 def run_schedule(model: nn.Module, example_input: torch.Tensor, criterion: str | Any, target: dict[str, float], *,
-                 schedule: str = "oneshot", steps: int = 1, between: Callable[[nn.Module, int], None] | None = None,
-                 inplace: bool = False, criterion_options: dict | None = None, latency_table=None,
-                 calib_precision: str | None = None, device: str | torch.device | None = None,
-                 **options) -> tuple[nn.Module, dict]:
-    """Prune a copy of ``model`` (``model`` itself when ``inplace``) with the one-shot or iterative schedule;
-    ``options`` go to :func:`simprune.schedules.oneshot.prune_oneshot`. The work runs on ``device``
-    (None: CUDA when available, else CPU); the pruned model comes back on ``model``'s own device."""
-    device = resolve_device(device)
-    crit = resolve_criterion(criterion, criterion_options, options.get("calibration"))
-    if calib_precision is not None:
-        set_calib_precision(crit, calib_precision)
-    if options.get("calibration") is not None:  # any iterable: a one-shot one is kept, it is read several times
-        options["calibration"] = check_calibration(options["calibration"], example_input)
+                 calibration=None, selection: Selection | None = None, repair: Repair | None = None,
+                 schedule=None, inplace: bool = False) -> tuple[nn.Module, PruneReport]:
+    """Prune a copy of ``model`` (``model`` itself when ``inplace``) with ``schedule`` (default
+    :class:`OneShot`). One-shot and iterative work runs on ``schedule.device`` (None: CUDA when available,
+    else CPU) and the pruned model comes back on ``model``'s own device."""
+    schedule = schedule or OneShot()
+    selection = selection or Selection()
+    repair = Repair.none() if schedule.trains else (repair or Repair.auto())
+    target = resolve_target(target)
+    if isinstance(schedule, ToLatency) and "latency" not in target:
+        raise SimpruneError("schedule=ToLatency() prunes to a {'latency': R} target")
+    device = resolve_device(schedule.device) if isinstance(schedule, (OneShot, Iterative)) else None
     if not inplace:
         model = copy.deepcopy(model)
     home = model_device(model)
-    model.to(device)
-    example_input = example_input.to(device)
-    if schedule == "oneshot":
-        model, report = prune_oneshot(model, example_input, crit, target, latency_table=latency_table, **options)
-    elif schedule == "iterative":
-        model, report = iterative(model, example_input, crit, target, steps, between, **options)
-    else:
-        raise SimpruneError(f"schedule={schedule!r} is not one-shot pruning; use 'oneshot' or 'iterative' "
-                            "here and simprune.schedules.soft.soft_prune for 'soft'")
+    if device is not None:
+        model.to(device)
+        example_input = example_input.to(device)
+    job = Job(model, example_input, criterion, target, calibration, selection, repair)
+    model, report = schedule.run(job)
     progress.stage("checking the result")
-    report = check_result(model, example_input, report, calibration=options.get("calibration"),
-                          ignore=options.get("ignore", ()))
-    report["device"] = str(device)
+    report = check_result(model, example_input, report, calibration=job.calibration, ignore=selection.ignore)
+    if device is not None:
+        report["device"] = str(device)
+    report.options = {"selection": selection.to_dict(), "repair": job.repair.to_dict(),
+                      "schedule": schedule.to_dict()}
     return model.to(home), report

@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 from simprune import progress
-from simprune.allocation.allocator import CostModel, Guards
+from simprune.allocation.allocator import CostModel
+from simprune.allocation.selection import Selection
 from simprune.errors import SimpruneError
 from simprune.graph.counting import count, layer_widths
 from simprune.graph.groups import PARAM_LAYERS, ChannelGroup, PruningGraph
 from simprune.graph.removal import remove_channels
-from simprune.schedules.checks import check_result, soft_epochs
-from simprune.schedules.oneshot import resolve_criterion, select_channels
-from simprune.schedules.report import prune_report
+from simprune.schedules.checks import soft_epochs
+from simprune.schedules.oneshot import Job
+from simprune.schedules.report import PruneReport, prune_report
 from simprune.train.finetune import FineTune
 from simprune.train.loop import TrainHooks
 
@@ -125,31 +126,29 @@ def finish_soft(hooks: SoftPruning) -> dict[str, list[int]]:
     return hooks.selected
 
 
-def soft_selector(graph: PruningGraph, crit: Any, example: torch.Tensor, *, calibration=None,
-                  guards: Guards | None = None, normalization: str | None = None, cost_weight: float = 0.0):
+def soft_selector(graph: PruningGraph, crit: Any, example: torch.Tensor, calibration=None,
+                  selection: Selection | None = None):
     """A ``select(target, protected)`` function over the full-width model for :class:`SoftPruning`."""
     cost = CostModel(graph.groups, count(graph.model, example))
+    selection = selection or Selection()
 
     def select(target: dict[str, float], protected: list[str]):
-        alloc, _, _ = select_channels(graph, crit, target, cost, calibration=calibration, guards=guards,
-                                      normalization=normalization, cost_weight=cost_weight, protected=protected)
+        alloc, _, _ = selection.select(graph, crit, target, cost, calibration, protected)
         return alloc
 
     return select
 
 
-def soft_prune(model: nn.Module, example: torch.Tensor, criterion: Any, target: dict[str, float],
-               finetune: FineTune, *, hold: int = 0, calibration=None, guards=None, ignore=(),
-               normalization: str | None = None, cost_weight: float = 0.0) -> tuple[nn.Module, dict]:
-    """Soft pruning for ``finetune.cfg.epochs`` epochs, then removal for good.
+def soft_prune(job: Job, finetune: FineTune, hold: int = 0) -> tuple[nn.Module, PruneReport]:
+    """Soft pruning of ``job.model`` for ``finetune.cfg.epochs`` epochs, then removal for good (no repair:
+    the training is the repair, and the zeroed channels are inert when they go).
 
     Returns (pruned model, report); the report's accuracy after removal equals the zeroed model's."""
-    crit = resolve_criterion(criterion, None, calibration)
+    model, example, crit, target = job.model, job.example, job.criterion, job.target
     kind, ratio = next(iter(target.items()))
     before, layers_before = count(model, example), layer_widths(model)
-    graph = PruningGraph(model, example, ignore=ignore)
-    select = soft_selector(graph, crit, example, calibration=calibration, guards=guards,
-                           normalization=normalization, cost_weight=cost_weight)
+    graph = PruningGraph(model, example, ignore=job.selection.ignore)
+    select = soft_selector(graph, crit, example, job.calibration, job.selection)
     hooks = SoftPruning(graph, select, kind, ratio, finetune.cfg.epochs, hold, log=finetune.log)
     early = soft_epochs(ratio, finetune.cfg.epochs, hold)
     for text in early:
@@ -158,12 +157,10 @@ def soft_prune(model: nn.Module, example: torch.Tensor, criterion: Any, target: 
     history = finetune.run(model, hooks)
     removed = finish_soft(hooks)
     model.eval()
-    report = prune_report(
+    return model, prune_report(
         model_name=getattr(model, "simprune_name", type(model).__name__), criterion=crit.name, target=target,
         schedule={"name": "soft", "epochs": finetune.cfg.epochs, "hold": hold, "shares": hooks.shares},
         before=before, after=count(model, example), layers_before=layers_before, layers_after=layer_widths(model),
         groups=graph.groups, groups_before=groups_before, removed=removed, protected=hooks.protected,
         compensated=False, bn_recalibrated=False,
         finetune={"epochs": finetune.cfg.epochs, "history": history, "soft": True}, warnings=early)
-    check_result(model, example, report, ignore=ignore)
-    return model, report

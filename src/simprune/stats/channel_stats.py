@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from simprune.distributed import forward_precision
 from simprune.errors import SimpruneError
 from simprune.stats.similarity import (
     C1,
@@ -108,7 +109,7 @@ class ChannelStats:
             raise SimpruneError(f"expected feature maps {want} with C={self.channels}, got {shape}")
         if maps.shape[0] == 0:
             return
-        with torch.autocast(maps.device.type, enabled=False):  # a caller's bf16 autocast must not round the sums
+        with forward_precision(maps.device, "fp32"):  # a caller's bf16 autocast must not round the sums
             if self.pooled:
                 self._update_pooled(maps.detach().reshape(maps.shape[0], self.channels))
             else:

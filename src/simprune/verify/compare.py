@@ -18,10 +18,13 @@ from typing import Iterator
 
 import torch
 
+from simprune.allocation.selection import Selection
 from simprune.criteria import ScoreCache, available_criteria, get_criterion
 from simprune.errors import SimpruneError
 from simprune.io.files import atomic_write_bytes, atomic_write_json
 from simprune.progress import note as progress_note
+from simprune.repair.stage import Repair
+from simprune.schedules.kinds import Iterative, OneShot
 from simprune.schedules.run import run_schedule
 from simprune.train.loop import evaluate
 from simprune.verify.reports import write_report
@@ -103,36 +106,54 @@ def schedule_options(schedule: str) -> dict:
     raise SimpruneError(f"unknown schedule {schedule!r}; use oneshot or iterative[:STEPS]")
 
 
-def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[float], *, calibration, test,
-             base_top1: float, kind: str = "flops", compensations=("default",), schedules=("oneshot",),
-             reconstructions=(None,), protect_uncompensable: bool = True, progress: bool = False,
-             **prune_options) -> Iterator[dict]:
-    """Prune ``model`` for every (criterion, compensation, refit, schedule, target) and evaluate on ``test``.
+@dataclass(frozen=True)
+class Grid:
+    """What a comparison varies besides the criteria and targets: the target ``kind``, the channel folds
+    (``compensations``), ``schedules``, refit settings (``reconstructions``: values of Repair.refit, None the
+    default), whether uncompensable groups stay whole, and the ``device`` the work runs on."""
 
-    ``reconstructions``: values of ``reconstruct`` to run (None: the default, on with calibration data).
+    kind: str = "flops"
+    compensations: tuple = ("default",)
+    schedules: tuple = ("oneshot",)
+    reconstructions: tuple = (None,)
+    protect_uncompensable: bool = True
+    device: str | None = None
+
+    def schedule(self, name: str):
+        """The schedule object of ``name`` (see :func:`schedule_options`) on :attr:`device`."""
+        extra = schedule_options(name)
+        return Iterative(extra["steps"], device=self.device) if extra else OneShot(device=self.device)
+
+
+def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[float], *, calibration, test,
+             base_top1: float, grid: Grid = Grid(), selection: Selection = Selection(),
+             progress: bool = False) -> Iterator[dict]:
+    """Prune ``model`` for every (criterion, compensation, refit, schedule, target) of ``grid`` and evaluate
+    on ``test``; ``selection`` (guards, cost weight, ...) is the same for every run.
+
     Yields {"row", "model", "report", "result"} one run at a time (``result``: the criterion's
     CriterionResult, e.g. its similarity matrices); ``model`` itself is never modified.
-    ``prune_options`` (e.g. ``cost_weight``, ``guards``) go to every :func:`simprune.schedules.run.run_schedule` call.
     """
     crits = [get_criterion(s.name, **s.options) for s in specs]
-    total = sum(len(_modes(c, list(compensations))) for c in crits) * len(schedules) * len(targets) * \
-        len(reconstructions)
+    total = sum(len(_modes(c, list(grid.compensations))) for c in crits) * len(grid.schedules) * len(targets) * \
+        len(grid.reconstructions)
     done = 0
     for spec, crit in zip(specs, crits):
-        for schedule in schedules:
-            extra = schedule_options(schedule)
-            cache = ScoreCache(crit, reuse=not extra)  # re-scored at every step of a schedule
+        for schedule in grid.schedules:
+            plan = grid.schedule(schedule)
+            cache = ScoreCache(crit, reuse=isinstance(plan, OneShot))  # re-scored at every step of a schedule
             score_s = None
-            for comp, refit, target in itertools.product(_modes(crit, list(compensations)), reconstructions,
-                                                     targets):
+            for comp, refit, target in itertools.product(_modes(crit, list(grid.compensations)),
+                                                         grid.reconstructions, targets):
                 t0 = time.perf_counter()
-                pruned, report = run_schedule(model, example, cache, {kind: target}, calibration=calibration,
-                                              compensate=comp, protect_uncompensable=protect_uncompensable,
-                                              recalibrate_bn=calibration is not None, reconstruct=refit,
-                                              **extra, **prune_options)
+                repair = Repair(fold=comp, protect_uncompensable=grid.protect_uncompensable,
+                                recalibrate_bn=calibration is not None, refit=refit)
+                pruned, report = run_schedule(model, example, cache, {grid.kind: target}, calibration=calibration,
+                                              selection=selection, repair=repair, schedule=plan)
+                report = report.to_dict()
                 score_s = (report.get("seconds") or {}).get("scores") if score_s is None else score_s
                 top1 = evaluate(pruned, test, progress=progress, desc=f"top-1 of {spec.label} at {target:g}",
-                                device=prune_options.get("device"))["top1"]
+                                device=grid.device)["top1"]
                 row = {"criterion": spec.label, "compensated": report["compensated"],
                        "reconstructed": bool(report.get("reconstructed")), "schedule": schedule,
                        "target": target, "flops_removed": report["reduction"]["flops"],

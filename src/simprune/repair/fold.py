@@ -1,4 +1,5 @@
-"""Fold removed channels into the kept ones at every consumer (data criteria's compensation).
+"""The channel fold, a repair step: removed channels folded into the kept ones at every consumer, from
+the statistics a data criterion returns (:class:`simprune.criteria.base.FoldData`).
 
 mode "twin" (the QSFM method): W[:, i] += a W[:, j] for each removed j and its surviving twin i,
 a fitted by least squares on the calibration maps. mode "lstsq" (beyond the method): x_removed ~
@@ -14,11 +15,13 @@ import math
 import torch
 
 from simprune.calibrate.calibration import Probe
+from simprune.criteria.base import COMPENSATIONS, CriterionResult, check_compensation
 from simprune.errors import SimpruneError
 from simprune.graph.groups import Member, PruningGraph, is_depthwise
 from simprune.stats.channel_stats import fit_compensation
 
-COMPENSATIONS = ("lstsq", "twin")
+__all__ = ["COMPENSATIONS", "affine_lstsq_coefficients", "channel_columns", "fold_channels", "lstsq_coefficients",
+           "resolve_twin"]
 
 
 def resolve_twin(j: int, twin: dict[int, int], removed: set[int]) -> int | None:
@@ -57,12 +60,6 @@ def affine_lstsq_coefficients(gram: torch.Tensor, sums: torch.Tensor, count: int
     return A, (s[removed] - A @ s[kept]) / count
 
 
-def _check_compensation(mode: str) -> str:
-    if mode not in COMPENSATIONS:
-        raise SimpruneError(f"unknown compensation {mode!r}; use {' or '.join(COMPENSATIONS)}")
-    return mode
-
-
 def _fold_lstsq(layer, cols: torch.Tensor, probe: Probe, removed: list[int], affine: bool) -> None:
     w = layer.weight.data
     kept = [c for c in range(cols.shape[0]) if c not in set(removed)]
@@ -93,26 +90,23 @@ def _fold_twins(layer, cols: torch.Tensor, probe: Probe, chans: list[int], twins
             layer.bias.data += b * w[:, cols[j]].reshape(w.shape[0], -1).sum(1)
 
 
-def make_compensator(probes: dict[str, list[Probe]], twins: dict[str, dict[int, int]], default: str = "lstsq",
-                     affine: bool = False):
-    """A compensator ``(graph, remove, mode=None)`` folding every group's removed channels into the
-    kept ones at each dense consumer (depthwise readers have no other channel to fold into)."""
-    _check_compensation(default)
-
-    def compensate(graph: PruningGraph, remove: dict[str, list[int]], mode: str | None = None) -> None:
-        mode = _check_compensation(mode or default)
-        for root, chans in remove.items():
-            dense = [p for p in probes.get(root, []) if not is_depthwise(p.member.module)]
-            layers = [graph.model.get_submodule(p.member.name) for p in dense]  # by name: works on a copy too
-            if affine:
-                no_bias = [p.member.name for p, layer in zip(dense, layers) if getattr(layer, "bias", None) is None]
-                if no_bias:
-                    raise SimpruneError(f"affine compensation folds an offset into each consumer's bias, but "
-                                        f"{no_bias[0]} has none; drop affine=True")
-            for probe, layer in zip(dense, layers):
-                cols = channel_columns(probe.member, probe.stats.channels)
-                if mode == "lstsq":
-                    _fold_lstsq(layer, cols, probe, sorted(chans), affine)
-                else:
-                    _fold_twins(layer, cols, probe, chans, twins.get(root, {}), affine)
-    return compensate
+def fold_channels(graph: PruningGraph, result: CriterionResult, remove: dict[str, list[int]],
+                  mode: str | None = None) -> None:
+    """Fold every group's removed channels into the kept ones at each dense consumer (depthwise readers have
+    no other channel to fold into), before the removal: ``mode`` "lstsq" or "twin" (None: the criterion's)."""
+    data = result.fold
+    mode = check_compensation(mode or data.mode)
+    for root, chans in remove.items():
+        dense = [p for p in data.probes.get(root, []) if not is_depthwise(p.member.module)]
+        layers = [graph.model.get_submodule(p.member.name) for p in dense]  # by name: works on a copy too
+        if data.affine:
+            no_bias = [p.member.name for p, layer in zip(dense, layers) if getattr(layer, "bias", None) is None]
+            if no_bias:
+                raise SimpruneError(f"affine compensation folds an offset into each consumer's bias, but "
+                                    f"{no_bias[0]} has none; drop affine=True")
+        for probe, layer in zip(dense, layers):
+            cols = channel_columns(probe.member, probe.stats.channels)
+            if mode == "lstsq":
+                _fold_lstsq(layer, cols, probe, sorted(chans), data.affine)
+            else:
+                _fold_twins(layer, cols, probe, chans, result.twins.get(root, {}), data.affine)

@@ -10,7 +10,7 @@ He et al. 2017); the last layer of a residual block also cancels the error its s
 Statistics per layer: the Gram of its unfolded input rows and their cross-correlation with the original
 output, float32 products summed in float64 batch by batch, all-reduced over torchrun ranks; one layer's
 Gram at a time, freed once it is refit. Blocks of the network run alone on stored inputs (see
-:mod:`simprune.engine.segments`), so the whole refit costs a few forwards, not one per layer.
+:mod:`simprune.repair.segments`), so the whole refit costs a few forwards, not one per layer.
 
 Intercept: a layer with a bias refits it; a bias-free layer read by a BatchNorm gets its intercept folded
 into that BatchNorm's running mean (exact in eval mode). BatchNorm re-estimation, if asked for, runs
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from simprune import distributed
+from simprune.calibrate.batches import Calibration
 from simprune.calibrate.consumer_inputs import (
     RowSums,
     design_rows,
@@ -32,9 +33,9 @@ from simprune.calibrate.consumer_inputs import (
     set_weight_matrix,
     weight_matrix,
 )
-from simprune.engine.segments import Plan, plan_segments
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PARAM_LAYERS, PruningGraph, is_depthwise
+from simprune.repair.segments import Plan, plan_segments
 from simprune.stats.refit import refit_error, ridge_refit
 
 PRECISIONS = ("fp32", "bf16")
@@ -141,10 +142,6 @@ def _run(module: nn.Module, x, grab_in: nn.Module | None = None, grab_out: nn.Mo
     return out, got.get("in"), got.get("out")
 
 
-def _images(batch):
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
 def _check_reusable(calibration) -> None:
     if calibration is None:
         raise SimpruneError("reconstruction needs calibration data; pass calibration= or reconstruct=False")
@@ -153,17 +150,13 @@ def _check_reusable(calibration) -> None:
                             "list of batches, not an iterator, or reconstruct=False")
 
 
-def _count_images(calibration) -> int:
-    dataset = getattr(calibration, "dataset", None)
-    return len(dataset) if dataset is not None else sum(int(_images(b).shape[0]) for b in calibration)
-
-
 class _Refitter:
     """Walks the segments of a :class:`Plan`, holding each chain block's stored inputs for both models."""
 
-    def __init__(self, original: nn.Module, pruned: nn.Module, targets: dict[str, list[int] | None], calibration,
-                 plan: Plan, options: RefitOptions):
+    def __init__(self, original: nn.Module, pruned: nn.Module, targets: dict[str, list[int] | None],
+                 calibration: Calibration, plan: Plan, options: RefitOptions):
         self.original, self.pruned, self.targets, self.calibration = original, pruned, targets, calibration
+        self.device = distributed.model_device(pruned)  # every batch goes where the models are
         self.plan, self.options = plan, options
         self.frontier: list[list] | None = None  # per batch: [original input, pruned input] of the current block
         self.errors: dict[str, list[float]] = {}
@@ -185,14 +178,13 @@ class _Refitter:
 
     def _sources(self, seg):
         if seg.module is None:
-            return ((_images(b), _images(b)) for b in self.calibration)
+            return ((x, x) for x in self.calibration.images(self.device))
         return iter(self.frontier)
 
     def _capture(self, first: str) -> None:
         """Store the first chain block's input of both models for every calibration batch."""
         self.frontier = []
-        for batch in self.calibration:
-            x = _images(batch)
+        for x in self.calibration.images(self.device):
             _, xo, _ = _run(self.original, x, grab_in=self.original.get_submodule(first))
             _, xp, _ = _run(self.pruned, x, grab_in=self.pruned.get_submodule(first))
             self.frontier.append([xo, xp])
@@ -212,7 +204,7 @@ class _Refitter:
         mo = self.original if seg.module is None else self.original.get_submodule(seg.module)
         mp = self.pruned if seg.module is None else self.pruned.get_submodule(seg.module)
         outputs = lp.weight.shape[0]
-        sums = RowSums(weight_matrix(lp).shape[1], outputs)
+        sums = RowSums(weight_matrix(lp).shape[1], outputs, device=self.device)
         for b, (xo, xp) in enumerate(self._sources(seg)):
             out, _, y = _run(mo, xo, grab_out=lo, stop=not last_in_block)
             if last_in_block:
@@ -227,7 +219,7 @@ class _Refitter:
             for rows, target in design_rows(lp, x_in, y, self.options.max_positions, self.options.seed):
                 sums.update(rows, target)
         self.largest_gram = max(self.largest_gram, sums.gram.numel() * 8)
-        sums.all_reduce().check(name)
+        sums.all_reduce().check(name).to("cpu")
         if self.options.sequential:
             self.errors[name] = refit_layer(lp, sums, self._bn_after(name), self.options.ridge)
         else:
@@ -259,7 +251,7 @@ class _Refitter:
 def refit_layer(layer: nn.Module, sums: RowSums, bn: nn.Module | None, ridge: float) -> list[float]:
     """Refit ``layer`` from its statistics (intercept into its bias, else into ``bn``'s running mean);
     returns its error before and after, relative to the centered energy of the original output."""
-    w0 = weight_matrix(layer).double()
+    w0 = weight_matrix(layer).double().cpu()  # the solve runs on the CPU, as the sums
     gram, cross, n = sums.gram, sums.cross, float(sums.n)
     bias = getattr(layer, "bias", None)
     fold = bias is None and bn is not None and bn.running_mean is not None and bn.num_features == w0.shape[0]
@@ -267,7 +259,7 @@ def refit_layer(layer: nn.Module, sums: RowSums, bn: nn.Module | None, ridge: fl
         gram = torch.cat([torch.cat([gram, sums.total[:, None]], 1),
                           torch.cat([sums.total, sums.n.reshape(1)])[None]], 0)
         cross = torch.cat([cross, sums.target_total[None]], 0)
-        b0 = bias.detach().double() if bias is not None else torch.zeros(w0.shape[0], dtype=torch.float64)
+        b0 = bias.detach().double().cpu() if bias is not None else torch.zeros(w0.shape[0], dtype=torch.float64)
         w0 = torch.cat([w0, b0[:, None]], 1)
     energy = float(sums.target_energy) - float((sums.target_total ** 2).sum()) / max(n, 1.0)
     w = ridge_refit(gram, cross, w0, ridge)
@@ -280,7 +272,7 @@ def refit_layer(layer: nn.Module, sums: RowSums, bn: nn.Module | None, ridge: fl
     if bias is not None:
         bias.data.copy_(w[:, p].to(bias.dtype))
     elif fold:
-        bn.running_mean.sub_(w[:, p].to(bn.running_mean.dtype))
+        bn.running_mean.sub_(w[:, p].to(bn.running_mean))
     scale = max(energy, 1e-30)
     return [max(before, 0.0) / scale, max(after, 0.0) / scale]
 
@@ -293,29 +285,26 @@ def reconstruct(original: nn.Module, pruned: nn.Module, targets: dict[str, list[
     ``original`` is the model before removal (left unchanged), ``pruned`` is changed in place."""
     options = options or RefitOptions()
     _check_reusable(calibration)
+    calibration = Calibration.of(calibration)
     t0 = time.perf_counter()
     skipped = {n: r for n in targets if (r := refit_support(pruned.get_submodule(n))) is not None}
     wanted = {n: keep for n, keep in targets.items() if n not in skipped}
-    example = _images(next(iter(calibration)))[:1]
-    plan = plan_segments(pruned, example, list(wanted), options.max_frontier_mib << 20, _count_images(calibration))
+    example = calibration.first_images()[:1].to(distributed.model_device(pruned))
+    plan = plan_segments(pruned, example, list(wanted), options.max_frontier_mib << 20, calibration.count())
     for n in list(wanted):
         if plan.calls[n] != 1:
             skipped[n] = f"called {plan.calls[n]} times per forward (shared weights)"
             del wanted[n]
     for seg in plan.segments:
         seg.layers = [n for n in seg.layers if n in wanted]
-    modes = [(m, m.training) for m in (original, pruned)]
     refitter = _Refitter(original, pruned, wanted, calibration, plan, options)
     try:
-        original.eval(), pruned.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.precision == "bf16"):
+        with Calibration.running(pruned, original, precision=options.precision):
             refitter.run()
             refitter.finish()
     finally:
         refitter.frontier = None
-        for m, training in modes:
-            m.train(training)
-    return _summary(refitter, skipped, options, _count_images(calibration)) | {"seconds": time.perf_counter() - t0}
+    return _summary(refitter, skipped, options, calibration.count()) | {"seconds": time.perf_counter() - t0}
 
 
 def _summary(refitter: _Refitter, skipped: dict[str, str], options: RefitOptions, images: int) -> dict:

@@ -44,7 +44,8 @@ from simprune.io.imagenet import (  # noqa: E402
     load_pretrained,
     top1_agreement,
 )
-from simprune.schedules.latency import build_latency_table, prune_to_latency  # noqa: E402
+from simprune.schedules.kinds import ToLatency  # noqa: E402
+from simprune.schedules.latency import build_latency_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSY = "bench/finetune|simprune finetune|simprune train"
@@ -110,10 +111,10 @@ def run_model(spec: dict, targets: list[float], threads: int, runs: int, block: 
     table_info = None
     if spec["name"] == "MobileNetV2":
         t0 = time.perf_counter()
-        pruned, report = prune_to_latency(model, x, spec["criterion"], 1 - 1 / EDGE_SPEEDUP + 0.02, threads=threads,
-                                          guards=Guards(round_to=block, **spec["guards"]),
-                                          log=lambda s: print("  " + s, flush=True),
-                                          **copy.copy(spec["options"]))
+        pruned, report = simprune.prune(model, x, spec["criterion"], {"latency": 1 - 1 / EDGE_SPEEDUP + 0.02},
+                                        guards=Guards(round_to=block, **spec["guards"]),
+                                        schedule=ToLatency(threads=threads, log=lambda s: print("  " + s, flush=True)),
+                                        **copy.copy(spec["options"]))
         path = tmp / f"{spec['name']}-latency.onnx"
         export_onnx(pruned, x, path)
         files.append(path)

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import simprune
 from simprune.allocation.allocator import normalize
-from simprune.calibrate import calibration
+from simprune.calibrate import batches as calibration_batches
 from simprune.calibrate.calibration import calibration_loader, collect_statistics
 from simprune.criteria import get_criterion
 from simprune.graph.groups import PruningGraph
@@ -76,7 +76,7 @@ def test_an_empty_calibration_is_refused_before_any_work():
 
 
 def test_a_huge_one_shot_iterator_is_refused_naming_the_keyword(monkeypatch):
-    monkeypatch.setattr(calibration, "MAX_MATERIALISED_BYTES", 10_000)
+    monkeypatch.setattr(calibration_batches, "MAX_MATERIALISED_BYTES", 10_000)
     gen = ((torch.zeros(4, 1, 32, 32), torch.zeros(4)) for _ in range(5))
     with pytest.raises(simprune.SimpruneError, match=r"calibration= is a one-shot iterator"):
         simprune.prune(build_model("resnet20", in_channels=1), torch.zeros(1, 1, 32, 32), "l1", {"flops": 0.3},

@@ -90,8 +90,9 @@ def _latency(baseline, pruned, shape, macs: tuple[int, int], out_dir: Path, thre
 
 
 def _deploy_keys(summary: dict, seconds: dict, model, kept: dict, shape, macs_before: int, folder: Path,
-                 timing: tuple[int, int], calib, test, data: str) -> None:
-    """The latency and int8 keys of the demo report, or why they were skipped (no onnxruntime)."""
+                 timing: tuple[int, int], images: tuple) -> None:
+    """The latency and int8 keys of the demo report, or why they were skipped (no onnxruntime);
+    ``images``: (calibration, test set, data set name)."""
     try:
         require("onnx", "onnxruntime")
     except SimpruneError as exc:
@@ -99,7 +100,7 @@ def _deploy_keys(summary: dict, seconds: dict, model, kept: dict, shape, macs_be
         return
     t0 = time.perf_counter()
     summary.update(_latency(model, kept["model"], shape, (macs_before, kept["row"]["macs"]), folder, *timing,
-                            calib, test, data))
+                            *images))
     seconds["export_and_latency"] = time.perf_counter() - t0
 
 
@@ -155,7 +156,7 @@ def run_demo(out: Path, target: float = 0.5, data: str = "auto", eval_images: in
                    "layers": layers,
                    "layers_title": f"Channels per layer at {100 * target:.0f} % of MACs removed"}
         _deploy_keys(summary, seconds, model, kept, shape, cost.macs, tmp / "qsfm-model",
-                     (threads, latency_runs), calib, test, data)
+                     (threads, latency_runs), (calib, test, data))
         if kept["result"] is not None and kept["result"].similarity:
             similarity_heatmaps(network_order(kept["result"].similarity), tmp / "similarity.png", label="ssim")
         seconds["total"] = time.perf_counter() - t_start

@@ -10,6 +10,7 @@ input and output channels are different index spaces.
 """
 from __future__ import annotations
 
+import bisect
 import fnmatch
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -277,4 +278,19 @@ class PruningGraph:
         handler = self.dg.get_pruner_of_module(root.module).prune_out_channels
         pg = self.dg.get_pruning_group(root.module, handler, sorted(int(i) for i in remove))
         pg.prune(record_history=False)
+        self._renumber(group, sorted(int(i) for i in remove))
         group.size -= len(remove)
+
+    def _renumber(self, group: ChannelGroup, remove: list[int]) -> None:
+        """Keep every ``Member.idxs`` true after a removal: the group's members drop the removed channels'
+        indices, and every member of a touched (module, dim), in any group, is renumbered past them."""
+        gone: dict[tuple[int, str], set[int]] = {}
+        for m in group.members:
+            per = max(1, len(m.idxs) // group.size)
+            gone.setdefault((id(m.module), m.dim), set()).update(m.idxs[c * per + j] for c in remove for j in range(per))
+        for g in [group, *(g for g in self.groups if g is not group)]:
+            for m in g.members:
+                cut = gone.get((id(m.module), m.dim))
+                if cut:
+                    order = sorted(cut)
+                    m.idxs = [i - bisect.bisect_left(order, i) for i in m.idxs if i not in cut]

@@ -262,17 +262,29 @@ def next_guess(history: list[tuple[float, float]], goal: float) -> float:
     return float(np.clip(r + (goal - m), 0.01, 0.95))
 
 
-def _measured_step(pruned: nn.Module, report: dict, x: torch.Tensor, tmp: Path, base_path: Path, it: int,
-                   guess: float, table: LatencyTable, groups: list[ChannelGroup], base_cost: Cost,
-                   threads: int, runs: int) -> dict[str, float]:
-    """Export one candidate, time it against the original (interleaved) and compare with the table's prediction."""
-    cand = tmp / f"pruned{it}.onnx"
-    export_onnx(pruned, x, cand)
-    before, after = measure_onnx_many([base_path, cand], tuple(x.shape[1:]), 1, threads, runs)
-    removed = {g["root"]: g["channels_before"] - g["channels_after"] for g in report["groups"]}
-    return {"allocator_target": guess, "predicted": 1 - table.predict(groups, base_cost, removed) / table.base_ms,
-            "measured": 1 - after["median_ms"] / before["median_ms"], "before_ms": before["median_ms"],
-            "after_ms": after["median_ms"], "flops_reduction": report["reduction"]["flops"]}
+@dataclass
+class _Measurer:
+    """Times pruned candidates against the original ONNX file and compares with the table's prediction."""
+
+    x: torch.Tensor
+    tmp: Path
+    base_path: Path
+    table: LatencyTable
+    groups: list[ChannelGroup]
+    base_cost: Cost
+    threads: int
+    runs: int
+
+    def step(self, pruned: nn.Module, report, it: int, guess: float) -> dict[str, float]:
+        """Export one candidate, time it against the original (interleaved), and predict it from the table."""
+        cand = self.tmp / f"pruned{it}.onnx"
+        export_onnx(pruned, self.x, cand)
+        before, after = measure_onnx_many([self.base_path, cand], tuple(self.x.shape[1:]), 1, self.threads, self.runs)
+        removed = {g["root"]: g["channels_before"] - g["channels_after"] for g in report["groups"]}
+        predicted = 1 - self.table.predict(self.groups, self.base_cost, removed) / self.table.base_ms
+        return {"allocator_target": guess, "predicted": predicted,
+                "measured": 1 - after["median_ms"] / before["median_ms"], "before_ms": before["median_ms"],
+                "after_ms": after["median_ms"], "flops_reduction": report["reduction"]["flops"]}
 
 
 def prune_to_latency(job: Job, ratio: float, *, threads: int = 1, tolerance: float = 0.02, max_iterations: int = 6,
@@ -304,6 +316,7 @@ def prune_to_latency(job: Job, ratio: float, *, threads: int = 1, tolerance: flo
             table = build_latency_table(model, x, groups, base_stats["median_ms"], threads=threads)
             log(f"latency table: {len(table.layers)} layers, {table.configs} distinct, {table.points} points, "
                 f"{table.seconds:.1f} s")
+        measurer = _Measurer(x, Path(tmp), base_path, table, groups, base_cost, threads, runs)
         guess = ratio
         for it in range(max_iterations):
             try:
@@ -314,8 +327,7 @@ def prune_to_latency(job: Job, ratio: float, *, threads: int = 1, tolerance: flo
                     raise
                 log(f"iteration {it + 1}: allocator target {guess:.3f} not reachable ({exc}); stopping")
                 break
-            step = _measured_step(pruned, report, x, Path(tmp), base_path, it, guess, table, groups, base_cost,
-                                  threads, runs)
+            step = measurer.step(pruned, report, it, guess)
             iterations.append(step)
             measured = step["measured"]
             log(f"iteration {it + 1}: allocator target {guess:.3f} -> measured {measured:.3f} "

@@ -21,12 +21,11 @@ from simprune.allocation.selection import Selection
 from simprune.calibrate.batches import Calibration
 from simprune.criteria import get_criterion, set_calib_precision
 from simprune.errors import SimpruneError
-from simprune.graph.counting import count, layer_widths
 from simprune.graph.groups import PruningGraph
 from simprune.io.description import INPUT_ATTR
 from simprune.models import SOURCE_ATTR
 from simprune.repair.stage import Removal, Repair
-from simprune.schedules.report import PruneReport, prune_report, target_met
+from simprune.schedules.report import PruneReport, Snapshot, prune_report, target_met
 
 
 def resolve_criterion(criterion: str | Any, options: dict | None = None, calibration=None):
@@ -68,10 +67,10 @@ def prune_oneshot(job: Job, latency_table=None) -> tuple[nn.Module, PruneReport]
     model.eval()
     t0 = time.perf_counter()
     progress.stage("building the channel graph")
-    before, widths_before = count(model, example), layer_widths(model)
     graph = PruningGraph(model, example, ignore=job.selection.ignore)
-    groups_before = {g.root: g.size for g in graph.groups}
-    cost = CostModel(graph.groups, before) if latency_table is None else latency_table.cost_model(graph.groups, before)
+    before = Snapshot.take(model, example, graph)
+    cost = CostModel(graph.groups, before.cost) if latency_table is None else \
+        latency_table.cost_model(graph.groups, before.cost)
     t_graph = time.perf_counter()
     protected = [g.root for g in graph.groups if not g.compensable] if repair.protect_uncompensable else []
     alloc, result, t_score = job.selection.select(graph, crit, target, cost, job.calibration, protected)
@@ -82,15 +81,13 @@ def prune_oneshot(job: Job, latency_table=None) -> tuple[nn.Module, PruneReport]
     done = repair.apply(original, model, Removal(graph, alloc.remove, result, crit.name), job.calibration)
     setattr(model, INPUT_ATTR, list(example.shape[1:]))  # what save records for load
     refit = done["reconstructed"]
-    after = count(model, example)
+    after = Snapshot.take(model, example, graph)
     return model, prune_report(
         model_name=(getattr(model, SOURCE_ATTR, None) or {}).get("model") or type(model).__name__,
         criterion=crit.name, target=target, schedule={"name": "oneshot"}, before=before, after=after,
-        layers_before=widths_before, layers_after=layer_widths(model), groups=graph.groups,
-        groups_before=groups_before, removed=alloc.remove, protected=protected,
-        compensated=done["compensated"], bn_recalibrated=done["bn_recalibrated"],
+        removed=alloc.remove, protected=protected, repaired=done,
         decision_fingerprint_per_rank=alloc.fingerprints, round_to=alloc.round_to,
-        target_met=target_met(target, before, after), reconstructed=refit, recovered=done["recovered"],
+        target_met=target_met(target, before.cost, after.cost), reconstructed=refit, recovered=done["recovered"],
         seconds={"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                  "removal": done["removed_at"] - t_alloc, "reconstruction": refit["seconds"] if refit else 0.0,
                  "total": time.perf_counter() - t0})

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simprune import distributed
-from simprune.graph.counting import Cost
-from simprune.graph.groups import ChannelGroup
+from simprune.graph.counting import Cost, count, layer_widths
 
 SCHEMA_VERSION = 2  # 1: the untyped dict before report.json had a version; 2: + schema_version and options
 
@@ -70,24 +69,37 @@ class PruneReport:
         return out
 
 
+@dataclass
+class Snapshot:
+    """A model's costs, layer widths and group widths (by root) at one moment: before or after a prune."""
+
+    cost: Cost
+    layers: dict[str, int]
+    groups: dict[str, int]
+
+    @classmethod
+    def take(cls, model, example, graph) -> Snapshot:
+        return cls(count(model, example), layer_widths(model), {g.root: g.size for g in graph.groups})
+
+
 def prune_report(*, model_name: str, criterion: str, target: dict[str, float], schedule: dict[str, Any],
-                 before: Cost, after: Cost, layers_before: dict[str, int], layers_after: dict[str, int],
-                 groups: list[ChannelGroup], groups_before: dict[str, int], removed: dict[str, list[int]],
-                 protected: list[str], compensated: bool | str, bn_recalibrated: bool,
-                 **extra: Any) -> PruneReport:
+                 before: Snapshot, after: Snapshot, removed: dict[str, list[int]], protected: list[str],
+                 repaired: dict[str, Any], **extra: Any) -> PruneReport:
     """The report of one prune: costs before/after, widths per layer and group, the decision's
-    fingerprint, and what was done after removal. ``extra`` keys (seconds, finetune, ...) are added as given."""
+    fingerprint, and what the repair did (``repaired``: compensated, bn_recalibrated). ``extra`` keys
+    (seconds, finetune, ...) are added as given."""
+    b, a = before.cost, after.cost
     return PruneReport(
         schedule=dict(schedule), model=model_name, criterion=criterion, target=dict(target),
-        macs={"before": before.macs, "after": after.macs},
-        params={"before": before.params, "after": after.params},
-        reduction={"flops": 1 - after.macs / before.macs, "params": 1 - after.params / before.params},
-        layers=[{"name": n, "channels_before": c, "channels_after": layers_after.get(n, 0)}
-                for n, c in layers_before.items()],
-        groups=[{"root": g.root, "channels_before": groups_before.get(g.root, g.size), "channels_after": g.size}
-                for g in groups],
-        protected_groups=list(protected), bn_recalibrated=bool(bn_recalibrated),
-        decision_fingerprint=distributed.fingerprint(removed), compensated=compensated, extra=dict(extra))
+        macs={"before": b.macs, "after": a.macs}, params={"before": b.params, "after": a.params},
+        reduction={"flops": 1 - a.macs / b.macs, "params": 1 - a.params / b.params},
+        layers=[{"name": n, "channels_before": c, "channels_after": after.layers.get(n, 0)}
+                for n, c in before.layers.items()],
+        groups=[{"root": r, "channels_before": before.groups.get(r, size), "channels_after": size}
+                for r, size in after.groups.items()],
+        protected_groups=list(protected), bn_recalibrated=bool(repaired["bn_recalibrated"]),
+        decision_fingerprint=distributed.fingerprint(removed), compensated=repaired["compensated"],
+        extra=dict(extra))
 
 
 MISS_TOLERANCE = 0.02  # achieved vs asked reduction beyond which a target counts as missed

@@ -17,12 +17,12 @@ from simprune import progress
 from simprune.allocation.allocator import CostModel
 from simprune.allocation.selection import Selection
 from simprune.errors import SimpruneError
-from simprune.graph.counting import count, layer_widths
+from simprune.graph.counting import count
 from simprune.graph.groups import PARAM_LAYERS, ChannelGroup, PruningGraph
 from simprune.graph.removal import remove_channels
 from simprune.schedules.checks import soft_epochs
 from simprune.schedules.oneshot import Job
-from simprune.schedules.report import PruneReport, prune_report
+from simprune.schedules.report import PruneReport, Snapshot, prune_report
 from simprune.train.finetune import FineTune
 from simprune.train.loop import TrainHooks
 
@@ -146,21 +146,19 @@ def soft_prune(job: Job, finetune: FineTune, hold: int = 0) -> tuple[nn.Module, 
     Returns (pruned model, report); the report's accuracy after removal equals the zeroed model's."""
     model, example, crit, target = job.model, job.example, job.criterion, job.target
     kind, ratio = next(iter(target.items()))
-    before, layers_before = count(model, example), layer_widths(model)
     graph = PruningGraph(model, example, ignore=job.selection.ignore)
+    before = Snapshot.take(model, example, graph)
     select = soft_selector(graph, crit, example, job.calibration, job.selection)
     hooks = SoftPruning(graph, select, kind, ratio, finetune.cfg.epochs, hold, log=finetune.log)
     early = soft_epochs(ratio, finetune.cfg.epochs, hold)
     for text in early:
         progress.warn(text)
-    groups_before = {g.root: g.size for g in graph.groups}
     history = finetune.run(model, hooks)
     removed = finish_soft(hooks)
     model.eval()
     return model, prune_report(
         model_name=getattr(model, "simprune_name", type(model).__name__), criterion=crit.name, target=target,
         schedule={"name": "soft", "epochs": finetune.cfg.epochs, "hold": hold, "shares": hooks.shares},
-        before=before, after=count(model, example), layers_before=layers_before, layers_after=layer_widths(model),
-        groups=graph.groups, groups_before=groups_before, removed=removed, protected=hooks.protected,
-        compensated=False, bn_recalibrated=False,
+        before=before, after=Snapshot.take(model, example, graph), removed=removed, protected=hooks.protected,
+        repaired={"compensated": False, "bn_recalibrated": False},
         finetune={"epochs": finetune.cfg.epochs, "history": history, "soft": True}, warnings=early)

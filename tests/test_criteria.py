@@ -7,7 +7,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import simprune
 from simprune.allocation.allocator import Guards
 from simprune.calibrate.calibration import collect_statistics, probe_members
-from simprune.criteria import available_criteria
 from simprune.graph.groups import PruningGraph
 from simprune.models import build_model
 from simprune.stats.channel_stats import ChannelStats
@@ -143,11 +142,6 @@ def test_every_criterion_meets_the_target(criterion, options):
 def test_data_criterion_without_data_is_refused():
     with pytest.raises(simprune.SimpruneError, match="needs calibration data"):
         simprune.prune(build_model("resnet20"), torch.zeros(1, 3, 32, 32), "qsfm", {"flops": 0.5})
-
-
-def test_registry_lists_all_criteria():
-    assert {"l1", "l2", "fpgm", "random", "qsfm", "filter-similarity", "feature-stats", "hrank"} <= \
-        set(available_criteria())
 
 
 def test_affine_lstsq_coefficients_by_hand():

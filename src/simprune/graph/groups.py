@@ -282,11 +282,14 @@ class PruningGraph:
         group.size -= len(remove)
 
     def _renumber(self, group: ChannelGroup, remove: list[int]) -> None:
-        """Keep every ``Member.idxs`` true after a removal: the group's members drop the removed channels'
-        indices, and every member of a touched (module, dim), in any group, is renumbered past them."""
+        """Keep ``Member.idxs`` true after a removal: the group's members drop the removed channels' indices,
+        and every member of a touched (module, dim), in any group, is renumbered past them. Members that map
+        only part of a tied (fed-back) group keep their traced indices."""
         gone: dict[tuple[int, str], set[int]] = {}
         for m in group.members:
-            per = max(1, len(m.idxs) // group.size)
+            if not m.idxs or len(m.idxs) % group.size:  # a member covering part of a tied group: left as traced
+                continue
+            per = len(m.idxs) // group.size
             gone.setdefault((id(m.module), m.dim), set()).update(m.idxs[c * per + j] for c in remove for j in range(per))
         for g in [group, *(g for g in self.groups if g is not group)]:
             for m in g.members:

@@ -5,16 +5,20 @@ target -> structural removal -> count/verify -> files.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from simprune import progress
 from simprune.allocation.allocator import Guards
 from simprune.criteria import default_criterion
+from simprune.errors import SimpruneError
 from simprune.io.description import check_loadable, describe
 from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
+from simprune.repair.recovery import Recovery, recover
 from simprune.schedules.run import run_schedule
 
 
@@ -26,7 +30,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | 
           reconstruct_options: dict | None = None, inplace: bool = False,
           criterion_options: dict | None = None, schedule: str = "oneshot", steps: int = 1,
           between: Callable[[nn.Module, int], None] | None = None, latency_table=None,
-          calib_precision: str | None = None, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
+          calib_precision: str | None = None, device: str | torch.device | None = None,
+          recover: bool | Recovery = False) -> tuple[nn.Module, dict]:
     """Prune ``model`` to ``target`` (e.g. ``{"flops": 0.5}``: half the MACs removed) with ``criterion``
     (default: "refit-error" when ``calibration`` is given, the most accurate without fine-tuning; else "l1").
 
@@ -45,16 +50,34 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | 
     ``device`` ("cuda", "cuda:N" or "cpu"; default CUDA when available, else CPU) runs statistics,
     compensation and BatchNorm re-estimation there, each calibration batch moved to it; the pruned
     model comes back on ``model``'s device. The decision is the CPU one up to floating-point ties.
+    ``recover`` (True or a :class:`simprune.repair.recovery.Recovery`) then trains the pruned model to
+    reproduce ``model`` on the calibration images, labels never read (off by default: not yet shown to
+    help on every model, see docs/results.md); the report's "recovered" says what it did.
     """
     if criterion is None:
         criterion = default_criterion(calibration is not None)
-    return run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
+    if recover and calibration is None:
+        raise SimpruneError("recovery needs calibration images; pass calibration= or recover=False")
+    pruned, report = run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
                         between=between, inplace=inplace, criterion_options=criterion_options,
                         latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,
                         normalization=normalization, cost_weight=cost_weight, compensate=compensate,
                         protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn,
                         calib_precision=calib_precision, device=device, reconstruct=reconstruct,
                         reconstruct_options=reconstruct_options)
+    report["recovered"] = False
+    if recover:
+        options = recover if isinstance(recover, Recovery) else Recovery()
+        report["recovered"] = _recover(model, pruned, calibration, options)
+    return pruned, report
+
+
+def _recover(original: nn.Module, pruned: nn.Module, calibration, options: Recovery) -> dict:
+    """Label-free recovery of ``pruned`` towards ``original``, on the device ``pruned`` is on."""
+    device = next(pruned.parameters()).device
+    teacher = copy.deepcopy(original).to(device)
+    progress.stage("label-free recovery on the calibration images")
+    return recover(teacher, pruned, calibration, options)
 
 
 def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any] | None = None,

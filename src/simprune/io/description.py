@@ -6,11 +6,12 @@ A user's own builder (``pkg.module:factory``) runs only when the caller names it
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -83,8 +84,25 @@ def _model_args(desc: dict[str, Any], source: Path) -> tuple[str | None, dict[st
     return name, args
 
 
+_TRUSTED_NOW: list[str] = []  # builders the caller named for what runs inside trusted_builders()
+
+
+@contextlib.contextmanager
+def trusted_builders(*names: str | None) -> Iterator[None]:
+    """Within the block, ``load`` may run the named builders (the CLI: the one ``--model`` names, for the whole
+    command, so its later steps - latency, export, bench - load what it saved)."""
+    added = [n for n in names if isinstance(n, str) and is_builder_spec(n)]
+    _TRUSTED_NOW.extend(added)
+    try:
+        yield
+    finally:
+        for n in added:
+            _TRUSTED_NOW.remove(n)
+
+
 def _trusted(name: str, builder: str | None) -> bool:
-    return name == builder or name in {s.strip() for s in os.environ.get(TRUST_ENV, "").split(",") if s.strip()}
+    return name == builder or name in _TRUSTED_NOW or name in {
+        s.strip() for s in os.environ.get(TRUST_ENV, "").split(",") if s.strip()}
 
 
 def build_described(name: str | None, args: dict[str, Any], source: Path, builder: str | None = None,

@@ -13,6 +13,7 @@ from torch import nn
 
 from simprune.allocation.allocator import Guards
 from simprune.criteria import default_criterion
+from simprune.graph.groups import KEPT_WIDTH_ATTR, peak_memory_mib
 from simprune.io.description import check_loadable, describe
 from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
 from simprune.schedules.run import run_schedule
@@ -48,13 +49,16 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | 
     """
     if criterion is None:
         criterion = default_criterion(calibration is not None)
-    return run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
+    pruned, report = run_schedule(model, example_input, criterion, target or {"flops": 0.5}, schedule=schedule, steps=steps,
                         between=between, inplace=inplace, criterion_options=criterion_options,
                         latency_table=latency_table, calibration=calibration, guards=guards, ignore=ignore,
                         normalization=normalization, cost_weight=cost_weight, compensate=compensate,
                         protect_uncompensable=protect_uncompensable, recalibrate_bn=recalibrate_bn,
                         calib_precision=calib_precision, device=device, reconstruct=reconstruct,
                         reconstruct_options=reconstruct_options)
+    report["kept_width"] = dict(getattr(pruned, KEPT_WIDTH_ATTR, {}))  # layers the graph keeps whole, and why
+    report["peak_memory_mib"] = peak_memory_mib()
+    return pruned, report
 
 
 def save(out_dir: str | Path, model: nn.Module, description: dict[str, Any] | None = None,

@@ -11,6 +11,7 @@ input and output channels are different index spaces.
 from __future__ import annotations
 
 import fnmatch
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from simprune.models import CUSTOM_PRUNERS
 from simprune.models.adapters import BARRIERS, adapt_for_pruning
 
 PARAM_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
+KEPT_WIDTH_ATTR = "simprune_kept_width"  # on the model: layer -> why the graph keeps its output channels
 
 
 @dataclass
@@ -67,6 +69,16 @@ class ChannelGroup:
         return self.channel_groups == 1 and all(isinstance(m.module, PARAM_LAYERS) and not is_grouped(m.module)
                                                 for m in readers)
 
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux/macOS; 0 where unknown)."""
+    try:
+        import resource  # noqa: PLC0415 - not on Windows
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -196,6 +208,7 @@ class PruningGraph:
                 validate_group(group, self.dg)
                 self.groups.append(group)
         self.ignored = {names[m] for m in ignored_layers}
+        setattr(model, KEPT_WIDTH_ATTR, dict(self.kept_width))  # for the report
         if not self.groups:
             raise SimpruneError("the model has no prunable channel group (no conv/linear layer outside the "
                                 "classifier and ignore=); nothing to prune")

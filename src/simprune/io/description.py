@@ -19,6 +19,7 @@ from torch import nn
 from simprune.errors import SimpruneError
 from simprune.graph.removal import STRUCTURE_ATTR, apply_structure
 from simprune.models import SOURCE_ATTR, build_model
+from simprune.models.adapters import adapt_for_pruning
 from simprune.models.external import is_builder_spec
 
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # C*H*W of a recorded input shape (loading runs one image through)
@@ -39,7 +40,7 @@ def _precheck_names(name: str, args: dict[str, Any], tensors: dict[str, torch.Te
 
     try:
         with torch.device("meta"):
-            own = build_model(name, **args).state_dict()
+            own = adapt_for_pruning(build_model(name, **args)).state_dict()
     except SimpruneError:
         raise
     except Exception:  # noqa: BLE001 - a builder that cannot run on meta: the full check follows anyway
@@ -149,7 +150,7 @@ def check_loadable(model: nn.Module, desc: dict[str, Any]) -> None:
     if name is None:
         return  # the user's own model: load(dir, MyNet()) rebuilds it
     try:
-        fresh = build_described(name, args, where, builder=name)
+        fresh = adapt_for_pruning(build_described(name, args, where, builder=name))
         if desc.get("structure"):
             apply_structure(fresh, desc["structure"], where, shape)
     except SimpruneError as exc:

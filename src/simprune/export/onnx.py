@@ -108,7 +108,7 @@ class FlatOutputs(nn.Module):
 
 def output_names(model: nn.Module, x: torch.Tensor) -> list[str]:
     """``["output"]`` for one output tensor, else ``output_0``, ``output_1``, ... (one forward pass to count)."""
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: a head caching tensors (YOLO's anchors) is traced afterwards
         n = len(flatten_outputs(model(x)))
     if n == 0:
         raise SimpruneError("the model returns no tensor; nothing to export")

@@ -208,6 +208,7 @@ class PruningGraph:
                 validate_group(group, self.dg)
                 self.groups.append(group)
         self.ignored = {names[m] for m in ignored_layers}
+        self._name_the_rest(names, ignored_layers)
         setattr(model, KEPT_WIDTH_ATTR, dict(self.kept_width))  # for the report
         if not self.groups:
             raise SimpruneError("the model has no prunable channel group (no conv/linear layer outside the "
@@ -270,6 +271,23 @@ class PruningGraph:
                     break
                 todo.extend(n.outputs)
         return found
+
+    def _name_the_rest(self, names: dict, ignored_layers: list[nn.Module]) -> None:
+        """Add to ``kept_width`` every other conv/linear layer whose outputs no group prunes, and why."""
+        pruned = {m.module for g in self.groups for m in g.members if m.dim == "out"}
+        classifier = ignored_layers[0] if ignored_layers else None
+        for module, name in names.items():
+            if not isinstance(module, PARAM_LAYERS) or module in pruned or name in self.kept_width:
+                continue
+            if module in self._to_output:
+                why = "reaches the model's output"
+            elif module is classifier:
+                why = "the classifier (its outputs are the classes)"
+            elif module in ignored_layers:
+                why = "ignore="
+            else:
+                why = "coupled to channels kept whole"
+            self.kept_width[name] = why
 
     def _fixed_width(self, members: list[Member]) -> str | None:
         """Why a group's channels must stay whole: a producer feeds the model's output directly, or a member is

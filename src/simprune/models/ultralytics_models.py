@@ -75,4 +75,6 @@ def build_ultralytics(spec: str, num_classes: int | None = None, in_channels: in
     head = model.model[-1]
     if hasattr(head, "export"):  # the deployed output (predictions only), as ultralytics' own export does; in
         head.export = True       # eval its head also returns its input feature maps, whose widths would then be fixed
+    if hasattr(head, "dynamic"):  # anchors from the input's shape each pass (not cached): ONNX keeps a dynamic batch
+        head.dynamic = True
     return model.eval()

@@ -165,14 +165,15 @@ def _channels(dg: tp.DependencyGraph, member: Member) -> int | None:
 
 def validate_group(group: ChannelGroup, dg: tp.DependencyGraph) -> None:
     """Refuse a Torch-Pruning group that would cut the wrong channels: every index within its layer's channels,
-    producers holding exactly the group's channels, readers a whole number of copies of them (concat of the
-    same channels, SPPF; a conv flattened into a Linear)."""
+    the root holding exactly the group's channels, a member holding more a whole number of copies of them
+    (concat of the same channels, SPPF; a conv flattened into a Linear)."""
     for m in group.members:
         n = _channels(dg, m)
         if n is None or not m.idxs:
             continue
-        wrong = max(m.idxs) >= n or min(m.idxs) < 0 or (
-            len(m.idxs) != group.size if m.dim == "out" and not is_depthwise(m.module) else len(m.idxs) % group.size)
+        size_wrong = len(m.idxs) != group.size if m is group.members[0] else (
+            len(m.idxs) > group.size and len(m.idxs) % group.size)  # fewer: a part of tied channels (GhostNet)
+        wrong = max(m.idxs) >= n or min(m.idxs) < 0 or size_wrong
         if wrong:
             raise SimpruneError(f"cannot follow the channels of layer {group.root!r}: Torch-Pruning couples "
                                 f"{len(m.idxs)} indices up to {max(m.idxs)} of {m.name!r} ({type(m.module).__name__}, "
@@ -192,7 +193,8 @@ class PruningGraph:
         names = {m: n for n, m in model.named_modules()}
         self.ignore_patterns = [str(p) for p in ignore]
         ignored_layers = self._ignored_layers(model, ignore)
-        bad = unsupported_layer(model, set(ignored_layers))
+        classifier = find_classifier(model)
+        bad = unsupported_layer(model, {m for m in ignored_layers if m is not classifier})
         if bad is not None:
             raise SimpruneError(f"layer {bad[0]!r} ({type(bad[1]).__name__}) is attention, which simprune cannot "
                                 "prune (it prunes convolutional networks); leave it whole with "

@@ -16,6 +16,7 @@ from simprune import progress
 from simprune.allocation.allocator import Guards
 from simprune.criteria import default_criterion
 from simprune.errors import SimpruneError
+from simprune.graph.groups import KEPT_WIDTH_ATTR, peak_memory_mib
 from simprune.io.description import check_loadable, describe
 from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
 from simprune.repair.recovery import Recovery, recover
@@ -69,6 +70,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | 
     if recover:
         options = recover if isinstance(recover, Recovery) else Recovery()
         report["recovered"] = _recover(model, pruned, calibration, options)
+    report["kept_width"] = dict(getattr(pruned, KEPT_WIDTH_ATTR, {}))  # layers the graph keeps whole, and why
+    report["peak_memory_mib"] = peak_memory_mib()
     return pruned, report
 
 

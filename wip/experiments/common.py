@@ -2,7 +2,7 @@ import torch, time, copy, json
 import torch.nn.functional as Fn
 from simprune.io.imagenet import load_pretrained
 
-D = torch.load("/work/exp/inet.pt")
+D = torch.load("/work/exp/inet.pt", weights_only=True)
 XC, _ = D["calibration"]          # labels of the calibration split never read
 XE, YE = D["evaluation"]
 RAW = D["calibration_raw"]

@@ -79,7 +79,7 @@ def test_train_refuses_non_empty_out_without_resume(cli, tmp_path):
 
 def test_weights_option_is_for_torchvision_models_only(cli):
     code, _, err = cli("info", "--model", "resnet20", "--weights", "IMAGENET1K_V1")
-    assert code == 2 and "--weights applies to torchvision:<name> and timm:<name> models only" in err
+    assert code == 2 and "--weights applies to torchvision:<name>, timm:<name> and ultralytics:<yaml> models only" in err
 
 
 def test_weights_option_builds_the_pretrained_1000_class_model(cli):

@@ -12,6 +12,7 @@ from simprune.allocation.allocator import CostModel, Guards, allocate, normalize
 from simprune.calibrate.batches import Calibration
 from simprune.calibrate.consumer_inputs import consumer_grams
 from simprune.criteria import get_criterion, set_calib_precision
+from simprune.errors import SimpruneError
 from simprune.graph.counting import count
 from simprune.graph.groups import PruningGraph
 from simprune.models import build_model
@@ -152,6 +153,26 @@ def test_a_recovery_step_runs_after_the_refit_and_is_reported():
     _, report = simprune.prune(build_model("resnet20").eval(), EX, "l1", {"flops": 0.3}, calibration=_batches(4),
                                repair=Repair(recover=Recovery()), schedule=simprune.OneShot(device="cpu"))
     assert report["recovered"] == {"images": 32, "same": True} and report["bn_recalibrated"]
+
+
+def test_recovery_runs_last_under_the_re_estimated_batchnorm_statistics():
+    seen = {}
+
+    class Recovery:
+        def run(self, original, pruned, calibration):
+            seen["mean"] = pruned.bn1.running_mean.clone()
+            return {}
+
+    model = build_model("resnet20").eval()
+    pruned, _ = simprune.prune(model, EX, "l1", {"flops": 0.3}, calibration=_batches(4),
+                               repair=Repair(recover=Recovery()), schedule=simprune.OneShot(device="cpu"))
+    assert not torch.equal(model.bn1.running_mean[: len(seen["mean"])], seen["mean"])  # re-estimated before
+    assert torch.equal(pruned.bn1.running_mean, seen["mean"])  # and not touched after
+
+
+def test_recovery_without_calibration_is_one_line_naming_the_fix():
+    with pytest.raises(SimpruneError, match="recovery needs calibration images; pass calibration="):
+        simprune.prune(build_model("resnet20").eval(), EX, "l1", {"flops": 0.3}, repair=Repair(recover=True))
 
 
 def test_calib_precision_is_one_name_on_refit_error_too():

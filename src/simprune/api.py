@@ -15,16 +15,18 @@ from simprune.allocation.allocator import Guards
 from simprune.allocation.selection import Selection
 from simprune.calibrate.batches import Calibration
 from simprune.criteria import default_criterion
+from simprune.graph.groups import KEPT_WIDTH_ATTR, peak_memory_mib
 from simprune.io.description import check_loadable, describe
 from simprune.io.files import atomic_output_dir, atomic_write_json, load_model, save_model
+from simprune.repair.recovery import Recovery
 from simprune.repair.refit import RefitOptions
 from simprune.repair.stage import Repair
 from simprune.schedules.kinds import Iterative, OneShot, Soft, ToLatency
 from simprune.schedules.legacy import from_keywords
 from simprune.schedules.run import run_schedule
 
-__all__ = ["Calibration", "Guards", "Iterative", "OneShot", "RefitOptions", "Repair", "Selection", "Soft", "ToLatency",
-           "load", "prune", "save"]
+__all__ = ["Calibration", "Guards", "Iterative", "OneShot", "Recovery", "RefitOptions", "Repair", "Selection",
+           "Soft", "ToLatency", "load", "prune", "save"]
 
 
 def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | None = None,
@@ -38,8 +40,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | 
     ``calibration``: any iterable of batches, or a :class:`Calibration` (a one-shot one is kept: it is read
     several times). ``selection`` (:class:`Selection`): guards, ignored layers, normalization, cost weight,
     criterion options, calibration precision. ``repair`` (:class:`Repair`): the channel fold, protection,
-    refit, recovery and BatchNorm re-estimation after removal (``Repair.auto()``: the defaults for the
-    criterion and data). ``schedule``: :class:`OneShot` (``device=``: where the work runs, default CUDA when
+    refit, BatchNorm re-estimation and label-free recovery (``Repair(recover=Recovery(...))``) after
+    removal (``Repair.auto()``: the defaults for the criterion and data). ``schedule``: :class:`OneShot` (``device=``: where the work runs, default CUDA when
     available), :class:`Iterative` (steps, between), :class:`Soft` (trains) or :class:`ToLatency` (a measured
     ``{"latency": R}`` target). The old keywords (``compensate=``, ``reconstruct=``, ``guards=``, ``steps=``,
     ``device=``, ...) still work with a DeprecationWarning (see :mod:`simprune.schedules.legacy`).
@@ -49,6 +51,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion: str | Any | 
         criterion = default_criterion(calibration is not None)
     pruned, report = run_schedule(model, example_input, criterion, target, calibration=calibration,
                                   selection=selection, repair=repair, schedule=schedule, inplace=inplace)
+    report["kept_width"] = dict(getattr(pruned, KEPT_WIDTH_ATTR, {}))  # layers the graph keeps whole, and why
+    report["peak_memory_mib"] = peak_memory_mib()
     return pruned, report.to_dict()
 
 

@@ -15,6 +15,7 @@ from simprune.cli.prune import add_prune_parser
 from simprune.cli.train import add_train_parser
 from simprune.cli.vocabulary import cli_wording
 from simprune.distributed import is_main
+from simprune.io.description import trusted_builders  # noqa: F401 - main() trusts the --model builder
 from simprune.progress import StderrReporter, reporting  # noqa: F401 - main() installs the reporter
 
 

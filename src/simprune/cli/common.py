@@ -16,8 +16,9 @@ from simprune import distributed, progress
 from simprune.errors import SimpruneError
 from simprune.graph.counting import parse_input_shape
 from simprune.io.data import load_dataset
-from simprune.io.files import load_model
+from simprune.io.files import load_model, read_json, resolve_model_path
 from simprune.models import build_model
+from simprune.models.external import builder_takes, is_builder_spec
 from simprune.schedules.checks import calibration_images
 from simprune.train.finetune import FineTune, load_teacher
 from simprune.train.loop import TrainConfig
@@ -25,6 +26,13 @@ from simprune.train.loop import TrainConfig
 
 def command_line() -> str:
     return "simprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def builder_option(p: argparse.ArgumentParser) -> None:
+    """--model for commands that read a saved folder: the builder that made it (your code runs when you name it)."""
+    p.add_argument("--model", default=None, help="the builder that made DIR (pkg.module:factory, file.py:factory or "
+                                                 "ultralytics:FILE.yaml): run for this command; needed for folders "
+                                                 "saved through the API from your own model")
 
 
 def model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -157,6 +165,15 @@ def provenance(desc: dict, calibration, args) -> dict[str, str]:
     return {"weights": desc.get("weights") or weights_provenance(args, desc), "calibration": calib}
 
 
+def builder_arguments(args, shape: tuple[int, ...]) -> dict[str, int]:
+    """num_classes/in_channels for build_model: as given; in_channels from --input unless your builder
+    (pkg.module:factory) has no such parameter (a ``def yolov8n():`` gets no argument it never asked for)."""
+    kwargs = {"num_classes": args.num_classes, "in_channels": args.in_channels or shape[0]}
+    if is_builder_spec(args.model) and args.in_channels is None and not builder_takes(args.model, "in_channels"):
+        del kwargs["in_channels"]
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def load_or_build(args, shape_text: str | None):
     """Model from --checkpoint (its JSON names the architecture) or a fresh --model; plus the input shape,
     checked against the model (channels first, the channels it takes, one forward pass)."""
@@ -177,12 +194,24 @@ def load_or_build(args, shape_text: str | None):
     if not args.model:
         raise SimpruneError("give --model NAME (and optionally --checkpoint DIR)")
     shape = input_shape(shape_text, args.in_channels, where=f"--in-channels {args.in_channels}")
-    in_ch = args.in_channels or shape[0]
     progress.stage(f"building {args.model}")
-    model = build_model(args.model, num_classes=args.num_classes, in_channels=in_ch, **weights_kwargs(args))
+    model = build_model(args.model, **builder_arguments(args, shape), **weights_kwargs(args))
     check_input(model, shape, f"--model {args.model}")
     desc = {**model.simprune_source, "weights": weights_provenance(args)}  # as build_model recorded them
     return model.eval(), desc, shape
+
+
+def load_saved(directory, model: str | None = None) -> tuple[nn.Module, dict]:
+    """A saved model directory, its architecture built by ``model`` (--model) when given: the builder that made
+    it (trusted for this command), or the one to rebuild a folder saved from your own instance."""
+    if model:
+        desc = read_json(resolve_model_path(directory)[1])
+        recorded = desc.get("model")
+        if recorded is None:
+            return load_model(directory, build_model(model, **(desc.get("model_args") or {})))
+        if recorded != model:
+            raise SimpruneError(f"--model {model} but {directory} holds a {recorded}; drop --model or name {recorded}")
+    return load_model(directory, builder=model)
 
 
 def add_training_options(p, lr: float = 0.01) -> None:

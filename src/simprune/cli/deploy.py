@@ -24,14 +24,14 @@ from simprune import api
 from simprune.allocation.allocator import Guards
 from simprune.allocation.rounding import vector_block
 from simprune.calibrate.calibration import calibration_loader
-from simprune.cli.common import data_options, positive
+from simprune.cli.common import builder_option, data_options, load_saved, positive
 from simprune.errors import SimpruneError
 from simprune.export.latency import benchmark, export_for_timing, latency_report
 from simprune.export.onnx import export_onnx, require
 from simprune.export.quantize import EVAL_BATCH, INT8_FILE, MAX_DROP, quantize_int8
 from simprune.graph.counting import count
 from simprune.io.data import load_dataset
-from simprune.io.files import atomic_write_json, load_model, read_json
+from simprune.io.files import atomic_write_json, read_json
 from simprune.models import build_model
 from simprune.schedules.kinds import ToLatency
 from simprune.verify.reports import refresh_prune_report
@@ -54,14 +54,14 @@ def _input_shape(desc: dict, source: Path) -> tuple[int, ...]:
     return shape
 
 
-def original_model(directory: Path, desc: dict) -> tuple[Any, str]:
-    """The model ``directory`` was pruned from, and a phrase saying which one it is."""
+def original_model(directory: Path, desc: dict, builder: str | None = None) -> tuple[Any, str]:
+    """The model ``directory`` was pruned from, and a phrase saying which one it is (``builder``: --model)."""
 
     source = (desc.get("pruning") or {}).get("source") or ""
     if source and Path(source).exists():
-        model, _ = load_model(source)
+        model, _ = load_saved(source, builder)
         return model, f"checkpoint {source}"
-    name = desc.get("model")
+    name = desc.get("model") or builder
     if not isinstance(name, str):
         raise SimpruneError(f"{directory}/model.json names no model; cannot rebuild the original to compare with")
     model = build_model(name, **(desc.get("model_args") or {}))
@@ -70,9 +70,9 @@ def original_model(directory: Path, desc: dict) -> tuple[Any, str]:
 
 def bench_dir(directory: str | Path, *, threads: int = 1, batch: int = DEFAULT_BATCH, runs: int = 30,
               warmup: int = 5, engines: tuple[str, ...] = ("onnxruntime", "torch"), int8: bool | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, model: str | None = None) -> dict[str, Any]:
     """Time original vs pruned model of ``directory`` (and its int8 file: ``int8`` True, or None when it
-    exists); write latency.json and update report.json."""
+    exists); write latency.json and update report.json. ``model``: the builder that made it (--model)."""
     directory = Path(directory)
     int8_file = directory / INT8_FILE
     if int8 and not int8_file.exists():
@@ -80,9 +80,9 @@ def bench_dir(directory: str | Path, *, threads: int = 1, batch: int = DEFAULT_B
     int8 = "onnxruntime" in engines and int8_file.exists() and int8 is not False
     if "onnxruntime" in engines:
         require("onnx", "onnxruntime")
-    pruned, desc = load_model(directory)
+    pruned, desc = load_saved(directory, model)
     shape = _input_shape(desc, directory / "model.json")
-    original, which = original_model(directory, desc)
+    original, which = original_model(directory, desc, model)
 
     x = torch.zeros(1, *shape)
     macs_before, macs_after = count(original, x).macs, count(pruned, x).macs
@@ -145,12 +145,13 @@ def calibration_record(name: str | None, images: int, seed: int, pad_to: int | N
 
 def int8_dir(directory: str | Path, *, calibration: dict | None = None, data: str | None = None,
              data_dir: str | None = None, pad_to: int | None = None, eval_images: int | None = None,
-             threads: int = 1, max_drop: float | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             threads: int = 1, max_drop: float | None = None, log: Callable[[str], None] | None = None,
+             model: str | None = None) -> dict[str, Any]:
     """Write ``DIR/model.int8.onnx``, calibrated on the images ``DIR/model.json`` records (or ``calibration``)
     and checked against float32 on the test split of ``data`` (else the model's, else the calibration's
     data set); adds the ``int8`` key to report.json."""
-    directory = Path(directory)
-    model, desc = load_model(directory)
+    directory, builder = Path(directory), model
+    model, desc = load_saved(directory, builder)
     shape = _input_shape(desc, directory / "model.json")
     source = calibration or desc.get("calibration")
     if not source:
@@ -164,7 +165,7 @@ def int8_dir(directory: str | Path, *, calibration: dict | None = None, data: st
                         trained_on.get("pad_to", source.get("pad_to")))
     if eval_images:
         test = Subset(test, range(min(eval_images, len(test))))
-    original, which = original_model(directory, desc)
+    original, which = original_model(directory, desc, builder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = quantize_int8(model, _example(shape)[:1], calib, DataLoader(test, batch_size=EVAL_BATCH),
@@ -189,7 +190,7 @@ def cmd_export(args) -> int:
         raise SimpruneError("choose an export format: --onnx and/or --int8")
     require("onnx", "onnxruntime")
     directory = Path(args.directory)
-    model, desc = load_model(directory)
+    model, desc = load_saved(directory, args.model)
     shape = _input_shape(desc, directory / "model.json")
     if args.onnx:
         with warnings.catch_warnings():
@@ -205,7 +206,7 @@ def cmd_export(args) -> int:
         int8_dir(directory, calibration=calibration_record(args.calib_data, args.calib_images, args.seed, pad_to,
                                                            args.data_dir),
                  data=args.data, data_dir=args.data_dir, pad_to=args.pad_to, eval_images=args.eval_images,
-                 threads=args.threads, max_drop=args.int8_max_drop, log=print)
+                 threads=args.threads, max_drop=args.int8_max_drop, log=print, model=args.model)
         _refresh_report(directory)
     return 0
 
@@ -243,6 +244,7 @@ def add_export_parser(sub) -> None:
     p.add_argument("--eval-images", type=positive, default=None, help="--int8: check on the first N test images only")
     add_int8_options(p)
     _timing_options(p)
+    builder_option(p)
     p.set_defaults(fn=cmd_export)
 
 
@@ -251,7 +253,7 @@ def add_export_parser(sub) -> None:
 def cmd_bench(args) -> int:
     engines = tuple(args.engine or ("onnxruntime", "torch"))
     bench_dir(args.directory, threads=args.threads, batch=args.batch, runs=args.runs, warmup=args.warmup,
-              engines=engines, int8=args.int8, log=print)
+              engines=engines, int8=args.int8, log=print, model=args.model)
     rendered = _refresh_report(Path(args.directory))
     print(f"wrote {args.directory}/latency.json and the latency keys of report.json"
           + (" (report.md and report.html updated)" if rendered else ""))
@@ -274,6 +276,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
                    help="time DIR/model.int8.onnx too, in onnxruntime (default: when it exists; see `simprune export "
                         "--int8`)")
+    builder_option(p)
     p.set_defaults(fn=cmd_bench)
 
 

@@ -60,6 +60,16 @@ def _silence_stdout() -> None:
         pass
 
 
+def _unexpected(exc: BaseException) -> str:
+    """One line for an exception simprune did not foresee: its type, first line, and where it was raised."""
+    text = str(exc).strip().splitlines()
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" in {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
+    return f"{type(exc).__name__}{where}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
 def main(argv: list[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
@@ -68,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = _import_held("simprune.cli.commands", hold_signals=in_main)
         args = commands.build_parser().parse_args(argv)
         commands.start_processes(args)  # --device; the process group only when launched by torchrun
-        with commands.reporting(commands.reporter(args)):  # the library's stages, bars and warnings -> stderr
+        # the library's stages, bars and warnings -> stderr; the builder --model names is trusted for the whole command
+        with commands.reporting(commands.reporter(args)), commands.trusted_builders(getattr(args, "model", None)):
             return args.fn(args)
     except SimpruneError as exc:
         if args is not None and args.debug:
@@ -81,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         _stderr(f"interrupted; {str(exc) or _where(argv if argv is not None else sys.argv[1:])}")
         return 130
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything unforeseen: one line, the traceback behind --debug
+        if args is not None and args.debug:
+            raise
+        _stderr(f"error: {_unexpected(exc)} (--debug for the traceback)")
+        return 2
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)

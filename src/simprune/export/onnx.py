@@ -79,27 +79,66 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export_dynamo(model: nn.Module, x: torch.Tensor, opset: int, dynamic_batch: bool) -> bytes:
-    """Serialized model from the torch.export-based exporter (raises if it cannot honour ``opset``)."""
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order: a tensor, or tuples, lists and dicts of them (ultralytics'
+    ``(predictions, {...})``, Hugging Face's ``ModelOutput``); ``None`` entries are skipped."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if out is None:
+        return []
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in flatten_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in flatten_outputs(o)]
+    raise SimpruneError(f"the model returns a {type(out).__name__}, which ONNX cannot carry; return tensors "
+                        "(or tuples, lists, dicts of them)")
+
+
+class FlatOutputs(nn.Module):
+    """``model`` returning its output's tensors as one flat tuple (one tensor alone): what ONNX carries."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        out = flatten_outputs(self.model(x))
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def output_names(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """``["output"]`` for one output tensor, else ``output_0``, ``output_1``, ... (one forward pass to count)."""
+    with torch.no_grad():  # not inference_mode: a head caching tensors (YOLO's anchors) is traced afterwards
+        n = len(flatten_outputs(model(x)))
+    if n == 0:
+        raise SimpruneError("the model returns no tensor; nothing to export")
+    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+
+
+def _export_dynamo(model: nn.Module, x: torch.Tensor, opset: int, dynamic_batch: bool, names: list[str]) -> bytes:
+    """Serialized model from the torch.export-based exporter (raises if it cannot honour ``opset``, or specialises
+    the batch axis, e.g. a head caching its last input shape)."""
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     with _quiet():
-        program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
-                                    input_names=["input"], output_names=["output"], verbose=False,
+        program = torch.onnx.export(FlatOutputs(model), (x,), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                                    input_names=["input"], output_names=names, verbose=False,
                                     external_data=False)
     proto = program.model_proto
     got = _opset_of(proto)
     if got != opset:
         raise RuntimeError(f"it produced opset {got}, not the requested {opset}")
+    if dynamic_batch and not proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
+        raise RuntimeError("it fixed the batch axis (the model branches on its input's shape)")
     return proto.SerializeToString()
 
 
-def _export_legacy(model: nn.Module, x: torch.Tensor, opset: int, dynamic_batch: bool) -> bytes:
+def _export_legacy(model: nn.Module, x: torch.Tensor, opset: int, dynamic_batch: bool, names: list[str]) -> bytes:
     """Serialized model from the legacy TorchScript exporter."""
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else None
     buf = io.BytesIO()
     with _quiet():
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, dynamic_axes=axes,
-                          input_names=["input"], output_names=["output"], verbose=False)
+        torch.onnx.export(FlatOutputs(model), (x,), buf, dynamo=False, opset_version=opset, dynamic_axes=axes,
+                          input_names=["input"], output_names=names, verbose=False)
     return buf.getvalue()
 
 
@@ -141,35 +180,42 @@ def _verify(data: bytes, model: nn.Module, inputs: list[torch.Tensor], atol: flo
     worst = 0.0
     for x in inputs:
         with torch.inference_mode():
-            out = model(x)
-        if not isinstance(out, torch.Tensor):
-            raise SimpruneError(f"export_onnx supports models that return one tensor, got {type(out).__name__}")
-        expected = out.cpu().numpy()
+            outs = [t.cpu().numpy() for t in flatten_outputs(model(x))]
         try:
-            got = session.run(None, {name: x.cpu().numpy()})[0]
+            gots = session.run(None, {name: x.cpu().numpy()})
         except Exception as exc:
             raise SimpruneError(f"onnxruntime failed at batch {x.shape[0]} ({_first_line(exc)}); "
                                 "file not written") from exc
-        diff = _max_abs_diff(expected, got)
-        scale = max(1.0, float(np.nan_to_num(np.abs(expected), posinf=0.0).max(initial=0.0)))
-        if not diff <= atol * scale:
-            floor = _float32_noise(model, x, expected)
-            if not diff <= NOISE_FACTOR * floor:
-                raise SimpruneError(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol:g}"
-                                    f"{f' x output scale {scale:.3g}' if scale > 1 else ''}; PyTorch's own float32 "
-                                    f"rounding is {floor:.2g}) at batch {x.shape[0]}; the export is not equivalent, "
-                                    "file not written")
-        worst = max(worst, diff)
+        if len(gots) != len(outs):
+            raise SimpruneError(f"the ONNX model has {len(gots)} outputs, PyTorch {len(outs)}; file not written")
+        for i, (expected, got) in enumerate(zip(outs, gots)):
+            worst = max(worst, _check_output(model, x, expected, got, atol, i if len(outs) > 1 else None))
     return worst, _opset_of(proto)
 
 
-def _float32_noise(model: nn.Module, x: torch.Tensor, expected: np.ndarray) -> float:
+def _check_output(model: nn.Module, x: torch.Tensor, expected: np.ndarray, got: np.ndarray, atol: float,
+                  index: int | None) -> float:
+    """The difference of one output (``index``: which of several), refused beyond ``atol`` x scale and the noise."""
+    diff = _max_abs_diff(expected, got)
+    scale = max(1.0, float(np.nan_to_num(np.abs(expected), posinf=0.0).max(initial=0.0)))
+    if not diff <= atol * scale:
+        floor = _float32_noise(model, x, expected, index or 0)
+        if not diff <= NOISE_FACTOR * floor:
+            which = "" if index is None else f" {index}"
+            raise SimpruneError(f"ONNX output{which} differs from PyTorch by {diff:.3g} (> {atol:g}"
+                                f"{f' x output scale {scale:.3g}' if scale > 1 else ''}; PyTorch's own float32 "
+                                f"rounding is {floor:.2g}) at batch {x.shape[0]}; the export is not equivalent, "
+                                "file not written")
+    return diff
+
+
+def _float32_noise(model: nn.Module, x: torch.Tensor, expected: np.ndarray, index: int = 0) -> float:
     """How far float32 PyTorch itself is from float64 PyTorch on ``x``: the rounding floor that no correct
     export can be asked to beat (large for ill-conditioned weights, e.g. after aggressive compensation)."""
     try:
         m64 = copy.deepcopy(model).double()
         with torch.inference_mode():
-            exact = m64(x.double()).cpu().numpy()
+            exact = flatten_outputs(m64(x.double()))[index].cpu().numpy()
     except Exception:  # noqa: BLE001 - a model that cannot run in float64 gets no allowance
         return 0.0
     return _max_abs_diff(exact, expected)
@@ -194,13 +240,13 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     was_training = model.training
     model.eval()
     try:
-        notice, exporter = None, "dynamo"
+        notice, exporter, names = None, "dynamo", output_names(model, example_input)
         try:
-            data = _export_dynamo(model, example_input, opset, dynamic_batch)
+            data = _export_dynamo(model, example_input, opset, dynamic_batch, names)
         except Exception as exc:  # any exporter failure means: try the other exporter
             notice, exporter = f"dynamo ONNX exporter failed ({_first_line(exc)}); used the legacy exporter", "legacy"
             try:
-                data = _export_legacy(model, example_input, opset, dynamic_batch)
+                data = _export_legacy(model, example_input, opset, dynamic_batch, names)
             except Exception as exc2:
                 raise SimpruneError(f"ONNX export failed with both exporters (dynamo: {_first_line(exc)}; "
                                     f"legacy: {_first_line(exc2)})") from exc2
@@ -208,9 +254,10 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         if len(data) >= MAX_BYTES:
             raise SimpruneError("exported ONNX model is over 2 GiB; single-file export is not possible")
         inputs = [example_input] + ([_other_batch(example_input)] if dynamic_batch else [])
+        model.eval()  # the legacy exporter may leave it in training mode
         diff, got_opset = _verify(data, model, inputs, atol)
     finally:
         model.train(was_training)
     atomic_write_bytes(path, data)
     return {"path": str(path), "opset": got_opset, "exporter": exporter, "max_abs_diff": diff, "bytes": len(data),
-            "notice": notice}
+            "notice": notice, "outputs": names}

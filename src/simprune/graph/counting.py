@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from simprune.errors import SimpruneError
+from simprune.models.adapters import adapt_for_pruning
 
 
 @dataclass
@@ -41,7 +42,9 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count(model: nn.Module, example_input: torch.Tensor) -> Cost:
-    """Total and per-leaf-module MACs/params for one forward of ``example_input`` (batch 1 recommended)."""
+    """Total and per-leaf-module MACs/params for one forward of ``example_input`` (batch 1 recommended); of the
+    model in the form it is pruned in (:func:`adapt_for_pruning`, exact: the layer names the groups use)."""
+    adapt_for_pruning(model)
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False, depth=None)
@@ -63,7 +66,9 @@ def count(model: nn.Module, example_input: torch.Tensor) -> Cost:
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output channels of every conv and output features of every linear layer, by module name."""
+    """Output channels of every conv and output features of every linear layer, by module name (of the model
+    in the form it is pruned in)."""
+    adapt_for_pruning(model)
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):

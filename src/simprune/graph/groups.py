@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from simprune.models import CUSTOM_PRUNERS
 from simprune.models.adapters import BARRIERS, adapt_for_pruning
 
 PARAM_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
+KEPT_WIDTH_ATTR = "simprune_kept_width"  # on the model: layer -> why the graph keeps its output channels
 
 
 @dataclass
@@ -70,6 +72,16 @@ class ChannelGroup:
 
 
 
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux/macOS; 0 where unknown)."""
+    try:
+        import resource  # noqa: PLC0415 - not on Windows
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
@@ -79,12 +91,14 @@ def is_grouped(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and not is_depthwise(module)
 
 
-def unsupported_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The first layer simprune cannot prune around: attention (transformer) blocks."""
+def unsupported_layer(model: nn.Module, ignored: set[nn.Module] = frozenset()) -> tuple[str, nn.Module] | None:
+    """The first layer simprune cannot prune around: attention blocks, of linear layers (transformers) or of
+    convolutions (ultralytics' C2PSA/PSA ``Attention``), unless every layer in them is ignored."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention) or ("Attention" in type(m).__name__
-                                                    and any(isinstance(c, nn.Linear) for c in m.modules())):
-            return name, m
+        if isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__ or type(m).__name__ == "AAttn":
+            layers = [c for c in m.modules() if isinstance(c, PARAM_LAYERS)]
+            if (layers or isinstance(m, nn.MultiheadAttention)) and not (layers and all(c in ignored for c in layers)):
+                return name, m
     return None
 
 
@@ -138,6 +152,36 @@ def find_classifier(model: nn.Module) -> nn.Module | None:
     return last
 
 
+def _channels(dg: tp.DependencyGraph, member: Member) -> int | None:
+    """How many channels ``member``'s layer has along its pruned dimension (None: not a channel count)."""
+    pruner = dg.get_pruner_of_module(member.module)
+    if pruner is None:
+        return None
+    get = pruner.get_out_channels if member.dim == "out" else pruner.get_in_channels
+    try:
+        return get(member.module)
+    except Exception:  # noqa: BLE001 - a parameter-free op without a channel count
+        return None
+
+
+def validate_group(group: ChannelGroup, dg: tp.DependencyGraph) -> None:
+    """Refuse a Torch-Pruning group that would cut the wrong channels: every index within its layer's channels,
+    the root holding exactly the group's channels, a member holding more a whole number of copies of them
+    (concat of the same channels, SPPF; a conv flattened into a Linear)."""
+    for m in group.members:
+        n = _channels(dg, m)
+        if n is None or not m.idxs:
+            continue
+        size_wrong = len(m.idxs) != group.size if m is group.members[0] else (
+            len(m.idxs) > group.size and len(m.idxs) % group.size)  # fewer: a part of tied channels (GhostNet)
+        wrong = max(m.idxs) >= n or min(m.idxs) < 0 or size_wrong
+        if wrong:
+            raise SimpruneError(f"cannot follow the channels of layer {group.root!r}: Torch-Pruning couples "
+                                f"{len(m.idxs)} indices up to {max(m.idxs)} of {m.name!r} ({type(m.module).__name__}, "
+                                f"{n} {'outputs' if m.dim == 'out' else 'inputs'}) to its {group.size} channels; "
+                                f"leave it whole with ignore={group.root}")
+
+
 class PruningGraph:
     """The model's dependency graph and its prunable channel groups.
 
@@ -148,18 +192,27 @@ class PruningGraph:
     def __init__(self, model: nn.Module, example_input: torch.Tensor, ignore: list[str] | tuple = ()):
         self.model = adapt_for_pruning(model)
         names = {m: n for n, m in model.named_modules()}
-        bad = unsupported_layer(model)
+        self.ignore_patterns = [str(p) for p in ignore]
+        ignored_layers = self._ignored_layers(model, ignore)
+        classifier = find_classifier(model)
+        bad = unsupported_layer(model, {m for m in ignored_layers if m is not classifier})
         if bad is not None:
             raise SimpruneError(f"layer {bad[0]!r} ({type(bad[1]).__name__}) is attention, which simprune cannot "
-                                "prune; it prunes convolutional networks (transformer blocks are not supported)")
-        ignored_layers = self._ignored_layers(model, ignore)
-        self.dg = self._trace(model, example_input, names)
+                                "prune (it prunes convolutional networks); leave it whole with "
+                                f"ignore={bad[0]}.*")
+        self._outputs: set = set()  # grad_fns of the model's output tensors, recorded while tracing
+        self.dg = self._trace(model, example_input, names, self._record_outputs)
+        self._to_output = self._layers_reaching_output()
+        self.kept_width: dict[str, str] = {}  # layer -> why its output channels stay whole (found from the graph)
         self.groups: list[ChannelGroup] = []
         for g in self.dg.get_all_groups(ignored_layers=ignored_layers, root_module_types=(nn.Conv2d, nn.Linear)):
             group = self._channel_group(g, names)
             if group is not None:
+                validate_group(group, self.dg)
                 self.groups.append(group)
         self.ignored = {names[m] for m in ignored_layers}
+        self._name_the_rest(names, ignored_layers)
+        setattr(model, KEPT_WIDTH_ATTR, dict(self.kept_width))  # for the report
         if not self.groups:
             raise SimpruneError("the model has no prunable channel group (no conv/linear layer outside the "
                                 "classifier and ignore=); nothing to prune")
@@ -177,14 +230,21 @@ class PruningGraph:
             ignored_layers += matched
         return ignored_layers
 
+    def _record_outputs(self, out):
+        """Torch-Pruning's output_transform: remember which tensors are the model's outputs, change nothing."""
+        self._outputs.update(t.grad_fn for t in tp.utils.flatten_as_list(out)
+                             if isinstance(t, torch.Tensor) and t.grad_fn is not None)
+        return out
+
     @staticmethod
-    def _trace(model: nn.Module, example_input: torch.Tensor, names: dict) -> tp.DependencyGraph:
+    def _trace(model: nn.Module, example_input: torch.Tensor, names: dict, outputs=None) -> tp.DependencyGraph:
         was_training, stack = model.training, []
         model.eval()
         try:
             with torch.enable_grad(), _module_stack(stack):
                 return tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example_input, customized_pruners=CUSTOM_PRUNERS, verbose=False)
+                    model, example_inputs=example_input, customized_pruners=CUSTOM_PRUNERS, verbose=False,
+                    output_transform=outputs)
         except Exception as exc:  # noqa: BLE001 - tracing failures come in many types
             where = _failing_layer(exc, stack, names)
             first = str(exc).splitlines()[0][:120] if str(exc) else ""
@@ -192,6 +252,56 @@ class PruningGraph:
                                 "check example_input=, or ignore= that layer") from exc
         finally:
             model.train(was_training)
+
+    def _layers_reaching_output(self) -> set[nn.Module]:
+        """Conv/linear layers whose output reaches the model's output through parameter-free operations only
+        (concat, reshape, activations, BatchNorm): their channels are the output's, so their width is fixed."""
+        found = set()
+        for module, node in self.dg.module2node.items():
+            if not isinstance(module, PARAM_LAYERS):
+                continue
+            if node.grad_fn in self._outputs:
+                found.add(module)
+                continue
+            todo, seen = list(node.outputs), set()
+            while todo:
+                n = todo.pop()
+                if id(n) in seen or isinstance(n.module, PARAM_LAYERS):
+                    continue
+                seen.add(id(n))
+                if not n.outputs or n.grad_fn in self._outputs:
+                    found.add(module)
+                    break
+                todo.extend(n.outputs)
+        return found
+
+    def _name_the_rest(self, names: dict, ignored_layers: list[nn.Module]) -> None:
+        """Add to ``kept_width`` every other conv/linear layer whose outputs no group prunes, and why."""
+        pruned = {m.module for g in self.groups for m in g.members if m.dim == "out"}
+        classifier = ignored_layers[0] if ignored_layers else None
+        for module, name in names.items():
+            if not isinstance(module, PARAM_LAYERS) or module in pruned or name in self.kept_width:
+                continue
+            if module in self._to_output:
+                why = "reaches the model's output"
+            elif module is classifier:
+                why = "the classifier (its outputs are the classes)"
+            elif module in ignored_layers:
+                why = "ignore="
+            else:
+                why = "coupled to channels kept whole"
+            self.kept_width[name] = why
+
+    def _fixed_width(self, members: list[Member]) -> str | None:
+        """Why a group's channels must stay whole: a producer feeds the model's output directly, or a member is
+        frozen (``requires_grad=False``, e.g. YOLO's DFL integral conv: a fixed-size head). None: prunable."""
+        for m in members:
+            if m.dim == "out" and m.module in self._to_output:
+                return "reaches the model's output"
+            params = list(m.module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                return f"feeds the frozen layer {m.name} ({type(m.module).__name__})"
+        return None
 
     def _channel_group(self, g, names: dict) -> ChannelGroup | None:
         """One of Torch-Pruning's groups as a ChannelGroup, or None when it must stay whole."""
@@ -206,6 +316,12 @@ class PruningGraph:
             members.append(Member(names.get(mod, "?"), mod, dim, list(idxs)))
             if is_grouped(mod) or isinstance(mod, nn.GroupNorm):
                 channel_groups = max(channel_groups, mod.groups if is_grouped(mod) else mod.num_groups)
+        why = self._fixed_width(members)
+        if why is not None:
+            for m in members:
+                if m.dim == "out" and isinstance(m.module, PARAM_LAYERS):
+                    self.kept_width.setdefault(m.name, why)
+            return None
         root = members[0]
         if len(root.idxs) <= 1 or not any(m.dim == "in" and isinstance(m.module, PARAM_LAYERS) for m in members):
             return None  # a single channel, or channels nothing reads but the model's output

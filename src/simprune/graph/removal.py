@@ -27,6 +27,9 @@ def remove_channels(graph: PruningGraph, remove: dict[str, list[int]]) -> dict[s
     model = graph.model
     structure = get_structure(model) or {"groups": {}}
     groups = structure["groups"]
+    patterns = list(dict.fromkeys(structure.get("ignore", []) + graph.ignore_patterns))
+    if patterns:  # load rebuilds the graph with the same layers left whole (ignore=)
+        structure["ignore"] = patterns
     for group in graph.groups:
         idxs = sorted(set(int(i) for i in remove.get(group.root, [])))
         entry = groups.setdefault(group.root, {"size": group.size, "keep": list(range(group.size))})
@@ -46,9 +49,10 @@ def remove_channels(graph: PruningGraph, remove: dict[str, list[int]]) -> dict[s
 def apply_structure(model: nn.Module, structure: Any, source: Path | str, input_shape: Any) -> nn.Module:
     """Rebuild a pruned structure on a freshly built (unpruned) model from its recorded kept channels."""
     try:
-        groups = structure["groups"]
+        groups, ignore = structure["groups"], structure.get("ignore", [])
         shape = tuple(int(v) for v in input_shape)
         assert isinstance(groups, dict) and len(shape) == 3 and all(0 < v <= 8192 for v in shape)
+        assert isinstance(ignore, list) and all(isinstance(p, str) and 0 < len(p) < 256 for p in ignore)
         plan = {}
         for root, entry in groups.items():
             size, keep = int(entry["size"]), [int(k) for k in entry["keep"]]
@@ -56,9 +60,9 @@ def apply_structure(model: nn.Module, structure: Any, source: Path | str, input_
             assert keep[0] >= 0 and keep[-1] < size
             plan[root] = (size, keep)
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
-        raise SimpruneError(f"{source}: 'structure' is malformed (needs groups -> size/keep lists and an "
-                            "input_shape); re-create the model directory") from exc
-    graph = PruningGraph(model, torch.zeros(1, *shape))
+        raise SimpruneError(f"{source}: 'structure' is malformed (needs groups -> size/keep lists, ignore -> layer "
+                            "name patterns, and an input_shape); re-create the model directory") from exc
+    graph = PruningGraph(model, torch.zeros(1, *shape), ignore=ignore)
     by_root = {g.root: g for g in graph.groups}
     remove = {}
     for root, (size, keep) in plan.items():

@@ -6,11 +6,12 @@ A user's own builder (``pkg.module:factory``) runs only when the caller names it
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from simprune.errors import SimpruneError
 from simprune.graph.removal import STRUCTURE_ATTR, apply_structure
 from simprune.models import SOURCE_ATTR, build_model
+from simprune.models.adapters import adapt_for_pruning
 from simprune.models.external import is_builder_spec
 
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # C*H*W of a recorded input shape (loading runs one image through)
@@ -38,7 +40,7 @@ def _precheck_names(name: str, args: dict[str, Any], tensors: dict[str, torch.Te
 
     try:
         with torch.device("meta"):
-            own = build_model(name, **args).state_dict()
+            own = adapt_for_pruning(build_model(name, **args)).state_dict()
     except SimpruneError:
         raise
     except Exception:  # noqa: BLE001 - a builder that cannot run on meta: the full check follows anyway
@@ -83,8 +85,25 @@ def _model_args(desc: dict[str, Any], source: Path) -> tuple[str | None, dict[st
     return name, args
 
 
+_TRUSTED_NOW: list[str] = []  # builders the caller named for what runs inside trusted_builders()
+
+
+@contextlib.contextmanager
+def trusted_builders(*names: str | None) -> Iterator[None]:
+    """Within the block, ``load`` may run the named builders (the CLI: the one ``--model`` names, for the whole
+    command, so its later steps - latency, export, bench - load what it saved)."""
+    added = [n for n in names if isinstance(n, str) and is_builder_spec(n)]
+    _TRUSTED_NOW.extend(added)
+    try:
+        yield
+    finally:
+        for n in added:
+            _TRUSTED_NOW.remove(n)
+
+
 def _trusted(name: str, builder: str | None) -> bool:
-    return name == builder or name in {s.strip() for s in os.environ.get(TRUST_ENV, "").split(",") if s.strip()}
+    return name == builder or name in _TRUSTED_NOW or name in {
+        s.strip() for s in os.environ.get(TRUST_ENV, "").split(",") if s.strip()}
 
 
 def build_described(name: str | None, args: dict[str, Any], source: Path, builder: str | None = None,
@@ -131,7 +150,7 @@ def check_loadable(model: nn.Module, desc: dict[str, Any]) -> None:
     if name is None:
         return  # the user's own model: load(dir, MyNet()) rebuilds it
     try:
-        fresh = build_described(name, args, where, builder=name)
+        fresh = adapt_for_pruning(build_described(name, args, where, builder=name))
         if desc.get("structure"):
             apply_structure(fresh, desc["structure"], where, shape)
     except SimpruneError as exc:

@@ -27,6 +27,7 @@ from torch import nn
 from simprune.errors import SimpruneError
 from simprune.graph.removal import apply_structure
 from simprune.io.description import _check_names, _input_shape, _model_args, _precheck_names, _trusted, build_described
+from simprune.models.adapters import adapt_for_pruning
 from simprune.models.external import is_builder_spec
 
 FORMAT = "simprune-model/1"
@@ -184,6 +185,7 @@ def save_model(out_dir: Path, model: nn.Module, description: dict[str, Any]) -> 
     """Write ``model.safetensors`` and ``model.json`` (weights first, JSON last, each atomically); the JSON
     records the weights' sha256, so damage to the digest inside the weights file is caught too."""
     out_dir = Path(out_dir)
+    adapt_for_pruning(model)  # the form load rebuilds (exact; e.g. split halves as two convs)
     data, digest = digested_bytes({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     desc = {"format": FORMAT, **description, "weights_sha256": digest, "versions": versions()}
     atomic_write_bytes(out_dir / "model.safetensors", data)
@@ -319,6 +321,7 @@ def load_model(path: str | Path, model: nn.Module | None = None, allow_incomplet
         if name is not None and (not is_builder_spec(name) or _trusted(name, builder)):
             _precheck_names(name, args, tensors, weights_path)
         model = build_described(name, args, json_path, builder, desc.get("architecture"))
+    adapt_for_pruning(model)
     if desc.get("structure"):
         apply_structure(model, desc["structure"], json_path, desc.get("input_shape"))
     load_weights_into(model, tensors, weights_path)

@@ -18,6 +18,7 @@ from simprune.models.cifar_resnet import CifarResNet, ZeroPadShortcut
 from simprune.models.cifar_vgg import CifarVGG
 from simprune.models.external import build_from_builder, build_timm, is_builder_spec
 from simprune.models.torchvision_models import build_torchvision
+from simprune.models.ultralytics_models import build_ultralytics
 
 SOURCE_ATTR = "simprune_source"  # {"model": name, "model_args": {...}} on every model build_model made
 
@@ -51,16 +52,20 @@ def available_models() -> dict[str, str]:
 
 
 def build_model(name: str, num_classes: int | None = None, in_channels: int | None = None, **kwargs) -> nn.Module:
-    """Build a model by registry name, ``torchvision:<name>``, ``timm:<name>`` or ``pkg.module:factory``.
+    """Build a model by registry name, ``torchvision:<name>``, ``timm:<name>``, ``ultralytics:<yaml>`` or
+    ``pkg.module:factory``.
 
     ``num_classes``/``in_channels`` default to the architecture's own (registry models: 10 and 3);
     other keyword arguments go to the builder (``weights`` loads pretrained torchvision/timm weights).
     """
     weights = kwargs.pop("weights", None)
     args = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if v is not None}
-    if weights and not name.startswith(("torchvision:", "timm:")):
-        raise SimpruneError(f"model {name!r}: weights= applies to torchvision:<name> and timm:<name> models only")
-    if name.startswith("torchvision:"):
+    if weights and not name.startswith(("torchvision:", "timm:", "ultralytics:")):
+        raise SimpruneError(f"model {name!r}: weights= applies to torchvision:<name>, timm:<name> and "
+                            "ultralytics:<yaml> models only")
+    if name.startswith("ultralytics:"):
+        model = build_ultralytics(name.split(":", 1)[1], num_classes, in_channels, weights, **kwargs)
+    elif name.startswith("torchvision:"):
         model = build_torchvision(name.split(":", 1)[1], num_classes, in_channels, weights, **kwargs)
     elif name.startswith("timm:"):
         model = build_timm(name.split(":", 1)[1], num_classes, in_channels, weights, **kwargs)

@@ -13,6 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from simprune.errors import SimpruneError
+from simprune.models.split import split_halves
 
 
 class ChannelShuffle(nn.Module):
@@ -57,7 +58,7 @@ def adapt_for_pruning(model: nn.Module) -> nn.Module:
                 base, type(f"Shufflable{base.__name__}", (base,), {"forward": _shufflenet_forward}))
             channels = 2 * module.branch2[0].out_channels
             module.shuffle = ChannelShuffle(channels, 2)
-    return model
+    return split_halves(model)
 
 
 class BarrierPruner(tp.pruner.BasePruningFunc):

@@ -23,7 +23,13 @@ BUILDER = re.compile(r"^(?P<module>[^:]+):(?P<attr>[A-Za-z_][A-Za-z0-9_.]*)$")
 
 def is_builder_spec(name: str) -> bool:
     """``pkg.module:factory`` or ``path/file.py:factory`` (not ``torchvision:``/``timm:`` names)."""
-    return bool(BUILDER.match(name)) and not name.startswith(("torchvision:", "timm:"))
+    return bool(BUILDER.match(name)) and not name.startswith(("torchvision:", "timm:", "ultralytics:"))
+
+
+def builder_takes(spec: str, argument: str) -> bool:
+    """Whether the builder ``spec`` names has a parameter ``argument`` (or takes ``**kwargs``); imports its module."""
+    params = inspect.signature(_resolve(spec)).parameters
+    return argument in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def build_timm(name: str, num_classes: int | None = None, in_channels: int | None = None,
@@ -70,8 +76,8 @@ def _import_module(spec: str):
             from exc
 
 
-def build_from_builder(spec: str, **model_args) -> nn.Module:
-    """Call the user's ``factory(**model_args)`` named by ``module:factory``; it must return an nn.Module."""
+def _resolve(spec: str):
+    """The callable ``module:factory`` names (its module imported: the user's code runs)."""
     match = BUILDER.match(spec)
     if not match:
         raise SimpruneError(f"model={spec} is not pkg.module:factory or path/to/file.py:factory")
@@ -82,6 +88,12 @@ def build_from_builder(spec: str, **model_args) -> nn.Module:
             raise SimpruneError(f"{match['module']} has no {match['attr']!r}; check the name after ':'")
     if not callable(obj):
         raise SimpruneError(f"{spec} is not callable; name a function or class that builds the model")
+    return obj
+
+
+def build_from_builder(spec: str, **model_args) -> nn.Module:
+    """Call the user's ``factory(**model_args)`` named by ``module:factory``; it must return an nn.Module."""
+    obj = _resolve(spec)
     params = inspect.signature(obj).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in model_args if k not in params and not accepts_any]

@@ -4,8 +4,9 @@
 against the criterion and the calibration data by :meth:`Repair.resolve` (the refit when calibration is
 given and no fold was asked for; the criterion's fold only without the refit; groups a parameter-free
 layer reads protected when folding or refitting; BatchNorm re-estimation when calibration is given).
-A recovery step (e.g. distillation) plugs in as ``recover``: any object with
-``run(original, pruned, calibration) -> dict``.
+The label-free recovery (:class:`simprune.repair.recovery.Recovery`, or any object with
+``run(original, pruned, calibration) -> dict``) plugs in as ``recover`` and runs last, under the
+re-estimated BatchNorm statistics it then keeps frozen.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from simprune.graph.groups import PruningGraph
 from simprune.graph.removal import remove_channels
 from simprune.repair.batchnorm import recalibrate_batchnorm
 from simprune.repair.fold import fold_channels
+from simprune.repair.recovery import Recovery
 from simprune.repair.refit import RefitOptions, refit_targets
 from simprune.repair.refit import reconstruct as refit_network
 
@@ -60,17 +62,22 @@ class Repair:
     - ``protect_uncompensable``: leave groups a parameter-free reader (option-A shortcut) passes on whole;
     - ``refit``: RefitOptions (on, tuned), True (on, defaults), False (off);
     - ``recalibrate_bn``: re-estimate BatchNorm statistics on the calibration images;
-    - ``recover``: a recovery step run after the refit, before BatchNorm (None: none).
+    - ``recover``: the label-free recovery run last, after BatchNorm: a Recovery, True (its defaults) or
+      None/False (none).
     """
 
     fold: bool | str | None = None
     protect_uncompensable: bool | None = None
     refit: RefitOptions | bool | None = None
     recalibrate_bn: bool | None = None
-    recover: "Recovery | None" = None  # noqa: F821, UP037  duck-typed: run(original, pruned, calibration) -> dict
+    recover: Recovery | bool | None = None  # duck-typed: any run(original, pruned, calibration) -> dict
 
     def __post_init__(self):
         object.__setattr__(self, "refit", refit_options(self.refit))
+        if self.recover is True:
+            object.__setattr__(self, "recover", Recovery())
+        elif self.recover is False:
+            object.__setattr__(self, "recover", None)
 
     @classmethod
     def auto(cls) -> Repair:
@@ -106,6 +113,9 @@ class Repair:
         if bn and calibration is None:
             raise SimpruneError("BatchNorm re-estimation needs calibration images; pass calibration= "
                                 "or recalibrate_bn=False")
+        if self.recover is not None and calibration is None:
+            raise SimpruneError("recovery needs calibration images; pass calibration= or "
+                                "repair=Repair(recover=None)")
         refit = (refit if isinstance(refit, RefitOptions) else RefitOptions()) if refit else False
         return dataclasses.replace(self, fold=fold, protect_uncompensable=protect, refit=refit, recalibrate_bn=bn)
 
@@ -120,7 +130,7 @@ class Repair:
 
     def apply(self, original: nn.Module | None, pruned: nn.Module, removal: Removal, calibration) -> dict[str, Any]:
         """Fold, carry out ``removal`` on ``pruned`` (in place), refit it to ``original`` (the unpruned copy,
-        read only when :attr:`needs_original`), recover, re-estimate BatchNorm; returns what was done.
+        read only when :attr:`needs_original`), re-estimate BatchNorm, recover; returns what was done.
 
         The fold runs before the removal: it reads the removed channels' weights at their original indices."""
         if self.fold and removal.result.fold is None:
@@ -135,9 +145,11 @@ class Repair:
         if self.refit:
             progress.stage(f"reconstructing {len(targets)} layers from the kept channels")
         refit = refit_network(original, pruned, targets, calibration, self.refit) if self.refit else False
-        recovered = self.recover.run(original, pruned, calibration) if self.recover is not None else False
         if self.recalibrate_bn:
             recalibrate_batchnorm(pruned, calibration)
+        if self.recover is not None:
+            progress.stage("label-free recovery on the calibration images")
+        recovered = self.recover.run(original, pruned, calibration) if self.recover is not None else False
         return {"compensated": self.compensated(), "reconstructed": refit, "recovered": recovered,
                 "bn_recalibrated": bool(self.recalibrate_bn), "removed_at": t_removal}
 

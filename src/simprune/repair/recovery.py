@@ -1,0 +1,267 @@
+"""Label-free recovery: the pruned model learns to reproduce the unpruned one on the calibration images.
+
+Few-shot pruning literature (MiR, CVPR 2022; PRACTISE, CVPR 2023) recovers a pruned network end to end
+against the unpruned one on a few hundred *unlabelled* images. This stage does that after removal and
+refit: the loss is the KL divergence of the logits plus the normalised squared error of the features
+before pooling (the last 4-D activation both models share in shape), on augmented views of the
+calibration images (random resized crops, flips and CutMix: the teacher labels each mixed view itself,
+so mixing makes new inputs without any label). A slice of the calibration images is held aside;
+training stops when its KL to the teacher stops falling, and the best state on it is kept.
+BatchNorm statistics are frozen during training (eval mode), so small batches cannot disturb them;
+their affine parameters train. Labels are never read.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simprune import progress
+from simprune.errors import SimpruneError
+
+GRAD_CLIP = 5.0  # gradient norm at most, per step
+HOLDOUT_MIN = 8  # images: fewer held aside cannot tell a better model from a worse one
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How the label-free recovery trains. Chosen on the calibration split of the ImageNet sample
+    (held-aside KL and agreement, never its labels), see docs/results.md.
+
+    - ``steps``: optimiser steps at most (None: ``epochs`` passes over the training images);
+    - ``epochs``: passes over the training images when ``steps`` is None;
+    - ``batch_size``, ``lr`` (SGD, Nesterov momentum 0.9, cosine decay after a short warm-up);
+    - ``holdout``: share of the calibration images held aside for early stopping (at least 8 images);
+    - ``feature_weight``: weight of the pre-pooling feature error beside the logit KL;
+    - ``temperature``: of the KL (1: the teacher's own probabilities);
+    - ``min_scale``: smallest crop area of the random resized crops; ``cutmix``: share of mixed batches;
+    - ``checks``: held-aside evaluations over the run; ``patience``: evaluations without improvement
+      before stopping;
+    - ``time_budget_s``: training stops once this much time has passed (None: no limit);
+    - ``bf16``: autocast the forward passes to bfloat16 (weights and optimiser stay float32).
+    """
+
+    steps: int | None = 600
+    epochs: int = 60
+    batch_size: int = 32
+    lr: float = 0.01
+    holdout: float = 0.2
+    feature_weight: float = 1.0
+    temperature: float = 1.0
+    min_scale: float = 0.25
+    cutmix: float = 0.5
+    checks: int = 12
+    patience: int = 4
+    time_budget_s: float | None = 1200.0
+    bf16: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise SimpruneError("recover: steps, epochs and batch_size must be >= 1")
+        if not (self.lr > 0 and 0 < self.holdout < 1 and 0 < self.min_scale <= 1 and 0 <= self.cutmix <= 1):
+            raise SimpruneError("recover: lr must be > 0, holdout within (0, 1), min_scale within (0, 1], "
+                                "cutmix within [0, 1]")
+
+    def run(self, original: nn.Module, pruned: nn.Module, calibration) -> dict:
+        """Train ``pruned`` in place towards ``original`` on ``calibration``; returns the report's summary."""
+        return recover(original, pruned, calibration, self)
+
+
+def _images(batch) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch  # labels, if any, are never read
+
+
+def split_images(calibration, holdout: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """All calibration images on the CPU, split by a seeded permutation into (train, held aside)."""
+    images = torch.cat([_images(b).detach().float().cpu() for b in calibration])
+    if len(images) < 2 * HOLDOUT_MIN:
+        raise SimpruneError(f"recovery needs at least {2 * HOLDOUT_MIN} calibration images, got {len(images)}; "
+                            "pass more images or recover=False")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    held = max(HOLDOUT_MIN, round(holdout * len(images)))
+    return images[order[held:]], images[order[:held]]
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, min_scale: float, cutmix: float) -> torch.Tensor:
+    """A random resized crop (area ``min_scale``..1, aspect 3/4..4/3) and a random flip of each image,
+    resized back to its size; with probability ``cutmix`` a rectangle of another image is pasted in."""
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(n):
+        area = h * w * float(torch.empty(1).uniform_(min_scale, 1.0, generator=gen))
+        ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)))
+        ch, cw = min(h, round(math.sqrt(area / ratio))), min(w, round(math.sqrt(area * ratio)))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        crop = F.interpolate(x[i:i + 1, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
+                             align_corners=False, antialias=ch > h or cw > w)
+        out[i] = crop[0].flip(-1) if torch.rand(1, generator=gen) < 0.5 else crop[0]
+    if n > 1 and torch.rand(1, generator=gen) < cutmix:
+        lam = float(torch.empty(1).uniform_(0.3, 0.7, generator=gen))
+        ch, cw = round(h * math.sqrt(lam)), round(w * math.sqrt(lam))
+        top, left = int(torch.randint(0, h - ch + 1, (1,), generator=gen)), int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        donor = out.roll(1, 0)
+        out[:, :, top:top + ch, left:left + cw] = donor[:, :, top:top + ch, left:left + cw]
+    return out
+
+
+def feature_layer(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> str | None:
+    """The last module (by execution order) whose output is a 4-D map of the same shape in both models:
+    the features before pooling that the head reads (MiR). None when no such module exists."""
+    shapes: dict[str, list] = {"t": [], "s": []}
+
+    def record(key):
+        def hook(module, _inputs, output):
+            if isinstance(output, torch.Tensor):
+                shapes[key].append((module._recovery_name, tuple(output.shape)))
+        return hook
+
+    handles = []
+    for key, model in (("t", teacher), ("s", student)):
+        for name, m in model.named_modules():
+            if name and not list(m.children()):
+                m._recovery_name = name
+                handles.append(m.register_forward_hook(record(key)))
+    try:
+        with torch.no_grad():
+            teacher(example), student(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for model in (teacher, student):
+            for m in model.modules():
+                m.__dict__.pop("_recovery_name", None)
+    student_shapes = dict(shapes["s"])
+    shared = [(name, shape) for name, shape in shapes["t"] if len(shape) == 4 and student_shapes.get(name) == shape]
+    spatial = [name for name, shape in shared if shape[2] * shape[3] > 1]  # before pooling, not its 1x1 output
+    return spatial[-1] if spatial else (shared[-1][0] if shared else None)
+
+
+class _Capture:
+    """Keeps the output of one named module of a model during each forward."""
+
+    def __init__(self, model: nn.Module, name: str | None):
+        self.value = None
+        self.handle = None if name is None else model.get_submodule(name).register_forward_hook(self._keep)
+
+    def _keep(self, _module, _inputs, output):
+        self.value = output
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def distill_loss(student_logits, teacher_logits, student_feat, teacher_feat, options: Recovery) -> torch.Tensor:
+    """KL(teacher || student) of the logits at ``temperature`` (times T^2) plus ``feature_weight`` times the
+    squared error of the pre-pooling features relative to the teacher's mean squared feature."""
+    t = options.temperature
+    loss = F.kl_div(F.log_softmax(student_logits.float() / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
+                    log_target=True, reduction="batchmean") * t * t
+    if student_feat is not None and options.feature_weight > 0:
+        tf = teacher_feat.float()
+        loss = loss + options.feature_weight * F.mse_loss(student_feat.float(), tf) / tf.pow(2).mean().clamp_min(1e-12)
+    return loss
+
+
+@torch.no_grad()
+def held_out_kl(teacher_logits: torch.Tensor, student: nn.Module, images: torch.Tensor, options: Recovery,
+                batch: int = 64) -> tuple[float, float]:
+    """(KL to the teacher's logits, top-1 agreement %) of ``student`` on the held-aside images."""
+    out = []
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=options.bf16):
+        for i in range(0, len(images), batch):
+            out.append(_logits(student(images[i:i + batch])).float())
+    s = torch.cat(out)
+    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(teacher_logits, 1), log_target=True, reduction="batchmean")
+    return float(kl), float((s.argmax(1) == teacher_logits.argmax(1)).double().mean() * 100)
+
+
+def _logits(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    raise SimpruneError(f"recovery matches models that return one tensor of logits, got {type(output).__name__}; "
+                        "pass recover=False")
+
+
+def _schedule(step: int, total: int, lr: float) -> float:
+    warm = max(1, total // 20)
+    return lr * (step + 1) / warm if step < warm else lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def recover(teacher: nn.Module, student: nn.Module, calibration, options: Recovery | None = None) -> dict:
+    """Train ``student`` (the pruned model, changed in place) to reproduce ``teacher`` on the calibration
+    images; returns {"images", "held_aside", "epochs", "steps", "seconds", "held_out_kl", ...} for the report."""
+    options = options or Recovery()
+    t0 = time.perf_counter()
+    device = next(student.parameters()).device
+    train, held = (t.to(device) for t in split_images(calibration, options.holdout, options.seed))
+    teacher_mode, student_mode = teacher.training, student.training
+    teacher.eval(), student.eval()  # BatchNorm statistics frozen; their affine parameters train
+    total = options.steps or max(1, options.epochs * len(train) // options.batch_size)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
+        teacher_held = torch.cat([_logits(teacher(held[i:i + 64])).float() for i in range(0, len(held), 64)])
+    layer = feature_layer(teacher, student, train[:1])
+    try:
+        summary = _train(teacher, student, train, held, teacher_held, layer, total, options, t0)
+    finally:
+        teacher.train(teacher_mode), student.train(student_mode)
+    summary.update(images=len(train) + len(held), held_aside=len(held), feature_layer=layer,
+                   seconds=time.perf_counter() - t0, options=asdict(options))
+    return summary
+
+
+def _train(teacher, student, train, held, teacher_held, layer, total, options: Recovery, t0) -> dict:
+    """The training loop of :func:`recover`: SGD steps, held-aside checks, early stopping, best state kept."""
+    gen = torch.Generator().manual_seed(options.seed)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=options.lr, momentum=0.9, nesterov=True)
+    cap_t, cap_s = _Capture(teacher, layer), _Capture(student, layer)
+    start_kl, start_agree = held_out_kl(teacher_held, student, held, options)
+    best = (start_kl, start_agree, 0, copy.deepcopy(student.state_dict()))
+    every, stale, step, stopped = max(1, total // options.checks), 0, 0, "steps"
+    history = [{"step": 0, "held_out_kl": start_kl, "agreement": start_agree}]
+    try:
+        for step in progress.bar(range(total), "label-free recovery", total=total, unit="steps"):
+            for group in opt.param_groups:
+                group["lr"] = _schedule(step, total, options.lr)
+            idx = torch.randint(0, len(train), (options.batch_size,), generator=gen)
+            x = augment(train[idx.to(train.device)], gen, options.min_scale, options.cutmix)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=options.bf16):
+                with torch.no_grad():
+                    t_logits = _logits(teacher(x))
+                s_logits = _logits(student(x))
+                loss = distill_loss(s_logits, t_logits, cap_s.value, cap_t.value, options)
+            if not torch.isfinite(loss):
+                stopped = "non-finite loss"
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)  # a far-off start must not blow the weights up
+            opt.step()
+            if (step + 1) % every == 0 or step + 1 == total:
+                kl, agree = held_out_kl(teacher_held, student, held, options)
+                history.append({"step": step + 1, "held_out_kl": kl, "agreement": agree, "loss": float(loss.detach())})
+                if kl < best[0] * (1 - 1e-3) - 1e-7:  # a real improvement, not rounding
+                    best, stale = (kl, agree, step + 1, copy.deepcopy(student.state_dict())), 0
+                else:
+                    stale += 1
+                if stale >= options.patience:
+                    stopped = "held-aside KL stopped falling"
+                    break
+            if options.time_budget_s is not None and time.perf_counter() - t0 > options.time_budget_s:
+                stopped = "time budget"
+                break
+    finally:
+        cap_t.close(), cap_s.close()
+    student.load_state_dict(best[3])
+    steps = best[2]
+    return {"steps": steps, "steps_run": step + 1, "epochs": steps * options.batch_size / len(train),
+            "stopped": stopped, "held_out_kl": {"before": start_kl, "after": best[0]},
+            "held_out_agreement": {"before": start_agree, "after": best[1]}, "history": history}

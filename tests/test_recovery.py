@@ -1,0 +1,111 @@
+"""Label-free recovery (repair/recovery.py) on constructed networks where the answer is known."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from simprune.errors import SimpruneError
+from simprune.repair.recovery import Recovery, augment, distill_loss, feature_layer, recover, split_images
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 5)).eval()
+    with torch.no_grad():  # decisive logits: a random head alone gives near-uniform probabilities
+        net[7].weight.mul_(30.0)
+    return net
+
+
+class Poison:
+    """A label that fails on any use: recovery must never read labels."""
+
+    def __getattribute__(self, name):
+        raise AssertionError(f"a label was read ({name})")
+
+
+def _calibration(n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 12, 12, generator=g)
+    return [(x[i:i + 16], Poison()) for i in range(0, n, 16)]
+
+
+FAST = Recovery(steps=150, batch_size=16, lr=0.05, checks=10, patience=10, bf16=False, cutmix=0.0,
+                time_budget_s=None)
+
+
+def test_recovery_brings_a_damaged_copy_back_to_the_teacher_on_held_aside_images():
+    teacher = _net()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # damage the copy: the last layer's weights scaled and shuffled
+        student[7].weight.mul_(0.2)
+        student[3].weight.add_(0.5 * torch.randn_like(student[3].weight))
+    summary = recover(teacher, student, _calibration(), FAST)
+    kl = summary["held_out_kl"]
+    assert kl["after"] < 0.3 * kl["before"]
+    assert summary["held_out_agreement"]["after"] >= summary["held_out_agreement"]["before"]
+    assert summary["images"] == 64 and summary["held_aside"] == 13
+    assert summary["steps"] <= 150 and summary["epochs"] > 0
+    # fresh inputs never seen: the student now predicts what the teacher predicts
+    x = torch.randn(200, 3, 12, 12, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert (student(x).argmax(1) == teacher(x).argmax(1)).float().mean() > 0.85
+
+
+def test_recovery_keeps_batchnorm_statistics_frozen_and_the_model_mode():
+    teacher, student = _net(), _net(1)
+    mean = student[1].running_mean.clone()
+    student.train()
+    recover(teacher, student, _calibration(), Recovery(steps=5, batch_size=8, bf16=False, time_budget_s=None))
+    assert torch.equal(student[1].running_mean, mean) and student.training and not teacher.training
+
+
+def test_an_identical_student_is_left_as_it_is():
+    teacher = _net()
+    student = copy.deepcopy(teacher)
+    summary = recover(teacher, student, _calibration(), Recovery(steps=20, batch_size=8, bf16=False, checks=2,
+                                                                  patience=1, time_budget_s=None))
+    assert summary["held_out_kl"]["before"] == pytest.approx(0.0, abs=1e-6)
+    for a, b in zip(teacher.state_dict().values(), student.state_dict().values()):
+        assert torch.equal(a, b)  # the best held-aside state is the starting one
+
+
+def test_the_feature_layer_is_the_last_map_both_models_share():
+    teacher = _net()
+    student = copy.deepcopy(teacher)
+    assert feature_layer(teacher, student, torch.randn(1, 3, 12, 12)) == "4"  # the ReLU before pooling
+    student[3] = nn.Conv2d(8, 6, 3, padding=1)  # a pruned last conv: its map no longer matches
+    student[7] = nn.Linear(6, 5)
+    assert feature_layer(teacher, student, torch.randn(1, 3, 12, 12)) == "2"
+
+
+def test_loss_is_zero_for_identical_outputs_and_features_count():
+    logits, feat = torch.randn(4, 5), torch.randn(4, 3, 2, 2)
+    opts = Recovery(feature_weight=1.0)
+    assert float(distill_loss(logits, logits, feat, feat, opts)) == pytest.approx(0.0, abs=1e-6)
+    # features off by their own size: relative squared error 1 -> loss 1 (KL is 0)
+    assert float(distill_loss(logits, logits, torch.zeros_like(feat), feat, opts)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_split_and_augment_are_seeded_and_keep_shapes():
+    train, held = split_images(_calibration(), 0.25)
+    assert len(train) == 48 and len(held) == 16
+    again = split_images(_calibration(), 0.25)
+    assert torch.equal(train, again[0])
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    a = augment(x, torch.Generator().manual_seed(0), 0.5, 1.0)
+    b = augment(x, torch.Generator().manual_seed(0), 0.5, 1.0)
+    assert a.shape == x.shape and torch.equal(a, b)
+    flat = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])  # crops of a flat image stay flat
+    assert torch.allclose(augment(flat, torch.Generator().manual_seed(0), 0.3, 0.0), flat)
+    mixed = augment(flat, torch.Generator().manual_seed(0), 0.3, 1.0)  # CutMix pastes 30-70 % of the other
+    assert all(0.2 <= float((mixed[i] != flat[i]).float().mean()) <= 0.8 for i in range(2))
+
+
+def test_bad_options_and_too_few_images_are_one_line():
+    with pytest.raises(SimpruneError, match="holdout"):
+        Recovery(holdout=1.5)
+    with pytest.raises(SimpruneError, match="at least 16"):
+        recover(_net(), _net(1), [torch.randn(10, 3, 12, 12)], FAST)

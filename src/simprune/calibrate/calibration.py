@@ -31,6 +31,7 @@ from simprune.calibrate.batches import PRECISIONS, Calibration, check_calibratio
 from simprune.errors import SimpruneError
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph, is_depthwise
 from simprune.io.data import load_dataset
+from simprune.io.images import Preprocess, image_folder, is_image_source
 from simprune.stats.channel_stats import NULL_BLOCK, ChannelStats, is_maximum
 
 __all__ = ["PRECISIONS", "Calibration", "Probe", "calibration_loader", "check_calibration", "check_precision",
@@ -55,11 +56,20 @@ def calibration_subset(ds: Dataset, n_images: int, seed: int = 0) -> Subset:
 
 
 def calibration_loader(name: str, n_images: int = 640, data_dir: str | None = None, pad_to: int | None = None,
-                       seed: int = 0, batch_size: int = 128, split: str = "train") -> DataLoader:
-    """Calibration batches from a named data set's training split (no augmentation).
+                       seed: int = 0, batch_size: int = 128, split: str = "train",
+                       preprocess: Preprocess | None = None) -> DataLoader:
+    """Calibration batches from a named data set's training split (no augmentation), or from one's own
+    images when ``name`` is a folder or a manifest ``PATH.csv[:SPLIT]`` (read with ``preprocess``, labels
+    never read).
 
     Under torchrun each rank gets its own shard of the same seeded subset, in whole blocks of images so
     that the null pairs of the statistics (stats/channel_stats.py) are the same as in one process."""
+    if is_image_source(name):
+        subset = image_folder(name, preprocess or Preprocess(), n_images, seed)
+        batch_size = min(batch_size, 50)  # decoded at full size: keep a batch's memory small
+        if distributed.active():
+            subset = Subset(subset, distributed.shard(list(range(len(subset))), block=NULL_BLOCK))
+        return DataLoader(subset, batch_size=batch_size, shuffle=False)
     ds = load_dataset(name, split, data_dir, pad_to, augment=False)
     subset = calibration_subset(ds, n_images, seed)
     if distributed.active():

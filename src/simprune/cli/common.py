@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import shutil
 import sys
@@ -17,6 +18,7 @@ from simprune.errors import SimpruneError
 from simprune.graph.counting import parse_input_shape
 from simprune.io.data import load_dataset
 from simprune.io.files import load_model, read_json, resolve_model_path
+from simprune.io.images import Preprocess, timm_preprocess, torchvision_preprocess
 from simprune.models import build_model
 from simprune.models.external import builder_takes, is_builder_spec
 from simprune.schedules.checks import calibration_images
@@ -46,9 +48,52 @@ def model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help="fashion-mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
+    p.add_argument("--data", required=required, help="labelled images: fashion-mnist, mnist, cifar10, cifar100, "
+                                                     "imagefolder:PATH, a DIR of CLASS/*.jpg folders or PATH.csv:SPLIT")
     p.add_argument("--data-dir", default=None, help="where the data set files are (else $SIMPRUNE_DATA, system, cache)")
     p.add_argument("--pad-to", type=int, default=None, help="zero-pad images to this size (32 for 28x28 sets)")
+
+
+def preprocess_options(p: argparse.ArgumentParser) -> None:
+    """--resize/--crop/--mean/--std: how one's own images (--calib-data DIR, --data DIR or PATH.csv:SPLIT) are read."""
+    g = p.add_argument_group("your own images (--calib-data DIR, --data DIR or PATH.csv:SPLIT)",
+                             "default: the preprocessing of the model's weights (torchvision transforms(), timm's "
+                             "data config), else resize 256, crop 224, ImageNet mean/std")
+    g.add_argument("--resize", type=positive, default=None, help="short side before the centre crop")
+    g.add_argument("--crop", type=positive, default=None, help="centre crop, also the input size (--input 3xCxC)")
+    g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"))
+    g.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"))
+
+
+def model_preprocess(model: str | None, weights: str | None) -> Preprocess | None:
+    """The preprocessing the model's own weights were trained with, when simprune can read it."""
+    if model and model.startswith("torchvision:") and weights:
+        return torchvision_preprocess(model.split(":", 1)[1], weights)
+    if model and model.startswith("timm:"):
+        return timm_preprocess(model.split(":", 1)[1])
+    return None
+
+
+def image_preprocess(args, desc: dict | None = None) -> Preprocess:
+    """How --calib-data DIR and --data DIR are read: the model's own preprocessing (from --model/--weights or
+    the checkpoint's record), each field overridden by --resize/--crop/--mean/--std; a notice when neither
+    says anything and ImageNet's 256/224 is assumed."""
+    desc = desc or {}
+    recorded = (desc.get("calibration") or {}).get("preprocess")
+    base = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}) if recorded else \
+        model_preprocess(getattr(args, "model", None) or desc.get("model"),
+                         getattr(args, "weights", None))
+    given = {k: getattr(args, k, None) for k in ("resize", "crop", "mean", "std")}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
+    if base is None and not given:
+        progress.warn("reading your images with resize 256, centre crop 224 and ImageNet mean/std; pass "
+                      "--resize/--crop/--mean/--std if your model was trained otherwise")
+    if "crop" in given and "resize" not in given and given["crop"] > (base or Preprocess()).resize:
+        given["resize"] = given["crop"]
+    try:
+        return dataclasses.replace(base or Preprocess(), **given)
+    except SimpruneError as exc:
+        raise SimpruneError(f"--resize/--crop/--mean/--std: {exc}") from None
 
 
 def device_option(p: argparse.ArgumentParser) -> None:

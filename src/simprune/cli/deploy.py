@@ -32,6 +32,7 @@ from simprune.export.quantize import EVAL_BATCH, INT8_FILE, MAX_DROP, quantize_i
 from simprune.graph.counting import count
 from simprune.io.data import load_dataset
 from simprune.io.files import atomic_write_json, read_json
+from simprune.io.images import Preprocess, is_image_source, labelled_images
 from simprune.models import build_model
 from simprune.schedules.kinds import ToLatency
 from simprune.verify.reports import refresh_prune_report
@@ -135,12 +136,27 @@ def _print_rows(keys: dict, log: Callable[[str], None]) -> None:
 # ---- export -----------------------------------------------------------------------------------------
 
 def calibration_record(name: str | None, images: int, seed: int, pad_to: int | None,
-                       data_dir: str | None) -> dict | None:
-    """model.json's ``calibration``: what rebuilds the calibration images a model was pruned with."""
+                       data_dir: str | None, preprocess: Preprocess | None = None) -> dict | None:
+    """model.json's ``calibration``: what rebuilds the calibration images a model was pruned with (for one's
+    own images, their folder and preprocessing)."""
     if not name:
         return None
-    return {"data": name, "images": images, "seed": seed, "pad_to": pad_to,
-            **({"data_dir": str(data_dir)} if data_dir else {})}
+    own = is_image_source(name)
+    return {"data": _absolute_source(name) if own else name, "images": images,
+            "seed": seed, "pad_to": pad_to, **({"data_dir": str(data_dir)} if data_dir else {}),
+            **({"preprocess": (preprocess or Preprocess()).describe()} if own else {})}
+
+
+def _absolute_source(source: str) -> str:
+    """A folder or ``PATH.csv[:SPLIT]`` with an absolute path, so a later command run elsewhere finds it."""
+    path, csv, split = source.partition(".csv")
+    return str(Path(path + csv).resolve()) + split if csv else str(Path(source).resolve())
+
+
+def recorded_preprocess(record: dict) -> Preprocess | None:
+    """The Preprocess a calibration record names (None for a named data set)."""
+    pre = record.get("preprocess")
+    return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}) if pre else None
 
 
 def int8_dir(directory: str | Path, *, calibration: dict | None = None, data: str | None = None,
@@ -157,12 +173,19 @@ def int8_dir(directory: str | Path, *, calibration: dict | None = None, data: st
     if not source:
         raise SimpruneError(f"{directory}/model.json records no calibration images (pruned without --calib-data); "
                             "pass --calib-data NAME")
+    pre = recorded_preprocess(source)
     calib = calibration_loader(source["data"], source.get("images", 640), data_dir=source.get("data_dir", data_dir),
-                               pad_to=source.get("pad_to"), seed=source.get("seed", 0))
+                               pad_to=source.get("pad_to"), seed=source.get("seed", 0), preprocess=pre)
     trained_on = desc.get("data") or {}
     name = data or trained_on.get("name") or source["data"]
-    test = load_dataset(name, "test", data_dir, pad_to if pad_to is not None else
-                        trained_on.get("pad_to", source.get("pad_to")))
+    if not data and name == source["data"] and is_image_source(name) and not str(name).lower().partition(".csv")[1]:
+        raise SimpruneError(f"the calibration images {name} have no labels to check the int8 file on; pass --data "
+                            "DIR (CLASS/*.jpg folders) or --data PATH.csv:SPLIT")
+    if is_image_source(name):
+        test = labelled_images(name, pre or Preprocess())
+    else:
+        test = load_dataset(name, "test", data_dir, pad_to if pad_to is not None else
+                            trained_on.get("pad_to", source.get("pad_to")))
     if eval_images:
         test = Subset(test, range(min(eval_images, len(test))))
     original, which = original_model(directory, desc, builder)

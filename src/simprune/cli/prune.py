@@ -21,11 +21,13 @@ from simprune.cli.common import (
     command_line,
     data_options,
     device_option,
+    image_preprocess,
     keep_log,
     load_or_build,
     make_finetune,
     model_options,
     positive,
+    preprocess_options,
     provenance,
     run_log,
     train_config,
@@ -45,6 +47,8 @@ from simprune.errors import SimpruneError
 from simprune.graph.removal import get_structure
 from simprune.io.data import load_dataset
 from simprune.io.files import atomic_write_json, load_model, read_json, save_model
+from simprune.io.images import Preprocess, is_image_source, labelled_images
+from simprune.repair.recovery import Recovery
 from simprune.repair.stage import Repair
 from simprune.schedules.kinds import Iterative, OneShot, Soft
 from simprune.train.finetune import (
@@ -55,7 +59,7 @@ from simprune.train.finetune import (
     run_finetune,
 )
 from simprune.train.loop import evaluate
-from simprune.verify.reports import prune_report_writer, refresh_prune_report
+from simprune.verify.reports import prune_report_writer, recovery_summary, refresh_prune_report
 
 
 def _target(args) -> dict[str, float]:
@@ -70,15 +74,32 @@ def _target(args) -> dict[str, float]:
     return given
 
 
-def _calibration(args, criterion, desc: dict):
+def _calibration(args, criterion, desc: dict, preprocess: Preprocess | None):
     """The calibration loader the flags ask for (None without --calib-data) and its padding."""
     if getattr(criterion, "needs_data", False) and not args.calib_data:
-        raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME")
+        raise SimpruneError(f"criterion {args.criterion!r} needs calibration images; pass --calib-data NAME or DIR")
     calib_pad = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
     if not args.calib_data:
         return None, calib_pad
     return calibration_loader(args.calib_data, args.calib_images, data_dir=args.data_dir, pad_to=calib_pad,
-                              seed=args.seed), calib_pad
+                              seed=args.seed, preprocess=preprocess), calib_pad
+
+
+def _own_images(args) -> tuple[Preprocess | None, str | None]:
+    """The preprocessing of one's own images (--calib-data DIR, --data DIR or PATH.csv:SPLIT) and the input
+    shape it implies when --input is absent (a fresh --model only: a checkpoint records its own)."""
+    if not (is_image_source(args.calib_data) or is_image_source(args.data)):
+        return None, args.input
+    pre = image_preprocess(args)
+    if args.input or args.checkpoint:
+        return pre, args.input
+    return pre, f"3x{pre.crop}x{pre.crop}"
+
+
+def _check_crop(pre: Preprocess | None, shape) -> None:
+    if pre is not None and tuple(shape[1:]) != (pre.crop, pre.crop):
+        raise SimpruneError(f"your images are centre-cropped to {pre.crop}x{pre.crop} but the model input is "
+                            f"{'x'.join(map(str, shape))}; pass --crop {shape[-1]} or --input 3x{pre.crop}x{pre.crop}")
 
 
 def _print_outcome(report: dict, out: Path) -> None:
@@ -88,7 +109,7 @@ def _print_outcome(report: dict, out: Path) -> None:
           f"{report['params']['after'] / 1e6:.3f} M ({red['params']:.1%} removed)")
     if report["accuracy"]:
         how = (f"after {report['finetune']['epochs']} fine-tuning epochs" if report.get("finetune")
-               else "no fine-tuning")
+               else recovery_summary(report.get("recovered")) or "no fine-tuning")
         print(f"top-1 {report['accuracy']['before']:.2f} % -> {report['accuracy']['after']:.2f} % ({how})")
     print(f"wrote {out}/model.safetensors, model.json, report.json, report.md, report.html")
 
@@ -113,15 +134,17 @@ def cmd_prune(args) -> int:
     criterion = ScoreCache(get_criterion(args.criterion, **options))  # keeps the scores for the report
     if args.calib_precision:
         set_calib_precision(criterion, args.calib_precision, "--calib-precision")
-    model, desc, shape = load_or_build(args, args.input)
+    preprocess, shape_text = _own_images(args)
+    model, desc, shape = load_or_build(args, shape_text)
+    _check_crop(preprocess, shape)
     example = torch.zeros(1, *shape)
-    calibration, calib_pad = _calibration(args, criterion, desc)
+    calibration, calib_pad = _calibration(args, criterion, desc, preprocess)
     selection = Selection(guards=Guards(min_channels=args.min_channels, max_layer_ratio=args.max_layer_ratio,
                                         round_to=args.round_to),
                           ignore=args.ignore or (), normalization=args.normalization, cost_weight=args.cost_weight)
     repair = Repair(fold=args.compensate, protect_uncompensable=args.protect_uncompensable,
-                    refit=args.reconstruct, recalibrate_bn=args.recalibrate_bn)
-    eval_ds = _eval_dataset(args, desc)
+                    refit=args.reconstruct, recalibrate_bn=args.recalibrate_bn, recover=_recovery(args))
+    eval_ds = _eval_dataset(args, desc, preprocess)
     acc_before = _accuracy(model, eval_ds, "top-1 before pruning", args.device)
     new_desc = {**{k: v for k, v in desc.items() if k in ("model", "model_args", "data")},
                 "input_shape": list(shape), "command": command_line(),
@@ -129,7 +152,7 @@ def cmd_prune(args) -> int:
                             "source": str(args.checkpoint or "")}}
     if args.calib_data:  # so that `simprune export --int8` calibrates on the same images
         new_desc["calibration"] = calibration_record(args.calib_data, args.calib_images, args.seed, calib_pad,
-                                                     args.data_dir)
+                                                     args.data_dir, preprocess)
     stages = {"calibration": calibration, "selection": selection, "repair": repair}
     if "latency" in target:
         pruned, report = prune_latency_target(args, model, example, criterion, target["latency"], **stages)
@@ -157,16 +180,29 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _eval_dataset(args, desc):
+def _eval_dataset(args, desc, preprocess: Preprocess | None = None):
     if not getattr(args, "data", None):
         return None
-
-    pad_to = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
-    ds = load_dataset(args.data, "test", args.data_dir, pad_to)
+    if is_image_source(args.data):
+        ds = labelled_images(args.data, preprocess or Preprocess())
+    else:
+        pad_to = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
+        ds = load_dataset(args.data, "test", args.data_dir, pad_to)
     check_compatible(None, desc, ds)
     if args.eval_images:
         ds = Subset(ds, range(min(args.eval_images, len(ds))))
     return ds
+
+
+def _recovery(args) -> Recovery | None:
+    """--recover: the label-free recovery after the refit (off by default), needing --calib-data."""
+    if not args.recover:
+        return None
+    if not args.calib_data:
+        raise SimpruneError("--recover trains on the calibration images; pass --calib-data DIR or NAME")
+    if args.schedule == "soft":
+        raise SimpruneError("--recover repairs a one-shot or iterative prune; --schedule soft trains instead")
+    return Recovery(time_budget_s=args.recover_minutes * 60) if args.recover_minutes else Recovery()
 
 
 def _accuracy(model, ds, desc: str = "top-1", device=None) -> float | None:
@@ -235,11 +271,20 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the calibration images after pruning "
                         "(default: on with --calib-data)")
-    p.add_argument("--calib-data", default=None, help="calibration data set for data-driven criteria")
+    p.add_argument("--recover", action=argparse.BooleanOptionalAction, default=False,
+                   help="after the refit and BatchNorm re-estimation, train the pruned model to reproduce the "
+                        "unpruned one on augmented views of the calibration images (labels never read; 20 %% held "
+                        "aside for early stopping); off by default")
+    p.add_argument("--recover-minutes", type=float, default=None,
+                   help="with --recover: its time budget (default: the Recovery default, 20 minutes)")
+    p.add_argument("--calib-data", default=None,
+                   help="calibration images: a data set name (fashion-mnist, ...), a folder of your own .jpg/.png/"
+                        ".webp images (flat or nested, no labels), or a manifest PATH.csv:SPLIT")
     p.add_argument("--calib-images", type=positive, default=640)
     p.add_argument("--calib-precision", choices=["fp32", "bf16"], default=None,
                    help="forward pass of a data criterion's calibration (default: the criterion's, bf16)")
     data_options(p, required=False)
+    preprocess_options(p)
     p.add_argument("--eval-images", type=positive, default=None, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", choices=["oneshot", "iterative", "soft"], default="oneshot",

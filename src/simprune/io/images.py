@@ -7,7 +7,8 @@ evaluation, each read with the model's own preprocessing.
   ``transforms()`` (:func:`torchvision_preprocess`), from timm's data config (:func:`timm_preprocess`), or
   given explicitly (``--resize/--crop/--mean/--std``).
 - :func:`manifest_dataset` reads ``file,class_index[,split]`` rows (the layout of
-  ``shared/imagenet-sample/manifest.csv``); a source ``PATH.csv:SPLIT`` keeps one split.
+  ``shared/imagenet-sample/manifest.csv``); a source ``PATH.csv:SPLIT`` keeps one split;
+  :func:`labelled_images` reads that or an ImageNet-style ``DIR/CLASS/*.jpg`` tree.
 """
 from __future__ import annotations
 
@@ -70,12 +71,20 @@ def torchvision_preprocess(model: str, weights: str) -> Preprocess:
 
 
 def timm_preprocess(model) -> Preprocess:
-    """The preprocessing timm's data config gives for a built timm model (``resolve_data_config``)."""
+    """The preprocessing timm's data config gives for a timm model: a built one or its name
+    (``resolve_data_config`` on the model's pretrained config; nothing is downloaded)."""
     try:
-        from timm.data import resolve_data_config  # noqa: PLC0415 - timm is an optional extra
+        import timm  # noqa: PLC0415 - timm is an optional extra
+        from timm.data import resolve_data_config  # noqa: PLC0415
     except ImportError as exc:
         raise SimpruneError("timm is not installed; pip install 'simprune[timm]'") from exc
-    cfg = resolve_data_config({}, model=model)
+    if isinstance(model, str):
+        pretrained = timm.get_pretrained_cfg(model)
+        if pretrained is None:
+            raise SimpruneError(f"timm has no pretrained config for {model!r}; give Preprocess(resize=, crop=, mean=, std=)")
+        cfg = resolve_data_config({}, pretrained_cfg=pretrained.to_dict())
+    else:
+        cfg = resolve_data_config({}, model=model)
     crop = int(cfg["input_size"][-1])
     return Preprocess(resize=int(round(crop / cfg.get("crop_pct", 0.875))), crop=crop, mean=tuple(cfg["mean"]),
                       std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bilinear"))
@@ -153,6 +162,12 @@ def _is_manifest(source: str | Path) -> bool:
     return str(source).split(":")[0].lower().endswith(".csv") or ".csv:" in str(source).lower()
 
 
+def is_image_source(source: str | Path | None) -> bool:
+    """Whether ``source`` names one's own images (a folder, or a manifest ``PATH.csv[:SPLIT]``) rather than
+    a named data set such as fashion-mnist."""
+    return source is not None and (_is_manifest(source) or Path(source).is_dir())
+
+
 def manifest_files(source: str | Path) -> tuple[list[Path], list[int]]:
     """Files and class indices of a manifest CSV (columns ``file`` and ``class_index``; an optional ``split``
     column is filtered by ``PATH.csv:SPLIT``); paths are relative to the CSV's folder."""
@@ -195,3 +210,18 @@ def manifest_dataset(source: str | Path, preprocess: Preprocess) -> LabelledImag
     if missing:
         raise SimpruneError(f"{len(missing)} file(s) of {source} are missing (first: {missing[0]})")
     return LabelledImages(files, labels, preprocess)
+
+
+def labelled_images(source: str | Path, preprocess: Preprocess) -> Dataset:
+    """Labelled evaluation images: a manifest ``PATH.csv[:SPLIT]`` or an ImageNet-style tree ``DIR/CLASS/*.jpg``
+    (classes numbered in sorted folder order, as torchvision's ImageFolder and ImageNet's wnids do)."""
+    if _is_manifest(source):
+        return manifest_dataset(source, preprocess)
+    tv = import_torchvision()
+    try:
+        ds = tv.datasets.ImageFolder(str(source), transform=preprocess.transform(), loader=load_image)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise SimpruneError(f"{source} is not a labelled image tree ({str(exc).splitlines()[0]}); give DIR/CLASS/*.jpg "
+                            "folders or a manifest PATH.csv:SPLIT") from exc
+    ds.num_classes, ds.in_channels = len(ds.classes), 3
+    return ds

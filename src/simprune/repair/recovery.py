@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simprune import progress
+from simprune.distributed import forward_precision
 from simprune.errors import SimpruneError
 
 GRAD_CLIP = 5.0  # gradient norm at most, per step
@@ -67,6 +68,11 @@ class Recovery:
         if not (self.lr > 0 and 0 < self.holdout < 1 and 0 < self.min_scale <= 1 and 0 <= self.cutmix <= 1):
             raise SimpruneError("recover: lr must be > 0, holdout within (0, 1), min_scale within (0, 1], "
                                 "cutmix within [0, 1]")
+
+    @property
+    def precision(self) -> str:
+        """The forward precision, in :func:`simprune.distributed.forward_precision`'s words."""
+        return "bf16" if self.bf16 else "fp32"
 
     def run(self, original: nn.Module, pruned: nn.Module, calibration) -> dict:
         """Train ``pruned`` in place towards ``original`` on ``calibration``; returns the report's summary."""
@@ -175,7 +181,7 @@ def held_out_kl(teacher_logits: torch.Tensor, student: nn.Module, images: torch.
                 batch: int = 64) -> tuple[float, float]:
     """(KL to the teacher's logits, top-1 agreement %) of ``student`` on the held-aside images."""
     out = []
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=options.bf16):
+    with forward_precision(images.device, options.precision):
         for i in range(0, len(images), batch):
             out.append(_logits(student(images[i:i + batch])).float())
     s = torch.cat(out)
@@ -187,7 +193,7 @@ def _logits(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     raise SimpruneError(f"recovery matches models that return one tensor of logits, got {type(output).__name__}; "
-                        "pass recover=False")
+                        "pass repair=Repair(recover=None)")
 
 
 def _schedule(step: int, total: int, lr: float) -> float:
@@ -205,7 +211,7 @@ def recover(teacher: nn.Module, student: nn.Module, calibration, options: Recove
     teacher_mode, student_mode = teacher.training, student.training
     teacher.eval(), student.eval()  # BatchNorm statistics frozen; their affine parameters train
     total = options.steps or max(1, options.epochs * len(train) // options.batch_size)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
+    with torch.no_grad(), forward_precision(device, options.precision):
         teacher_held = torch.cat([_logits(teacher(held[i:i + 64])).float() for i in range(0, len(held), 64)])
     layer = feature_layer(teacher, student, train[:1])
     try:
@@ -233,7 +239,7 @@ def _train(teacher, student, train, held, teacher_held, layer, total, options: R
                 group["lr"] = _schedule(step, total, options.lr)
             idx = torch.randint(0, len(train), (options.batch_size,), generator=gen)
             x = augment(train[idx.to(train.device)], gen, options.min_scale, options.cutmix)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=options.bf16):
+            with forward_precision(x.device, options.precision):
                 with torch.no_grad():
                     t_logits = _logits(teacher(x))
                 s_logits = _logits(student(x))

@@ -179,7 +179,8 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
                 ["compensation", data.get("compensated") or "none"],
                 ["groups left whole (uncompensable)", len(data.get("protected_groups") or [])],
                 ["reconstruction (layer refit)", _refit_summary(data.get("reconstructed"))],
-                ["BatchNorm re-estimated", "yes" if data.get("bn_recalibrated") else "no"]]
+                ["BatchNorm re-estimated", "yes" if data.get("bn_recalibrated") else "no"],
+                ["label-free recovery", recovery_summary(data.get("recovered")) or "no"]]
     if data.get("schedule"):
         settings.append(["schedule", ", ".join(f"{k}={v}" for k, v in data["schedule"].items())])
     if ft.get("epochs") is not None:
@@ -189,6 +190,18 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
         settings.append(["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())])
     sections.append(("Settings", [("table", ["", ""], settings)]))
     return title, sections
+
+
+def recovery_summary(recovered: dict | None) -> str | None:
+    """One line on the label-free recovery (None when it did not run): images, epochs, time, held-aside agreement."""
+    if not recovered:
+        return None
+    line = (f"recovered on {recovered['images']} unlabelled calibration images ({recovered['held_aside']} held aside), "
+            f"{recovered['epochs']:.1f} epochs, {recovered['seconds']:.0f} s")
+    agree = recovered.get("held_out_agreement")
+    if agree:
+        line += f"; held-aside agreement with the unpruned model {agree['before']:.1f} -> {agree['after']:.1f} %"
+    return line
 
 
 def _refit_summary(refit: dict | None) -> str:

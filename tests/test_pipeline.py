@@ -147,19 +147,49 @@ def test_legacy_keywords_warn_once_each_and_give_the_typed_decision():
 
 def test_a_recovery_step_runs_after_the_refit_and_is_reported():
     class Recovery:
-        def run(self, original, pruned, calibration):
-            return {"images": calibration.count(), "same": original is not pruned}
+        def run(self, original, pruned, calibration, held_aside):
+            return {"images": calibration.count(), "same": original is not pruned, "held": held_aside}
 
     _, report = simprune.prune(build_model("resnet20").eval(), EX, "l1", {"flops": 0.3}, calibration=_batches(4),
                                repair=Repair(recover=Recovery()), schedule=simprune.OneShot(device="cpu"))
-    assert report["recovered"] == {"images": 32, "same": True} and report["bn_recalibrated"]
+    assert report["recovered"] == {"images": 32, "same": True, "held": None} and report["bn_recalibrated"]
+
+
+def test_the_recovery_s_held_aside_images_are_kept_from_scores_refit_and_batchnorm():
+    seen = {}
+
+    class Recovery:
+        holdout, seed = 0.25, 0
+
+        def run(self, original, pruned, calibration, held_aside):
+            seen.update(fit=torch.cat([x for x, _ in calibration]), held=held_aside)
+            return {}
+
+    batches = _batches(4)
+    simprune.prune(build_model("resnet20").eval(), EX, "refit-error", {"flops": 0.3}, calibration=batches,
+                   repair=Repair(recover=Recovery()), schedule=simprune.OneShot(device="cpu"))
+    every = torch.cat([x for x, _ in batches])
+    assert len(seen["held"]) == 8 and len(seen["fit"]) == 24
+    assert not any((seen["fit"] == h).flatten(1).all(1).any() for h in seen["held"])  # disjoint
+    assert sorted(map(tuple, torch.cat([seen["fit"], seen["held"]]).flatten(1)[:, :4].tolist())) == \
+        sorted(map(tuple, every.flatten(1)[:, :4].tolist()))  # and together all of them
+
+
+def test_holding_images_aside_keeps_labels_batch_size_and_is_seeded():
+    x, y = torch.randn(20, 3, 4, 4), torch.arange(20)
+    cal = Calibration([(x[i:i + 6], y[i:i + 6]) for i in range(0, 20, 6)])
+    rest, held = cal.hold_aside(0.25, seed=1)
+    again = cal.hold_aside(0.25, seed=1)[1]
+    assert torch.equal(held, again) and len(held) == 8  # at least 8 held aside
+    labels = torch.cat([b[1] for b in rest])
+    assert [len(b[0]) for b in rest] == [6, 6] and torch.equal(torch.cat([b[0] for b in rest]), x[labels])
 
 
 def test_recovery_runs_last_under_the_re_estimated_batchnorm_statistics():
     seen = {}
 
     class Recovery:
-        def run(self, original, pruned, calibration):
+        def run(self, original, pruned, calibration, held_aside):
             seen["mean"] = pruned.bn1.running_mean.clone()
             return {}
 

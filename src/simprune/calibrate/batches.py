@@ -104,6 +104,25 @@ class Calibration:
         """The DataLoader's data set when the batches come from one (None otherwise)."""
         return getattr(self.batches, "dataset", None)
 
+    def hold_aside(self, share: float, seed: int = 0, minimum: int = 8) -> tuple[Calibration, torch.Tensor]:
+        """(the rest, the held-aside images): a seeded ``share`` of the images (at least ``minimum``) taken out
+        before any statistics or refit sees them, so that a check on them measures generalisation. The rest
+        keeps its batch size and labels."""
+        batches = list(self.batches)
+        images = torch.cat([batch_images(b).detach().cpu() for b in batches])
+        labels = [batch_labels(b) for b in batches]
+        labels = torch.cat([y.cpu() for y in labels]) if all(y is not None for y in labels) else None
+        if len(images) < 2 * minimum:
+            raise SimpruneError(f"holding {minimum} images aside needs at least {2 * minimum} calibration images, "
+                                f"got {len(images)}")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        held = max(minimum, round(share * len(images)))
+        keep = order[held:].sort().values
+        size = int(batch_images(batches[0]).shape[0])
+        chunks = [keep[j:j + size] for j in range(0, len(keep), size)]
+        rest = [(images[i], labels[i]) if labels is not None else images[i] for i in chunks]
+        return Calibration(rest), images[order[:held]]
+
     def first_images(self) -> torch.Tensor:
         """The first batch's images; refuses calibration without any batch."""
         first = next(iter(self.batches), None)

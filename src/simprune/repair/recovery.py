@@ -74,9 +74,10 @@ class Recovery:
         """The forward precision, in :func:`simprune.distributed.forward_precision`'s words."""
         return "bf16" if self.bf16 else "fp32"
 
-    def run(self, original: nn.Module, pruned: nn.Module, calibration) -> dict:
-        """Train ``pruned`` in place towards ``original`` on ``calibration``; returns the report's summary."""
-        return recover(original, pruned, calibration, self)
+    def run(self, original: nn.Module, pruned: nn.Module, calibration, held_aside=None) -> dict:
+        """Train ``pruned`` in place towards ``original`` on ``calibration``, early-stopping on ``held_aside``
+        images (None: a ``holdout`` share of ``calibration``); returns the report's summary."""
+        return recover(original, pruned, calibration, self, held_aside)
 
 
 def _images(batch) -> torch.Tensor:
@@ -201,13 +202,18 @@ def _schedule(step: int, total: int, lr: float) -> float:
     return lr * (step + 1) / warm if step < warm else lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def recover(teacher: nn.Module, student: nn.Module, calibration, options: Recovery | None = None) -> dict:
+def recover(teacher: nn.Module, student: nn.Module, calibration, options: Recovery | None = None,
+            held_aside: torch.Tensor | None = None) -> dict:
     """Train ``student`` (the pruned model, changed in place) to reproduce ``teacher`` on the calibration
     images; returns {"images", "held_aside", "epochs", "steps", "seconds", "held_out_kl", ...} for the report."""
     options = options or Recovery()
     t0 = time.perf_counter()
     device = next(student.parameters()).device
-    train, held = (t.to(device) for t in split_images(calibration, options.holdout, options.seed))
+    if held_aside is None:
+        train, held = split_images(calibration, options.holdout, options.seed)
+    else:
+        train, held = torch.cat([_images(b).detach().float().cpu() for b in calibration]), held_aside.float()
+    train, held = train.to(device), held.to(device)
     teacher_mode, student_mode = teacher.training, student.training
     teacher.eval(), student.eval()  # BatchNorm statistics frozen; their affine parameters train
     total = options.steps or max(1, options.epochs * len(train) // options.batch_size)

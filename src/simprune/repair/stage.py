@@ -5,7 +5,7 @@ against the criterion and the calibration data by :meth:`Repair.resolve` (the re
 given and no fold was asked for; the criterion's fold only without the refit; groups a parameter-free
 layer reads protected when folding or refitting; BatchNorm re-estimation when calibration is given).
 The label-free recovery (:class:`simprune.repair.recovery.Recovery`, or any object with
-``run(original, pruned, calibration) -> dict``) plugs in as ``recover`` and runs last, under the
+``run(original, pruned, calibration, held_aside) -> dict``) plugs in as ``recover`` and runs last, under the
 re-estimated BatchNorm statistics it then keeps frozen.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Repair:
     protect_uncompensable: bool | None = None
     refit: RefitOptions | bool | None = None
     recalibrate_bn: bool | None = None
-    recover: Recovery | bool | None = None  # duck-typed: any run(original, pruned, calibration) -> dict
+    recover: Recovery | bool | None = None  # duck-typed: any run(original, pruned, calibration, held_aside)
 
     def __post_init__(self):
         object.__setattr__(self, "refit", refit_options(self.refit))
@@ -128,11 +128,13 @@ class Repair:
         """The report's ``compensated``: the fold mode asked for, True for the criterion's, or False."""
         return (self.fold if isinstance(self.fold, str) else bool(self.fold)) if self.fold else False
 
-    def apply(self, original: nn.Module | None, pruned: nn.Module, removal: Removal, calibration) -> dict[str, Any]:
+    def apply(self, original: nn.Module | None, pruned: nn.Module, removal: Removal, calibration,
+              held_aside=None) -> dict[str, Any]:
         """Fold, carry out ``removal`` on ``pruned`` (in place), refit it to ``original`` (the unpruned copy,
         read only when :attr:`needs_original`), re-estimate BatchNorm, recover; returns what was done.
 
-        The fold runs before the removal: it reads the removed channels' weights at their original indices."""
+        The fold runs before the removal: it reads the removed channels' weights at their original indices.
+        ``held_aside``: calibration images kept from every step before, for the recovery's early stopping."""
         if self.fold and removal.result.fold is None:
             raise SimpruneError(f"criterion {removal.criterion!r} has no compensation; pass compensate=False")
         targets = refit_targets(removal.graph, removal.remove, self.refit.scope) if self.refit else {}
@@ -149,7 +151,7 @@ class Repair:
             recalibrate_batchnorm(pruned, calibration)
         if self.recover is not None:
             progress.stage("label-free recovery on the calibration images")
-        recovered = self.recover.run(original, pruned, calibration) if self.recover is not None else False
+        recovered = self.recover.run(original, pruned, calibration, held_aside) if self.recover is not None else False
         return {"compensated": self.compensated(), "reconstructed": refit, "recovered": recovered,
                 "bn_recalibrated": bool(self.recalibrate_bn), "removed_at": t_removal}
 

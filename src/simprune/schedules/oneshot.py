@@ -48,6 +48,7 @@ class Job:
     calibration: Calibration | None = None
     selection: Selection = field(default_factory=Selection)
     repair: Repair = field(default_factory=Repair.auto)
+    held_aside: torch.Tensor | None = None  # images no statistics or refit sees: the recovery's early stopping
 
     def __post_init__(self):
         self.criterion = resolve_criterion(self.criterion, self.selection.criterion_options, self.calibration)
@@ -55,6 +56,9 @@ class Job:
             set_calib_precision(self.criterion, self.selection.calib_precision)
         self.calibration = Calibration.of(self.calibration, self.example)
         self.repair = self.repair.resolve(self.criterion, self.calibration)
+        share = getattr(self.repair.recover, "holdout", None)
+        if share and self.held_aside is None:
+            self.calibration, self.held_aside = self.calibration.hold_aside(share, self.repair.recover.seed)
 
     def replace(self, **changes) -> Job:
         return dataclasses.replace(self, **changes)
@@ -78,7 +82,8 @@ def prune_oneshot(job: Job, latency_table=None) -> tuple[nn.Module, PruneReport]
     if repair.fold and result.fold is None:
         raise SimpruneError(f"criterion {crit.name!r} has no compensation; pass compensate=False")
     original = copy.deepcopy(model) if repair.needs_original else None  # what the refit reproduces
-    done = repair.apply(original, model, Removal(graph, alloc.remove, result, crit.name), job.calibration)
+    done = repair.apply(original, model, Removal(graph, alloc.remove, result, crit.name), job.calibration,
+                        job.held_aside)
     setattr(model, INPUT_ATTR, list(example.shape[1:]))  # what save records for load
     refit = done["reconstructed"]
     after = Snapshot.take(model, example, graph)

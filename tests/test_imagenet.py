@@ -126,7 +126,7 @@ def test_photo_files_of_ones_own_are_ten_crops_each_and_a_missing_folder_is_one_
     red = ev.tensors[0][0] * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) \
         + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     assert torch.allclose(red.mean((1, 2)), torch.tensor([1.0, 0.0, 0.0]), atol=1e-3)
-    with pytest.raises(SimpruneError, match="does not exist") as err:
+    with pytest.raises(SimpruneError, match="is not a folder") as err:
         photo_files(tmp_path / "nowhere")
     assert "\n" not in str(err.value)
     (tmp_path / "empty").mkdir()

@@ -24,6 +24,7 @@ from torch.utils.data import TensorDataset
 from simprune.compat import import_torchvision
 from simprune.errors import SimpruneError
 from simprune.io.data import load_image
+from simprune.io.images import image_files
 from simprune.models import build_model
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "grass", "gravel", "brick",
@@ -76,20 +77,14 @@ def categories(model: str = "mobilenet_v2", weights: str = "IMAGENET1K_V1") -> l
     return list(weights_enum(model, weights).meta["categories"])
 
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_PHOTO_SIDE = 1024  # larger photo files are reduced on reading: crops are 224 px, wallpapers 5640
 
 
 def photo_files(folder: str | Path) -> list[Path]:
-    """The JPEG and PNG files under ``folder``, sorted: photographs of one's own (e.g. Debian's
-    mate-backgrounds, /usr/share/backgrounds/mate/nature) to evaluate on images never calibrated on."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SimpruneError(f"photo folder {folder} does not exist; pass a folder of .jpg/.png photographs")
-    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in PHOTO_SUFFIXES and f.is_file())
-    if not files:
-        raise SimpruneError(f"{folder} holds no .jpg/.png photographs")
-    return files
+    """The image files under ``folder`` (:func:`simprune.io.images.image_files`): photographs of one's own
+    (e.g. Debian's mate-backgrounds, /usr/share/backgrounds/mate/nature) to evaluate on images never
+    calibrated on."""
+    return image_files(folder)
 
 
 def _photo_file(path: Path) -> torch.Tensor:

@@ -98,7 +98,7 @@ def test_fit_compensation_zero_energy_and_constant_source():
     assert fit_compensation(stats, 2, 1) == (pytest.approx(0.75), 0.0)  # sum(4 x) / sum(16)
 
 
-def test_no_nan_for_constant_and_zero_maps():
+def test_accumulated_statistics_have_no_nan_for_constant_and_zero_maps():
     maps = torch.zeros(3, 3, 4, 4)
     maps[:, 1] = 2.0
     stats = batched(maps, [1, 2], window=2)

@@ -21,6 +21,7 @@ that of a bare forward over the same 640 images (fp32, the refit's precision; an
     python bench/quality.py --checkpoint zoo/resnet20-fashion-mnist   # the same table for ResNet-20
     python bench/quality.py --targets 0.48 --criteria refit-error qsfm-ssim   # a subset
     python bench/quality.py --ablations                      # what each part of the refit adds
+    python bench/quality.py --criteria refit-error --targets 0.48 --recover   # + the label-free recovery row
     python bench/readme.py                                   # the README tables from the JSON
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import simprune  # noqa: E402
 from common import RESULTS, print_table, write_json  # noqa: E402
+from simprune import Recovery, Repair, Selection  # noqa: E402
 from simprune.allocation.allocator import Guards  # noqa: E402
 from simprune.calibrate.calibration import calibration_loader  # noqa: E402
 from simprune.criteria import ScoreCache, get_criterion  # noqa: E402
@@ -78,20 +80,30 @@ def make_criterion(label: str):
 
 
 def prune_row(model, example, crit, label: str, target: float, refit: bool, calib, test, base: float,
-              model_name: str) -> dict:
-    """One pruned model, evaluated: the row of the table."""
+              model_name: str, recover: bool = False) -> dict:
+    """One pruned model, evaluated: the row of the table. ``recover``: the refit, then the label-free recovery
+    (trained on the calibration images against the unpruned model, labels never read)."""
     guards = Guards() if label in ALIGNED else Guards(round_to=1)
-    pruned, report = simprune.prune(model, example, crit, {"flops": target}, calibration=calib, reconstruct=refit,
-                                    protect_uncompensable=True, recalibrate_bn=True, guards=guards)
+    repair = Repair(protect_uncompensable=True, refit=refit, recalibrate_bn=True, recover=Recovery() if recover else None)
+    pruned, report = simprune.prune(model, example, crit, {"flops": target}, calibration=calib,
+                                    selection=Selection(guards=guards), repair=repair)
     top1 = evaluate(pruned, test)["top1"]
     refit_info = report.get("reconstructed") or {}
-    return {"model": model_name, "criterion": label, "reconstructed": refit,
-            "repair": "refit" if refit else (report["compensated"] if isinstance(report["compensated"], str)
-                                             else ("lstsq fold" if report["compensated"] else "none")),
+    recovered = report.get("recovered") or {}
+    return {"model": model_name, "criterion": label, "reconstructed": refit, "recovered": bool(recovered),
+            "recovery": {k: recovered[k] for k in ("images", "held_aside", "epochs", "steps_run", "stopped", "seconds",
+                                                   "held_out_agreement")} if recovered else None,
+            "repair": "refit + recovery" if recovered else "refit" if refit else (
+                report["compensated"] if isinstance(report["compensated"], str)
+                else ("lstsq fold" if report["compensated"] else "none")),
             "target": target, "flops_removed_%": 100 * report["reduction"]["flops"],
             "params_removed_%": 100 * report["reduction"]["params"], "top1": top1, "change": top1 - base,
             "refit_relative_error": (refit_info.get("relative_error") or {}).get("after"),
             "seconds": report["seconds"]}
+
+
+def _key(row: dict) -> tuple:
+    return row["criterion"], row["reconstructed"], row["target"], row.get("recovered", False)
 
 
 def bare_forward(model, calib, bf16: bool) -> tuple[float, float]:
@@ -150,6 +162,8 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=640)
     ap.add_argument("--eval-images", type=int, default=None, help="default: the whole test set")
     ap.add_argument("--no-speed", action="store_true", help="skip the timing line")
+    ap.add_argument("--recover", action="store_true",
+                    help="also a 'refit + recovery' row per criterion and target (the label-free recovery stage)")
     ap.add_argument("--fresh", action="store_true", help="drop the rows already in the JSON")
     ap.add_argument("--redo", action="store_true", help="measure the selected rows again even if present")
     ap.add_argument("--ablations", nargs="*", type=float, default=None, metavar="TARGET",
@@ -194,14 +208,14 @@ def main() -> None:
               f"({sp['ratio_bf16']:.1f}x a bf16 one); wall {sp['prune_s']:.1f} s", file=sys.stderr)
     for label in args.criteria:
         crit = ScoreCache(make_criterion(label), reuse=True)  # one scoring pass serves every target
-        for refit in (True,) if label in ALIGNED else (False, True):
+        repairs = [(True, False)] if label in ALIGNED else [(False, False), (True, False)]
+        for refit, recover in repairs + ([(True, True)] if args.recover else []):
             for target in sorted(args.targets):
-                if not args.redo and any((r["criterion"], r["reconstructed"], r["target"]) == (label, refit, target)
-                                         for r in entry["rows"]):
+                key = (label, refit, target, recover)
+                if not args.redo and any(_key(r) == key for r in entry["rows"]):
                     continue
-                row = prune_row(model, example, crit, label, target, refit, calib, test, base, desc["model"])
-                key = (row["criterion"], row["reconstructed"], row["target"])
-                entry["rows"] = [r for r in entry["rows"] if (r["criterion"], r["reconstructed"], r["target"]) != key]
+                row = prune_row(model, example, crit, label, target, refit, calib, test, base, desc["model"], recover)
+                entry["rows"] = [r for r in entry["rows"] if _key(r) != key]
                 entry["rows"].append(row)
                 print(f"{label} {row['repair']} {target}: {row['top1']:.2f}", file=sys.stderr)
                 write_json("quality", {"models": list(models.values())})

@@ -158,6 +158,8 @@ def test_the_same_errors_name_flags_on_the_command_line(cli, tmp_path):
     ("steps=0 must be 1 or more", "--steps 0 must be 1 or more"),
     ("a criterion_options= dict", "a criterion_options= dict"),  # no flag for it: left alone
     ("--overwrite already a flag", "--overwrite already a flag"),
+    ("pass repair=Repair(recover=None)", "pass --no-recover"),
+    ("give Preprocess(resize=, crop=, mean=, std=)", "give --resize/--crop/--mean/--std"),
 ])
 def test_cli_wording_translates_keywords_to_flags(api, cli_text):
     assert cli_wording(api) == cli_text

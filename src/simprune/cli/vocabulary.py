@@ -36,6 +36,11 @@ API_FLAGS: dict[str, tuple[str, str]] = {
     "num_classes": ("--num-classes", "N"),
     "in_channels": ("--in-channels", "N"),
 }
+# whole API phrases with a flag of their own
+API_PHRASES: dict[str, str] = {
+    "repair=Repair(recover=None)": "--no-recover",
+    "Preprocess(resize=, crop=, mean=, std=)": "--resize/--crop/--mean/--std",
+}
 _TOKEN = re.compile(r"(?<![\w-])(" + "|".join(sorted(API_FLAGS, key=len, reverse=True)) + r")=([^\s,;]*)")
 
 
@@ -52,4 +57,6 @@ def _flag(match: re.Match) -> str:
 
 def cli_wording(message: str) -> str:
     """``"pass calibration= or recalibrate_bn=False"`` -> ``"pass --calib-data NAME or --no-recalibrate-bn"``."""
+    for phrase, flag in API_PHRASES.items():
+        message = message.replace(phrase, flag)
     return _TOKEN.sub(_flag, message)

@@ -21,7 +21,7 @@ that of a bare forward over the same 640 images (fp32, the refit's precision; an
     python bench/quality.py --checkpoint zoo/resnet20-fashion-mnist   # the same table for ResNet-20
     python bench/quality.py --targets 0.48 --criteria refit-error qsfm-ssim   # a subset
     python bench/quality.py --ablations                      # what each part of the refit adds
-    python bench/quality.py --criteria refit-error --targets 0.48 --recover   # + the label-free recovery row
+    python bench/quality.py --criteria refit-error --targets 0.48 --recover   # refit vs refit + recovery: recovery.json
     python bench/readme.py                                   # the README tables from the JSON
 """
 from __future__ import annotations
@@ -163,7 +163,8 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=None, help="default: the whole test set")
     ap.add_argument("--no-speed", action="store_true", help="skip the timing line")
     ap.add_argument("--recover", action="store_true",
-                    help="also a 'refit + recovery' row per criterion and target (the label-free recovery stage)")
+                    help="'refit' and 'refit + recovery' rows (the label-free recovery stage) per criterion and target, "
+                         "measured together into bench/results/recovery.json")
     ap.add_argument("--fresh", action="store_true", help="drop the rows already in the JSON")
     ap.add_argument("--redo", action="store_true", help="measure the selected rows again even if present")
     ap.add_argument("--ablations", nargs="*", type=float, default=None, metavar="TARGET",
@@ -180,7 +181,8 @@ def main() -> None:
     example = torch.zeros(1, *desc["input_shape"])
     base = evaluate(model, test)["top1"]
     print(f"{desc['model']}: baseline top-1 {base:.2f} %", file=sys.stderr)
-    path = RESULTS / "quality.json"
+    name_json = "recovery" if args.recover else "quality"  # recovery rows and their refit twins, measured together
+    path = RESULTS / f"{name_json}.json"
     data = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     models = {m["model"]: m for m in data.get("models", [])}
     entry = models.setdefault(desc["model"], {"model": desc["model"], "rows": []})
@@ -198,7 +200,7 @@ def main() -> None:
         if args.redo:
             entry.pop("ablations", None)
         ablations(model, example, calib, test, base, args.ablations or [0.48, 0.70], entry,
-                  lambda: write_json("quality", {"models": list(models.values())}))
+                  lambda: write_json(name_json, {"models": list(models.values())}))
         print_table(entry["ablations"], ["variant", "target", "top1", "change", "refit_seconds"])
         return
     if not args.no_speed and (args.redo or "speed" not in entry):
@@ -209,7 +211,7 @@ def main() -> None:
     for label in args.criteria:
         crit = ScoreCache(make_criterion(label), reuse=True)  # one scoring pass serves every target
         repairs = [(True, False)] if label in ALIGNED else [(False, False), (True, False)]
-        for refit, recover in repairs + ([(True, True)] if args.recover else []):
+        for refit, recover in [(True, False), (True, True)] if args.recover else repairs:
             for target in sorted(args.targets):
                 key = (label, refit, target, recover)
                 if not args.redo and any(_key(r) == key for r in entry["rows"]):
@@ -218,7 +220,7 @@ def main() -> None:
                 entry["rows"] = [r for r in entry["rows"] if _key(r) != key]
                 entry["rows"].append(row)
                 print(f"{label} {row['repair']} {target}: {row['top1']:.2f}", file=sys.stderr)
-                write_json("quality", {"models": list(models.values())})
+                write_json(name_json, {"models": list(models.values())})
     print_table(entry["rows"], ["criterion", "repair", "target", "flops_removed_%", "params_removed_%", "top1",
                                 "change"])
     print(f"wrote {path}")

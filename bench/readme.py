@@ -115,6 +115,13 @@ def render_quality(data: dict) -> str:
     return "\n\n".join(_quality_table(m) for m in data["models"]) + f"\n\nNo fine-tuning. {_machine(data)}"
 
 
+def render_recovery(data: dict) -> str:
+    return ("\n\n".join(_quality_table(m) for m in data["models"]) + "\n\n'refit + recovery' rows train the pruned "
+            "model on the unlabelled calibration images against the unpruned one (label-free recovery, 20 % of the "
+            "images held aside from every step for its early stopping, so its refit reads 80 %); 'refit' rows do "
+            f"not train. {_machine(data)}")
+
+
 def render_finetune(data: dict) -> str:
     rows = [[r["run"], r["schedule"], r["epochs"], f"{r['flops_removed_pct']:.1f}", f"{r['params_removed_pct']:.1f}",
              f"{r['top1_baseline']:.2f}",
@@ -256,8 +263,8 @@ def render_models(data: dict) -> str:
             + f". {_machine(data)} `python bench/models.py`.")
 
 
-RENDERERS = {"engine": render_engine, "calibration": render_calibration, "scale": render_scale, "quality": render_quality,
-             "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
+RENDERERS = {"recovery": render_recovery, "engine": render_engine, "calibration": render_calibration,
+             "scale": render_scale, "quality": render_quality, "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
              "robustness": render_robustness, "int8": render_int8, "edge_mobilenet": render_edge_mobilenet,
              "models": render_models}
 

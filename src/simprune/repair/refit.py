@@ -45,7 +45,10 @@ PRECISIONS = ("fp32", "bf16")
 class RefitOptions:
     """How the refit runs. Defaults measured on the Fashion-MNIST ResNet-56 (bench/quality.py).
 
-    - ``ridge``: damping toward the current weights, relative to the Gram's mean diagonal;
+    - ``ridge``: damping toward the current weights, relative to the Gram's mean diagonal. 0.1, chosen on
+      calibration images held aside from the refit (MobileNetV2 at 35 % fewer MACs, 400 images refit, 100
+      held aside, labels never read: agreement with the unpruned model 31 % at 1e-3, 40 % at 0.1, 11 % at 1);
+      on the Fashion-MNIST ResNets at 48 % it moves top-1 by 0.03 (1e-3 was the earlier default);
     - ``precision``: the forward passes, "fp32" or "bf16" autocast (faster, measured less accurate: the
       refit then fits rounded inputs); products are float32 and sums float64 either way;
     - ``max_frontier_mib``: the stored block inputs of both models may take this much, else every layer
@@ -60,7 +63,7 @@ class RefitOptions:
       target is the original output plus (shortcut_original - shortcut_pruned) / BN scale).
     """
 
-    ridge: float = 1e-3
+    ridge: float = 0.1
     precision: str = "fp32"
     max_frontier_mib: int = 2048
     max_positions: int | None = 128

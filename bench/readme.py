@@ -122,6 +122,23 @@ def render_recovery(data: dict) -> str:
             f"not train. {_machine(data)}")
 
 
+def render_imagenet(data: dict) -> str:
+    rows = [[r["criterion"], f"{100 * r['target']:.0f}", r["repair"], f"{r['macs_removed_%']:.1f}",
+             f"{r['top1']:.1f} ({r['top1_change']:+.1f})", f"{r['agreement_%']:.1f}", f"{r['speedup']:.2f}x",
+             f"{r['seconds']:.0f}", r.get("recovery") or ""] for r in data["rows"]]
+    trained = any(r["repair"] == "refit + recovery" for r in data["rows"])
+    return (_table(["criterion", "target %", "repair", "MACs removed %", "top-1 % (change)", "agreement %",
+                    "onnxruntime speed-up", "prune s", "recovery"], rows) +
+            f"\n\n{data['model']}, unpruned top-1 {data['unpruned_top1']:.1f} % on the {data['evaluation']}. "
+            f"Calibration: {data['calibration']}. 'none': removal only; 'refit': least-squares refit + BatchNorm "
+            "re-estimation (the default with calibration images, no training)"
+            + ("; 'refit + recovery': that, then the label-free recovery (trains on the calibration images against "
+               "the unpruned model; 20 % of them held aside from every step for its early stopping)" if trained else "")
+            + f". Speed-up: onnxruntime, batch 1, {data['onnxruntime']['threads']} thread, interleaved with the "
+            f"original. Pruning ran on {data['torch_threads']} torch threads. {_machine(data)} "
+            "`python bench/imagenet.py` (rows as listed in the command of each run; see the JSON).")
+
+
 def render_finetune(data: dict) -> str:
     rows = [[r["run"], r["schedule"], r["epochs"], f"{r['flops_removed_pct']:.1f}", f"{r['params_removed_pct']:.1f}",
              f"{r['top1_baseline']:.2f}",
@@ -263,7 +280,7 @@ def render_models(data: dict) -> str:
             + f". {_machine(data)} `python bench/models.py`.")
 
 
-RENDERERS = {"recovery": render_recovery, "engine": render_engine, "calibration": render_calibration,
+RENDERERS = {"recovery": render_recovery, "imagenet": render_imagenet, "engine": render_engine, "calibration": render_calibration,
              "scale": render_scale, "quality": render_quality, "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
              "robustness": render_robustness, "int8": render_int8, "edge_mobilenet": render_edge_mobilenet,
              "models": render_models}

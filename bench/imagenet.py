@@ -146,6 +146,8 @@ def main() -> int:
     if not (Path(args.imagenet_sample) / "manifest.csv").is_file():
         print(f"skipped: {args.imagenet_sample}/manifest.csv not found (pass --imagenet-sample DIR)")
         return 0
+    if args.runs < 30:
+        ap.error("--runs must be at least 30 (onnxruntime medians of fewer runs are refused)")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")

@@ -127,6 +127,9 @@ def render_imagenet(data: dict) -> str:
              f"{r['top1']:.1f} ({r['top1_change']:+.1f})", f"{r['agreement_%']:.1f}", f"{r['speedup']:.2f}x",
              f"{r['seconds']:.0f}", r.get("recovery") or ""] for r in data["rows"]]
     trained = any(r["repair"] == "refit + recovery" for r in data["rows"])
+    rows.insert(0, ["unpruned", "", "", "0.0", f"{data['unpruned_top1']:.1f}", "100.0", "1.00x", "", ""])
+    paper = data["paper"]
+    rows.append([paper["method"], "", "", "", f"({paper['top1_change']:+.2f})", "", f"{paper['speedup']:.2f}x", "", ""])
     return (_table(["criterion", "target %", "repair", "MACs removed %", "top-1 % (change)", "agreement %",
                     "onnxruntime speed-up", "prune s", "recovery"], rows) +
             f"\n\n{data['model']}, unpruned top-1 {data['unpruned_top1']:.1f} % on the {data['evaluation']}. "

@@ -153,3 +153,36 @@ def test_a_wrong_output_among_several_is_caught(tmp_path, monkeypatch):
     with pytest.raises(SimpruneError, match=r"ONNX output 2 differs"):
         eo._verify(eo._export_legacy(model, torch.randn(1, 3, 8, 8), 18, True, ["o0", "o1", "o2", "o3"]), model,
                    [torch.randn(1, 3, 8, 8)], 1e-4)
+
+
+class _DetachedHead(torch.nn.Module):
+    """A second head reads the trunk through .detach() (as YOLOv10's one-to-one head does in training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.trunk = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.head = torch.nn.Conv2d(32, 8, 1)
+        self.side = torch.nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.trunk(torch.relu(self.stem(x))))
+        return self.head(y) + self.side(y.detach())
+
+
+def test_a_layer_the_trace_cannot_connect_keeps_its_producer_whole_and_the_forward_works():
+    model = _DetachedHead().eval()
+    pruned, report = simprune.prune(model, torch.zeros(1, 3, 16, 16), "l1", {"macs": 0.3})
+    assert pruned.trunk.out_channels == 32 and pruned.stem.out_channels < 16  # trunk kept whole, stem pruned
+    assert "read by side" in report["kept_width"]["trunk"]
+    assert pruned(torch.randn(2, 3, 16, 16)).shape == (2, 8, 16, 16)
+
+
+def test_yolov10_prunes_with_its_one_to_one_head_kept_whole_and_still_runs():
+    model = _yolo("yolov10n.yaml")
+    pruned, report = simprune.prune(model, X64, "l1", {"macs": 0.5},
+                                    selection=simprune.Selection(ignore=["model.10.attn.*"]))
+    assert abs(report["reduction"]["flops"] - 0.5) < 0.02
+    assert "trace does not connect" in report["kept_width"]["model.16.cv2.conv"]  # read by the one2one head
+    out = pruned(torch.zeros(1, 3, 64, 64))
+    assert out[0].shape == model(torch.zeros(1, 3, 64, 64))[0].shape

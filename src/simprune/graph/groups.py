@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from simprune.errors import SimpruneError
+from simprune.graph.detached import input_producers, untraced_readers
 from simprune.models import CUSTOM_PRUNERS
 from simprune.models.adapters import BARRIERS, adapt_for_pruning
 
@@ -200,10 +201,16 @@ class PruningGraph:
             raise SimpruneError(f"layer {bad[0]!r} ({type(bad[1]).__name__}) is attention, which simprune cannot "
                                 "prune (it prunes convolutional networks); leave it whole with "
                                 f"ignore={bad[0]}.*")
+        producers = input_producers(model, example_input)
         self._outputs: set = set()  # grad_fns of the model's output tensors, recorded while tracing
         self.dg = self._trace(model, example_input, names, self._record_outputs)
+        untraced = untraced_readers(self.dg, model, producers)  # their producers are kept whole
+        modules = dict(model.named_modules())
+        ignored_layers += [modules[p] for ps in untraced.values() for p in ps if modules[p] not in ignored_layers]
         self._to_output = self._layers_reaching_output()
-        self.kept_width: dict[str, str] = {}  # layer -> why its output channels stay whole (found from the graph)
+        self.kept_width: dict[str, str] = {  # layer -> why its output channels stay whole (found from the graph)
+            p: f"read by {reader}, which Torch-Pruning's trace does not connect to it"
+            for reader, ps in untraced.items() for p in ps}
         self.groups: list[ChannelGroup] = []
         for g in self.dg.get_all_groups(ignored_layers=ignored_layers, root_module_types=(nn.Conv2d, nn.Linear)):
             group = self._channel_group(g, names)

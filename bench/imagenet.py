@@ -96,7 +96,10 @@ def run(args) -> list[dict]:
     base = float((ref_top == labels).double().mean() * 100)
     rows = list(done)
     for name in args.criteria:
-        crit = ScoreCache(get_criterion(name, progress=False), reuse=True)
+        crit = get_criterion(name)
+        if hasattr(crit, "progress"):
+            crit.progress = False
+        crit = ScoreCache(crit, reuse=True)
         for target in args.targets:
             for repair in args.repairs:
                 if (name, target, repair) in have:
@@ -124,6 +127,12 @@ def _recovery_text(summary) -> str:
 
 
 def _write(args, base: float, rows: list[dict]) -> None:
+    """Write the rows, merged with those another run wrote meanwhile (two runs may share the file)."""
+    path = RESULTS / "imagenet.json"
+    if args.resume and path.exists():
+        key = lambda r: (r["criterion"], r["target"], r["repair"])  # noqa: E731
+        mine = {key(r) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"] if key(r) not in mine] + rows
     write_json("imagenet", {"model": "torchvision mobilenet_v2 IMAGENET1K_V1", "unpruned_top1": base,
                             "calibration": f"{args.calib_images} images, calibration split (labels never read)",
                             "evaluation": "500 images, evaluation split (classes the calibration never saw)",

@@ -138,8 +138,8 @@ def render_imagenet(data: dict) -> str:
             + ("; 'refit + recovery': that, then the label-free recovery (trains on the calibration images against "
                "the unpruned model; 20 % of them held aside from every step for its early stopping)" if trained else "")
             + f". Speed-up: onnxruntime, batch 1, {data['onnxruntime']['threads']} thread, interleaved with the "
-            f"original. Pruning ran on {data['torch_threads']} torch threads. {_machine(data)} "
-            "`python bench/imagenet.py` (rows as listed in the command of each run; see the JSON).")
+            f"original. {_machine(data)} (the torch threads of the last run to write; see docs/results.md for each run's "
+            "command).")
 
 
 def render_finetune(data: dict) -> str:

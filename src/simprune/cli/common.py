@@ -80,7 +80,7 @@ def image_preprocess(args, desc: dict | None = None) -> Preprocess:
     says anything and ImageNet's 256/224 is assumed."""
     desc = desc or {}
     recorded = (desc.get("calibration") or {}).get("preprocess")
-    base = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}) if recorded else \
+    base = Preprocess.from_dict(recorded) if recorded else \
         model_preprocess(getattr(args, "model", None) or desc.get("model"),
                          getattr(args, "weights", None))
     given = {k: getattr(args, k, None) for k in ("resize", "crop", "mean", "std")}

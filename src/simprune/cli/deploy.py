@@ -156,7 +156,7 @@ def _absolute_source(source: str) -> str:
 def recorded_preprocess(record: dict) -> Preprocess | None:
     """The Preprocess a calibration record names (None for a named data set)."""
     pre = record.get("preprocess")
-    return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}) if pre else None
+    return Preprocess.from_dict(pre) if pre else None
 
 
 def int8_dir(directory: str | Path, *, calibration: dict | None = None, data: str | None = None,

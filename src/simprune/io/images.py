@@ -53,6 +53,11 @@ class Preprocess:
         return T.Compose([T.Resize(self.resize, interpolation=mode, antialias=True), T.CenterCrop(self.crop),
                           T.ToTensor(), T.Normalize(self.mean, self.std)])
 
+    @classmethod
+    def from_dict(cls, record: dict) -> Preprocess:
+        """The Preprocess :meth:`describe` wrote (model.json's calibration record)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+
     def describe(self) -> dict:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation}

@@ -116,6 +116,16 @@ def design_rows(layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None =
         yield rows, y.transpose(1, 2).reshape(-1, y.shape[1])
 
 
+MIN_ROWS_PER_COLUMN = 4  # fewer rows than this per input column: a least-squares fit is not trusted
+
+
+def starved(columns: int, rows: float, factor: int = MIN_ROWS_PER_COLUMN) -> bool:
+    """True when ``rows`` calibration rows are too few to judge a least-squares fit on ``columns`` inputs
+    (a classifier reading 1280 pooled features from 500 images): the Gram is rank-deficient, so the fit
+    reproduces the fitted images and not others."""
+    return rows < factor * columns
+
+
 class RowSums:
     """Float64 sums over rows: count, sum, Gram, and with a target the cross-correlation and energy."""
 

@@ -7,7 +7,9 @@ the layer's output energy. Channels are removed greedily by that cost, jointly o
 readers; a channel's score is the cumulative relative error at the step it goes, so scores are
 comparable across groups (normalisation "none"): the allocator removes where the refit loses least.
 Groups that a parameter-free layer also reads (the option-A shortcut) get no score and stay whole: no
-refit can repair what that layer passes on.
+refit can repair what that layer passes on. So do groups read by a layer with fewer calibration rows than
+:data:`~simprune.calibrate.consumer_inputs.MIN_ROWS_PER_COLUMN` times its input columns (a classifier reading 1280 pooled features from 500 images):
+its Gram is rank-deficient, so most channels look free to remove on the fitted images and are not on others.
 The math is in :mod:`simprune.stats.refit`; this is beyond the papers (ThiNet / He et al. 2017 style).
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from simprune.calibrate.batches import check_precision
-from simprune.calibrate.consumer_inputs import consumer_grams, refit_support, taps, weight_matrix
+from simprune.calibrate.sensitivity import output_gains
+from simprune.calibrate.consumer_inputs import consumer_grams, refit_support, starved, taps, weight_matrix
 from simprune.criteria.base import Criterion, CriterionResult
 from simprune.criteria.registry import register
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph
@@ -42,34 +45,46 @@ class RefitError(Criterion):
     normalization = "none"
 
     def __init__(self, ridge: float = 1e-4, calib_precision: str = "fp32", max_gram_mib: int = 1024,
-                 max_positions: int | None = 128, progress: bool = False, precision: str | None = None):
+                 max_positions: int | None = 128, progress: bool = False, precision: str | None = None,
+                 weigh_by_gain: bool = False, gain_images: int = 64):
         """``calib_precision`` (``precision`` is its old name): the forward pass that gathers the Grams, "fp32"
         or "bf16" autocast (faster, but its rounding depends on the batch composition enough to change the
         greedy order: measured on ResNet-20, 7 of 10 groups ordered differently for one batch of 128 images vs
         two of 64; fp32: none); the products are float32 and the sums float64 either way. ``max_gram_mib``
         bounds the Grams held at once; ``max_positions``: conv output positions read per image (a fixed random
-        set; None: all)."""
+        set; None: all). ``weigh_by_gain``: each reader's relative error is weighed by its layer gain (the
+        output change per unit of relative error, :mod:`simprune.calibrate.sensitivity`, on ``gain_images``
+        calibration images), so groups are compared by what their removal does to the model's output."""
         self.calib_precision = check_precision(precision or calib_precision)
         self.ridge, self.max_gram_mib, self.progress = ridge, max_gram_mib, progress
         self.max_positions = max_positions
+        self.weigh_by_gain, self.gain_images = weigh_by_gain, gain_images
+        self.gains: dict[str, float] = {}
 
     def score(self, graph: PruningGraph, calibration) -> CriterionResult:
         groups = {g.root: g for g in graph.groups if g.compensable and readers(g)}
         layers = {m.name: m.module for g in groups.values() for m in readers(g)}
         waiting = {root: {m.name for m in readers(g)} for root, g in groups.items()}
-        grams, scores = {}, {}
+        self.gains = output_gains(graph.model, layers, calibration, self.gain_images) if self.weigh_by_gain else {}
+        grams, scores, short = {}, {}, {}
         for name, sums in consumer_grams(graph.model, layers, calibration, self.calib_precision,
                                          self.max_gram_mib << 20, self.max_positions):
             grams[name] = centered_gram(sums.gram, sums.total, float(sums.n))
+            if starved(grams[name].shape[0], float(sums.n)):
+                short[name] = f"{name} ({int(sums.n)} rows for {grams[name].shape[0]} inputs)"
             for root in [r for r, names in waiting.items() if names <= grams.keys()]:
-                scores[root] = self._group_scores(groups[root], grams)
+                if not any(n in short for n in waiting[root]):
+                    scores[root] = self._group_scores(groups[root], grams)
                 del waiting[root]
                 needed = set().union(*waiting.values()) if waiting else set()
                 grams = {n: g for n, g in grams.items() if n in needed}
-        notes = {"unscored_groups": ", ".join(g.root for g in graph.groups if g.root not in groups)}
         result = CriterionResult(scores, normalization=self.normalization)
-        if notes["unscored_groups"] and hasattr(result, "notes"):
-            result.notes.update(notes)
+        unscored = ", ".join(g.root for g in graph.groups if g.root not in groups)
+        if unscored:
+            result.notes["unscored_groups"] = unscored
+        if short:
+            result.notes["too_few_rows"] = ("kept whole, read with too few calibration rows to judge (more images "
+                                            "let them be pruned): " + ", ".join(short.values()))
         return result
 
     def _group_scores(self, group: ChannelGroup, grams: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -77,7 +92,8 @@ class RefitError(Criterion):
         order, cumulative = greedy_removal([grams[m.name] for m in members],
                                            [weight_matrix(m.module).cpu() for m in members],
                                            [channel_blocks(m, group.size) for m in members],
-                                           group.size - 1, self.ridge)
+                                           group.size - 1, self.ridge,
+                                           [self.gains.get(m.name, 1.0) for m in members])
         scores = torch.empty(group.size, dtype=torch.float64)
         scores[order] = torch.tensor(cumulative, dtype=torch.float64)
         last = sorted(set(range(group.size)) - set(order))

@@ -29,6 +29,7 @@ from simprune.calibrate.batches import Calibration
 from simprune.calibrate.consumer_inputs import (
     RowSums,
     design_rows,
+    starved,
     refit_support,
     set_weight_matrix,
     weight_matrix,
@@ -165,6 +166,7 @@ class _Refitter:
         self.errors: dict[str, list[float]] = {}
         self.largest_gram = 0
         self.deferred: list = []
+        self.skipped: dict[str, str] = {}  # layers the statistics showed a refit could not be trusted on
 
     def run(self) -> None:
         started = False
@@ -223,6 +225,11 @@ class _Refitter:
                 sums.update(rows, target)
         self.largest_gram = max(self.largest_gram, sums.gram.numel() * 8)
         sums.all_reduce().check(name).to("cpu")
+        columns = weight_matrix(lp).shape[1]
+        if starved(columns, float(sums.n)) and columns == weight_matrix(lo).shape[1]:
+            self.skipped[name] = (f"too few calibration rows ({int(sums.n)} for {columns} inputs) and no input lost: "
+                                  "left as it was")
+            return
         if self.options.sequential:
             self.errors[name] = refit_layer(lp, sums, self._bn_after(name), self.options.ridge)
         else:
@@ -307,7 +314,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, targets: dict[str, list[
             refitter.finish()
     finally:
         refitter.frontier = None
-    return _summary(refitter, skipped, options, calibration.count()) | {"seconds": time.perf_counter() - t0}
+    return _summary(refitter, skipped | refitter.skipped, options, calibration.count()) | {"seconds": time.perf_counter() - t0}
 
 
 def _summary(refitter: _Refitter, skipped: dict[str, str], options: RefitOptions, images: int) -> dict:

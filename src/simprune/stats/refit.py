@@ -78,22 +78,24 @@ def remove_block(inv_gram: torch.Tensor, w: torch.Tensor, block: torch.Tensor) -
 
 
 def greedy_removal(grams: list[torch.Tensor], weights: list[torch.Tensor], blocks: list[torch.Tensor],
-                   n_remove: int, ridge: float = 1e-4) -> tuple[list[int], list[float]]:
+                   n_remove: int, ridge: float = 1e-4,
+                   layer_weights: list[float] | None = None) -> tuple[list[int], list[float]]:
     """Remove ``n_remove`` channels one at a time, each time the one whose removal costs least.
 
     Layer i has Gram ``grams[i]``, weights ``weights[i]`` (o_i x p_i) and channel blocks ``blocks[i]``
     (C x k_i: the columns of channel c). A channel's cost is the sum over layers of the error increase
     of each layer's best refit, divided by that layer's output energy ``tr(W G W^T)``, so a layer's
-    scale does not matter. Returns the removal order and the cumulative relative error after each step."""
+    scale does not matter, times ``layer_weights[i]`` (default 1: what a unit of layer i's relative error
+    costs downstream). Returns the removal order and the cumulative weighted error after each step."""
     if not grams or not len(grams) == len(weights) == len(blocks):
         raise SimpruneError("greedy removal needs one Gram, weight matrix and block table per layer")
     channels = blocks[0].shape[0]
     if any(b.shape[0] != channels for b in blocks) or not 0 <= n_remove < channels:
         raise SimpruneError(f"cannot remove {n_remove} of {channels} channels (blocks disagree or too many)")
     state = []
-    for g, w, b in zip(grams, weights, blocks):
+    for g, w, b, scale in zip(grams, weights, blocks, layer_weights or [1.0] * len(grams)):
         g, w = g.double(), w.double()
-        energy = float((w @ g * w).sum())
+        energy = float((w @ g * w).sum()) / max(scale, 1e-30)
         lhs = g + damping(g, ridge) * torch.eye(g.shape[0], dtype=g.dtype)
         state.append([torch.linalg.inv(lhs), w.clone(), b.long(), max(energy, 1e-30)])
     alive = torch.ones(channels, dtype=torch.bool)

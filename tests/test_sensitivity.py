@@ -1,0 +1,110 @@
+"""Layer gains (how far the output moves per unit of relative error at a layer), the gain-weighted greedy
+removal, and the refit-error criterion's refusal to judge readers with too few calibration rows."""
+import pytest
+import torch
+from torch import nn
+
+from simprune.calibrate.sensitivity import output_change, output_gains, output_tensors
+from simprune.criteria import get_criterion
+from simprune.graph.groups import PruningGraph
+from simprune.stats.refit import greedy_removal
+from tests.test_reconstruct import Tiny
+
+
+class TwoBranch(nn.Module):
+    """``head`` makes the output; ``dead`` is computed and multiplied by zero, so nothing it does shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 1)
+        self.dead = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h) + 0.0 * self.dead(h)
+
+
+def _images(n=4, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 2, 6, 6, generator=g),) for _ in range(n)]
+
+
+def test_noise_at_the_output_layer_moves_the_output_by_its_relative_energy_and_a_dead_layer_not_at_all():
+    torch.manual_seed(0)
+    model = TwoBranch().eval()
+    gains = output_gains(model, {"head": model.head, "dead": model.dead}, _images(), images=256)
+    # noise of relative energy epsilon on the output itself changes it by epsilon of its energy: gain 1
+    assert gains["head"] == pytest.approx(1.0, rel=0.15)
+    assert gains["dead"] == 0.0
+
+
+def test_a_classifier_gain_is_the_logit_kl_per_unit_of_relative_error():
+    reference = [torch.tensor([[2.0, 0.0], [0.0, 2.0]])]
+    same = output_change(reference, [reference[0].clone()])
+    moved = output_change(reference, [torch.tensor([[0.0, 2.0], [0.0, 2.0]])])
+    p = torch.tensor([2.0, 0.0]).softmax(0)  # the first image's KL from swapping its logits, by hand
+    assert same == 0.0
+    assert moved == pytest.approx(float((p * (p.log() - p.flip(0).log())).sum()) / 2, rel=1e-5)
+    assert len(output_tensors({"a": torch.zeros(2), "b": (torch.ones(1), torch.zeros(1, dtype=torch.long))})) == 2
+
+
+def test_layer_weights_decide_which_reader_is_spared():
+    # two readers of the same two channels (Gram I): A needs channel 1 (weights 1, 3), B channel 0 (3, 1)
+    eye = torch.eye(2, dtype=torch.float64)
+    wa, wb = torch.tensor([[1.0, 3.0]], dtype=torch.float64), torch.tensor([[3.0, 1.0]], dtype=torch.float64)
+    blocks = [torch.tensor([[0], [1]])] * 2
+    order, cumulative = greedy_removal([eye, eye], [wa, wb], blocks, 1, 0.0, [1.0, 3.0])
+    assert order == [1] and cumulative == pytest.approx([9 / 10 + 3 * 1 / 10])  # B weighs more: keep its 0
+    order, cumulative = greedy_removal([eye, eye], [wa, wb], blocks, 1, 0.0, [3.0, 1.0])
+    assert order == [0] and cumulative == pytest.approx([3 * 1 / 10 + 9 / 10])
+
+
+def _criterion(**options):
+    return get_criterion("refit-error", precision="fp32", ridge=1e-9, **options)
+
+
+def test_a_group_read_with_too_few_rows_for_its_columns_is_left_whole_and_said_so():
+    torch.manual_seed(0)
+    model = Tiny().eval()  # fc reads conv2's 5 pooled channels: one row per image
+    graph = PruningGraph(model, torch.zeros(1, 2, 8, 8))
+    few = [(torch.randn(12, 2, 8, 8),)]  # 12 rows < 4 x 5 columns
+    result = _criterion().score(graph, few)
+    assert "conv2" not in result.scores and "conv1" in result.scores
+    assert "fc (12 rows for 5 inputs)" in result.notes["too_few_rows"]
+    enough = [(torch.randn(16, 2, 8, 8),) for _ in range(2)]
+    assert "conv2" in _criterion().score(graph, enough).scores
+
+
+def test_gain_weighting_scales_a_groups_scores_by_its_readers_gain():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    graph = PruningGraph(model, torch.zeros(1, 2, 8, 8))
+    data = [(torch.randn(32, 2, 8, 8),) for _ in range(2)]
+    plain = _criterion().score(graph, data).scores
+    crit = _criterion(weigh_by_gain=True)
+    weighted = crit.score(graph, data).scores
+    assert set(crit.gains) == {"conv2", "fc"}
+    for root, reader in (("conv1", "conv2"), ("conv2", "fc")):
+        greedy = plain[root] < plain[root].max()  # the channel greedy never removes gets a sentinel score
+        torch.testing.assert_close(weighted[root][greedy], plain[root][greedy] * crit.gains[reader], rtol=1e-6,
+                                   atol=1e-12)
+
+
+def test_the_refit_leaves_a_layer_alone_when_it_has_too_few_rows_and_lost_no_input():
+    import copy
+
+    from simprune.graph.removal import remove_channels
+    from simprune.repair.refit import RefitOptions, reconstruct, refit_targets
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    reference = copy.deepcopy(model)
+    graph = PruningGraph(model, torch.zeros(1, 2, 8, 8))
+    targets = refit_targets(graph, {"conv1": [1]}, "all")
+    remove_channels(graph, {"conv1": [1]})
+    few = [(torch.randn(12, 2, 8, 8),)]  # fc: 12 rows for 5 inputs, and it lost none
+    summary = reconstruct(reference, model, targets, few, RefitOptions(ridge=1e-6))
+    assert "too few calibration rows (12 for 5 inputs)" in summary["skipped"]["fc"]
+    torch.testing.assert_close(model.fc.weight, reference.fc.weight)
+    assert "conv2" not in summary["skipped"]  # it lost an input: refit on its 12 x 64 rows
+    assert not torch.equal(model.conv2.weight, reference.conv2.weight[:, [0, 2, 3]])

@@ -410,3 +410,21 @@ def test_prune_cli_refits_by_default_with_calibration_data_and_says_so(cli, tmp_
     code, _, err = cli(*common, "--schedule", "soft", "--reconstruct", "--finetune-epochs", "1", "--data",
                        "fashion-mnist-sample", "--out", tmp_path / "soft")
     assert code == 2 and "--schedule soft trains instead" in err and not (tmp_path / "soft").exists()
+
+
+def _expanding_block() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(4, 32, 1), nn.ReLU(), nn.Conv2d(32, 4, 1))  # an inner map 8x the block's
+
+
+def test_a_memory_limit_cuts_the_chain_at_blocks_whose_outputs_fit_not_at_their_expanded_inner_maps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(*[_expanding_block() for _ in range(3)])).eval()  # "0" wraps everything
+    x = torch.randn(1, 4, 8, 8)
+    calls = trace_calls(model, x)
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    fine = [c.name for c in find_chain(calls, layers)]
+    assert "0.0.0" in fine and "0.0.1" in fine  # unlimited: the finest cut, through the 32-channel maps
+    block_bytes = 4 * 8 * 8 * 4
+    assert [c.name for c in find_chain(calls, layers, block_bytes)] == ["0.0", "0.1", "0.2"]
+    plan = plan_segments(model, x, layers, 2 * block_bytes * 10, 10)  # room for the blocks' maps only
+    assert [s.module for s in plan.segments] == ["0.0", "0.1", "0.2"] and plan.frontier_bytes_per_image == block_bytes

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from simprune.errors import SimpruneError
-from simprune.repair.recovery import Recovery, augment, distill_loss, feature_layer, recover, split_images
+from simprune.repair.recovery import (
+    Recovery,
+    augment,
+    distill_loss,
+    feature_layer,
+    head_layers,
+    recover,
+    split_images,
+)
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -109,3 +117,21 @@ def test_bad_options_and_too_few_images_are_one_line():
         Recovery(holdout=1.5)
     with pytest.raises(SimpruneError, match="at least 16"):
         recover(_net(), _net(1), [torch.randn(10, 3, 12, 12)], FAST)
+
+
+def test_a_head_the_pruning_left_whole_is_reused_as_it_is_when_not_trained():
+    teacher = _net()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[3].weight.add_(0.5 * torch.randn_like(student[3].weight))
+    assert head_layers(teacher, student, "4", torch.randn(1, 3, 12, 12)) == ["7"]
+    options = Recovery(**{**FAST.__dict__, "train_head": False})
+    summary = recover(teacher, student, _calibration(), options)
+    assert summary["head_kept"] == ["7"]
+    assert torch.equal(student[7].weight, teacher[7].weight)  # the head as it was
+    assert not torch.equal(student[3].weight, teacher[3].weight)  # the features trained
+    assert summary["held_out_kl"]["after"] < summary["held_out_kl"]["before"]
+    pruned = copy.deepcopy(teacher)
+    pruned[3], pruned[7] = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6, 5)  # a pruned head is not the teacher's
+    assert head_layers(teacher, pruned, feature_layer(teacher, pruned, torch.randn(1, 3, 12, 12)),
+                       torch.randn(1, 3, 12, 12)) == []

@@ -47,7 +47,10 @@ class Recovery:
     - ``checks``: held-aside evaluations over the run; ``patience``: evaluations without improvement
       before stopping;
     - ``time_budget_s``: training stops once this much time has passed (None: no limit);
-    - ``bf16``: autocast the forward passes to bfloat16 (weights and optimiser stay float32).
+    - ``bf16``: autocast the forward passes to bfloat16 (weights and optimiser stay float32);
+    - ``train_head``: False keeps the layers after the feature layer that are shaped as in the unpruned model
+      (its classifier, when pruning left its input whole) as they are, so the pruned features are trained to
+      feed the unpruned head (MiR) and the classes the calibration images do not show keep their weights.
     """
 
     steps: int | None = 600
@@ -63,6 +66,7 @@ class Recovery:
     patience: int = 6
     time_budget_s: float | None = 1200.0
     bf16: bool = True
+    train_head: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -121,36 +125,47 @@ def augment(x: torch.Tensor, gen: torch.Generator, min_scale: float, cutmix: flo
     return out
 
 
-def feature_layer(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> str | None:
-    """The last module (by execution order) whose output is a 4-D map of the same shape in both models:
-    the features before pooling that the head reads (MiR). None when no such module exists."""
-    shapes: dict[str, list] = {"t": [], "s": []}
-
-    def record(key):
-        def hook(module, _inputs, output):
-            if isinstance(output, torch.Tensor):
-                shapes[key].append((module._recovery_name, tuple(output.shape)))
-        return hook
-
-    handles = []
-    for key, model in (("t", teacher), ("s", student)):
-        for name, m in model.named_modules():
-            if name and not list(m.children()):
-                m._recovery_name = name
-                handles.append(m.register_forward_hook(record(key)))
+def _leaf_outputs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, tuple]]:
+    """(name, output shape) of every leaf module that returns a tensor, in execution order."""
+    seen: list[tuple[str, tuple]] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.append((name, tuple(out.shape)))
+                                       if isinstance(out, torch.Tensor) else None)
+               for name, m in model.named_modules() if name and not list(m.children())]
     try:
         with torch.no_grad():
-            teacher(example), student(example)
+            model(example)
     finally:
         for h in handles:
             h.remove()
-        for model in (teacher, student):
-            for m in model.modules():
-                m.__dict__.pop("_recovery_name", None)
-    student_shapes = dict(shapes["s"])
-    shared = [(name, shape) for name, shape in shapes["t"] if len(shape) == 4 and student_shapes.get(name) == shape]
+    return seen
+
+
+def feature_layer(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> str | None:
+    """The last module (by execution order) whose output is a 4-D map of the same shape in both models:
+    the features before pooling that the head reads (MiR). None when no such module exists."""
+    student_shapes = dict(_leaf_outputs(student, example))
+    shared = [(name, shape) for name, shape in _leaf_outputs(teacher, example)
+              if len(shape) == 4 and student_shapes.get(name) == shape]
     spatial = [name for name, shape in shared if shape[2] * shape[3] > 1]  # before pooling, not its 1x1 output
     return spatial[-1] if spatial else (shared[-1][0] if shared else None)
+
+
+def head_layers(teacher: nn.Module, student: nn.Module, layer: str | None, example: torch.Tensor) -> list[str]:
+    """The modules with parameters that run after ``layer`` in the student and are shaped as in the teacher:
+    the teacher's head, which the student reuses as it is (MiR) when the head is not trained."""
+    if layer is None:
+        return []
+    order = [name for name, _ in _leaf_outputs(student, example)]
+    after = order[len(order) - order[::-1].index(layer):] if layer in order else []
+    teacher_modules = dict(teacher.named_modules())
+    head = []
+    for name in dict.fromkeys(after):
+        params = dict(student.get_submodule(name).named_parameters(recurse=False))
+        twin = teacher_modules.get(name)
+        if params and twin is not None and all(
+                getattr(twin, k, None) is not None and getattr(twin, k).shape == p.shape for k, p in params.items()):
+            head.append(name)
+    return head
 
 
 class _Capture:
@@ -223,19 +238,23 @@ def recover(teacher: nn.Module, student: nn.Module, calibration, options: Recove
     with torch.no_grad(), forward_precision(device, options.precision):
         teacher_held = torch.cat([_logits(teacher(held[i:i + 64])).float() for i in range(0, len(held), 64)])
     layer = feature_layer(teacher, student, train[:1])
+    frozen = [] if options.train_head else head_layers(teacher, student, layer, train[:1])
     try:
-        summary = _train(teacher, student, train, held, teacher_held, layer, total, options, t0)
+        summary = _train(teacher, student, train, held, teacher_held, layer, total, options, t0, frozen)
     finally:
         teacher.train(teacher_mode), student.train(student_mode)
-    summary.update(images=len(train) + len(held), held_aside=len(held), feature_layer=layer,
+    summary.update(images=len(train) + len(held), held_aside=len(held), feature_layer=layer, head_kept=frozen,
                    seconds=time.perf_counter() - t0, options=asdict(options))
     return summary
 
 
-def _train(teacher, student, train, held, teacher_held, layer, total, options: Recovery, t0) -> dict:
-    """The training loop of :func:`recover`: SGD steps, held-aside checks, early stopping, best state kept."""
+def _train(teacher, student, train, held, teacher_held, layer, total, options: Recovery, t0,
+           frozen: list[str]) -> dict:
+    """The training loop of :func:`recover`: SGD steps, held-aside checks, early stopping, best state kept;
+    the parameters of the ``frozen`` modules are not trained."""
     gen = torch.Generator().manual_seed(options.seed)
-    params = [p for p in student.parameters() if p.requires_grad]
+    kept = {id(p) for name in frozen for p in student.get_submodule(name).parameters()}
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in kept]
     opt = torch.optim.SGD(params, lr=options.lr, momentum=0.9, nesterov=True)
     cap_t, cap_s = _Capture(teacher, layer), _Capture(student, layer)
     start_kl, start_agree = held_out_kl(teacher_held, student, held, options)

@@ -102,11 +102,16 @@ def _feeds(a: Call, b: Call, produced: set[int]) -> bool:
             and b.inp.dtype == a.out.dtype and torch.equal(b.inp.reshape(-1), a.out.reshape(-1)))
 
 
-def find_chain(calls: list[Call], layers: list[str]) -> list[Call]:
+def find_chain(calls: list[Call], layers: list[str], max_bytes_per_image: int | None = None) -> list[Call]:
     """The chain of single-call modules, each fed the previous one's output, that holds the most of
-    ``layers`` (ties: the most blocks, so the finest cut)."""
+    ``layers`` (ties: the most blocks, so the finest cut). With ``max_bytes_per_image``, only modules whose
+    output fits it are blocks: a coarser cut (a whole inverted-residual block, not its expanded inner maps)
+    whose stored outputs fit in memory beats a finer one that would not."""
     count = Counter(c.name for c in calls)
-    blocks = [c for c in calls if c.name and count[c.name] == 1 and c.in_id is not None and c.out_id is not None]
+    made = {c.out_id: c.out_bytes_per_image for c in calls if c.out_id is not None}
+    limit = float("inf") if max_bytes_per_image is None else max_bytes_per_image
+    blocks = [c for c in calls if c.name and count[c.name] == 1 and c.in_id is not None and c.out_id is not None
+              and c.out_bytes_per_image <= limit and made.get(c.in_id, 0) <= limit]
     produced = {c.out_id for c in calls if c.out_id is not None}
     wanted = [c for c in calls if c.name in set(layers)]
     best: dict[int, tuple[tuple[int, int], list[Call]]] = {}  # call start -> ((held, blocks), chain from it)
@@ -115,8 +120,8 @@ def find_chain(calls: list[Call], layers: list[str]) -> list[Call]:
         tails = [best[b.start] for b in blocks if b.start in best and _feeds(a, b, produced)]
         (t_held, t_len), t_chain = max(tails, key=lambda t: t[0]) if tails else ((0, 0), [])
         best[a.start] = ((held + t_held, 1 + t_len), [a] + t_chain)
-    (held, length), chain = max(best.values(), key=lambda t: t[0], default=((0, 0), []))
-    return chain if length > 1 else []
+    chains = [v for v in best.values() if v[0][1] > 1]  # one block holding every layer is a whole-model pass
+    return max(chains, key=lambda t: t[0])[1] if chains else []
 
 
 def plan_segments(model: nn.Module, x: torch.Tensor, layers: list[str], max_frontier_bytes: int,
@@ -134,7 +139,7 @@ def plan_segments(model: nn.Module, x: torch.Tensor, layers: list[str], max_fron
             src = [p for p in calls if p.out_id == c.in_id and p.out_version == c.in_version and p.name in set(order)]
             if src:
                 bn_after[src[0].name] = c.name
-    chain = find_chain(calls, order)
+    chain = find_chain(calls, order, max_frontier_bytes // max(1, 2 * images))
     per_image = max([_in_bytes(calls, chain[0]) or x[:1].numel() * 4] + [b.out_bytes_per_image for b in chain]) \
         if chain else 0
     counts = Counter(c.name for c in calls)

@@ -108,3 +108,37 @@ def test_the_refit_leaves_a_layer_alone_when_it_has_too_few_rows_and_lost_no_inp
     torch.testing.assert_close(model.fc.weight, reference.fc.weight)
     assert "conv2" not in summary["skipped"]  # it lost an input: refit on its 12 x 64 rows
     assert not torch.equal(model.conv2.weight, reference.conv2.weight[:, [0, 2, 3]])
+
+
+def test_the_ridge_is_chosen_on_rows_the_fit_did_not_see():
+    from simprune.stats.refit import choose_ridge
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=g, dtype=torch.float64)
+    clean = x[:, :1]  # the target is x0; the starting weights [1, 0] are already right
+    noisy = clean + 0.5 * x[:, 1:]  # the fit rows' target also leans on x1: memorising them is wrong
+    fit, check = (x.T @ x, x.T @ noisy), (x.T @ x, x.T @ clean, float((clean ** 2).sum()))
+    right = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    ridge, errors = choose_ridge(fit, check, right, (0.0, 0.1, 100.0))
+    assert ridge == 100.0 and errors[0] > errors[1] > errors[2]  # the most damping keeps [1, 0]
+    wrong = torch.zeros(1, 2, dtype=torch.float64)  # start far off, fit rows as clean as the checked ones
+    ridge, errors = choose_ridge((x.T @ x, x.T @ clean), check, wrong, (0.0, 0.1, 100.0))
+    assert ridge == 0.0 and errors[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ridge_auto_picks_a_ridge_per_refit_layer_and_reports_it():
+    import copy
+
+    from simprune.graph.removal import remove_channels
+    from simprune.repair.refit import RIDGE_CHOICES, RefitOptions, reconstruct, refit_targets
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    reference = copy.deepcopy(model)
+    graph = PruningGraph(model, torch.zeros(1, 2, 8, 8))
+    targets = refit_targets(graph, {"conv1": [1]}, "readers")
+    remove_channels(graph, {"conv1": [1]})
+    data = [(torch.randn(16, 2, 8, 8),) for _ in range(4)]
+    summary = reconstruct(reference, model, targets, data, RefitOptions(ridge="auto", scope="readers"))
+    assert set(summary["ridges"]) == {"conv2"} and summary["ridges"]["conv2"] in RIDGE_CHOICES
+    assert summary["relative_error"]["after"] < summary["relative_error"]["before"]
+    with pytest.raises(Exception, match="ridge must be >= 0 or"):
+        RefitOptions(ridge="big")

@@ -151,6 +151,13 @@ class RowSums:
             self.target_total += target.sum(0).double()
             self.target_energy += (target * target).sum().double()
 
+    def merged(self, other: RowSums) -> RowSums:
+        """A new RowSums over the rows of both."""
+        out = RowSums(0)
+        for name, value in self.tensors().items():
+            setattr(out, name, value + getattr(other, name))
+        return out
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"n": self.n, "total": self.total, "gram": self.gram, "target_energy": self.target_energy}
         if self.cross is not None:

@@ -37,7 +37,7 @@ from simprune.calibrate.consumer_inputs import (
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PARAM_LAYERS, PruningGraph, is_depthwise
 from simprune.repair.segments import Plan, plan_segments
-from simprune.stats.refit import refit_error, ridge_refit
+from simprune.stats.refit import choose_ridge, refit_error, ridge_refit
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -49,7 +49,9 @@ class RefitOptions:
     - ``ridge``: damping toward the current weights, relative to the Gram's mean diagonal. 0.1, chosen on
       calibration images held aside from the refit (MobileNetV2 at 35 % fewer MACs, 400 images refit, 100
       held aside, labels never read: agreement with the unpruned model 31 % at 1e-3, 40 % at 0.1, 11 % at 1);
-      on the Fashion-MNIST ResNets at 48 % it moves top-1 by 0.03 (1e-3 was the earlier default);
+      on the Fashion-MNIST ResNets at 48 % it moves top-1 by 0.03 (1e-3 was the earlier default). "auto"
+      chooses it per layer from :data:`RIDGE_CHOICES`: the one whose refit on the even calibration batches
+      best reproduces the odd ones and the other way round (the report's ``ridges``);
     - ``precision``: the forward passes, "fp32" or "bf16" autocast (faster, measured less accurate: the
       refit then fits rounded inputs); products are float32 and sums float64 either way;
     - ``max_frontier_mib``: the stored block inputs of both models may take this much, else every layer
@@ -64,7 +66,7 @@ class RefitOptions:
       target is the original output plus (shortcut_original - shortcut_pruned) / BN scale).
     """
 
-    ridge: float = 0.1
+    ridge: float | str = 0.1
     precision: str = "fp32"
     max_frontier_mib: int = 2048
     max_positions: int | None = 128
@@ -76,13 +78,15 @@ class RefitOptions:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise SimpruneError(f"reconstruction precision must be fp32 or bf16, got {self.precision!r}")
-        if not self.ridge >= 0:
-            raise SimpruneError(f"reconstruction ridge must be >= 0, got {self.ridge}")
+        if self.ridge != "auto" and not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise SimpruneError(f"reconstruction ridge must be >= 0 or \"auto\", got {self.ridge!r}")
         if self.scope not in SCOPES:
             raise SimpruneError(f"reconstruction scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
 
 SCOPES = ("readers", "all")
+RIDGE_CHOICES = (1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0)  # what ridge="auto" chooses from, per layer
+FALLBACK_RIDGE = 0.1  # ridge="auto" with a single calibration batch
 
 
 def refit_targets(graph: PruningGraph, remove: dict[str, list[int]],
@@ -167,6 +171,7 @@ class _Refitter:
         self.largest_gram = 0
         self.deferred: list = []
         self.skipped: dict[str, str] = {}  # layers the statistics showed a refit could not be trusted on
+        self.ridges: dict[str, float] = {}  # layer -> the ridge chosen for it (ridge="auto")
 
     def run(self) -> None:
         started = False
@@ -209,7 +214,7 @@ class _Refitter:
         mo = self.original if seg.module is None else self.original.get_submodule(seg.module)
         mp = self.pruned if seg.module is None else self.pruned.get_submodule(seg.module)
         outputs = lp.weight.shape[0]
-        sums = RowSums(weight_matrix(lp).shape[1], outputs, device=self.device)
+        halves = [RowSums(weight_matrix(lp).shape[1], outputs, device=self.device) for _ in range(2)]
         for b, (xo, xp) in enumerate(self._sources(seg)):
             out, _, y = _run(mo, xo, grab_out=lo, stop=not last_in_block)
             if last_in_block:
@@ -222,23 +227,43 @@ class _Refitter:
                 raise SimpruneError(f"layer {name}: {y.shape[1]} original outputs kept but the pruned layer has "
                                     f"{outputs}; the pruned model does not match the original")
             for rows, target in design_rows(lp, x_in, y, self.options.max_positions, self.options.seed):
-                sums.update(rows, target)
-        self.largest_gram = max(self.largest_gram, sums.gram.numel() * 8)
-        sums.all_reduce().check(name).to("cpu")
+                halves[b % 2].update(rows, target)  # even and odd batches: the ridge is judged across them
+        for h in halves:
+            h.all_reduce().check(name).to("cpu")
+        sums = halves[0].merged(halves[1])
+        self.largest_gram = max(self.largest_gram, 3 * sums.gram.numel() * 8)
         columns = weight_matrix(lp).shape[1]
         if starved(columns, float(sums.n)) and columns == weight_matrix(lo).shape[1]:
             self.skipped[name] = (f"too few calibration rows ({int(sums.n)} for {columns} inputs) and no input lost: "
                                   "left as it was")
             return
+        ridge = self._ridge(name, lp, halves)
         if self.options.sequential:
-            self.errors[name] = refit_layer(lp, sums, self._bn_after(name), self.options.ridge)
+            self.errors[name] = refit_layer(lp, sums, self._bn_after(name), ridge)
         else:
-            self.deferred.append((name, lp, sums))
+            self.deferred.append((name, lp, sums, ridge))
+
+    def _ridge(self, name: str, layer: nn.Module, halves: list[RowSums]) -> float:
+        """The options' ridge; for ``ridge="auto"`` the choice whose refit on one half of the batches
+        reproduces the other half best (each way round, errors summed), recorded in ``self.ridges``."""
+        if self.options.ridge != "auto":
+            return float(self.options.ridge)
+        if float(halves[1].n) == 0:  # one batch: nothing to judge on
+            self.ridges[name] = FALLBACK_RIDGE
+            return FALLBACK_RIDGE
+        bn = self._bn_after(name)
+        designs = [layer_design(layer, h, bn) for h in halves]
+        totals = [0.0] * len(RIDGE_CHOICES)
+        for fit, check in ((designs[0], designs[1]), (designs[1], designs[0])):
+            _, errors = choose_ridge(fit[:2], check[:3], fit[3], RIDGE_CHOICES)
+            totals = [t + e for t, e in zip(totals, errors)]
+        self.ridges[name] = RIDGE_CHOICES[min(range(len(totals)), key=totals.__getitem__)]
+        return self.ridges[name]
 
     def finish(self) -> None:
         """Apply the refits held back by ``sequential=False``."""
-        for name, layer, sums in self.deferred:
-            self.errors[name] = refit_layer(layer, sums, self._bn_after(name), self.options.ridge)
+        for name, layer, sums, ridge in self.deferred:
+            self.errors[name] = refit_layer(layer, sums, self._bn_after(name), ridge)
         self.deferred = []
 
     def _stream_error(self, seg, name: str, xo, xp, keep) -> torch.Tensor:
@@ -258,30 +283,39 @@ class _Refitter:
         return None if bn is None else self.pruned.get_submodule(bn)
 
 
-def refit_layer(layer: nn.Module, sums: RowSums, bn: nn.Module | None, ridge: float) -> list[float]:
-    """Refit ``layer`` from its statistics (intercept into its bias, else into ``bn``'s running mean);
-    returns its error before and after, relative to the centered energy of the original output."""
+def layer_design(layer: nn.Module, sums: RowSums, bn: nn.Module | None):
+    """(Gram, cross, target energy, starting weights, has intercept) of ``layer``'s refit from ``sums``: one
+    more column of ones (the intercept) when the layer has a bias or ``bn`` can take its offset."""
     w0 = weight_matrix(layer).double().cpu()  # the solve runs on the CPU, as the sums
-    gram, cross, n = sums.gram, sums.cross, float(sums.n)
+    gram, cross = sums.gram, sums.cross
     bias = getattr(layer, "bias", None)
     fold = bias is None and bn is not None and bn.running_mean is not None and bn.num_features == w0.shape[0]
-    if bias is not None or fold:  # one more column of ones: the intercept
+    if bias is not None or fold:
         gram = torch.cat([torch.cat([gram, sums.total[:, None]], 1),
                           torch.cat([sums.total, sums.n.reshape(1)])[None]], 0)
         cross = torch.cat([cross, sums.target_total[None]], 0)
         b0 = bias.detach().double().cpu() if bias is not None else torch.zeros(w0.shape[0], dtype=torch.float64)
         w0 = torch.cat([w0, b0[:, None]], 1)
-    energy = float(sums.target_energy) - float((sums.target_total ** 2).sum()) / max(n, 1.0)
+    return gram, cross, float(sums.target_energy), w0, bias is not None or fold
+
+
+def refit_layer(layer: nn.Module, sums: RowSums, bn: nn.Module | None, ridge: float) -> list[float]:
+    """Refit ``layer`` from its statistics (intercept into its bias, else into ``bn``'s running mean);
+    returns its error before and after, relative to the centered energy of the original output."""
+    gram, cross, target_energy, w0, intercept = layer_design(layer, sums, bn)
+    n = float(sums.n)
+    energy = target_energy - float((sums.target_total ** 2).sum()) / max(n, 1.0)
     w = ridge_refit(gram, cross, w0, ridge)
-    before, after = (refit_error(gram, cross, float(sums.target_energy), m) for m in (w0, w))
+    before, after = (refit_error(gram, cross, target_energy, m) for m in (w0, w))
     if not (after <= before and torch.isfinite(w).all()):  # rounding can only make it worse: keep the old
         w = w0
         after = before
     p = weight_matrix(layer).shape[1]
     set_weight_matrix(layer, w[:, :p])
+    bias = getattr(layer, "bias", None)
     if bias is not None:
         bias.data.copy_(w[:, p].to(bias.dtype))
-    elif fold:
+    elif intercept:
         bn.running_mean.sub_(w[:, p].to(bn.running_mean))
     scale = max(energy, 1e-30)
     return [max(before, 0.0) / scale, max(after, 0.0) / scale]
@@ -338,7 +372,7 @@ def _summary(refitter: _Refitter, skipped: dict[str, str], options: RefitOptions
         "relative_error": {"before": _mean(e[0] for e in errors.values()),
                            "after": _mean(e[1] for e in errors.values()),
                            "per_layer": {n: {"before": e[0], "after": e[1]} for n, e in errors.items()}},
-        "ridge": options.ridge, "precision": options.precision, "sequential": options.sequential,
+        "ridge": options.ridge, "ridges": dict(refitter.ridges), "precision": options.precision, "sequential": options.sequential,
         "residual": options.residual, "scope": options.scope, "weights_fingerprint_per_rank": per_rank,
     }
 

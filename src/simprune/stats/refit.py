@@ -5,6 +5,7 @@ on sums over calibration rows only: the Gram ``G = X^T X`` (p x p), the cross-co
 ``R = X^T Y`` (p x o) and the target energy ``sum ||Y||^2``, so statistics stream batch by batch.
 
 - :func:`ridge_refit`: new weights from the kept inputs, damped toward the current weights.
+- :func:`choose_ridge`: the damping whose refit on some rows reproduces other rows best.
 - :func:`removal_costs`: what the best refit cannot reproduce when one block of inputs (a channel's
   k x k taps) goes, from the inverse Gram (the Schur complement), for every channel at once.
 - :func:`greedy_removal`: channels removed one at a time by that cost, jointly over every layer
@@ -38,6 +39,17 @@ def ridge_refit(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge
     if int(info) == 0:
         return torch.cholesky_solve(rhs, factor).T
     return torch.linalg.lstsq(lhs, rhs).solution.T  # not positive definite in floating point: least squares
+
+
+def choose_ridge(fit: tuple[torch.Tensor, torch.Tensor], check: tuple[torch.Tensor, torch.Tensor, float],
+                 w0: torch.Tensor, choices: tuple[float, ...]) -> tuple[float, list[float]]:
+    """The ridge among ``choices`` whose refit on the ``fit`` rows (Gram, cross) reproduces the ``check``
+    rows (Gram, cross, target energy) best, and each choice's error on them: the damping is judged on
+    rows the fit did not see, so a refit that only memorises its rows loses."""
+    if not choices:
+        raise SimpruneError("choose_ridge needs at least one ridge to choose from")
+    errors = [refit_error(*check, ridge_refit(*fit, w0, r)) for r in choices]
+    return choices[min(range(len(choices)), key=errors.__getitem__)], errors
 
 
 def refit_error(gram: torch.Tensor, cross: torch.Tensor, target_energy: float, w: torch.Tensor) -> float:

@@ -15,6 +15,7 @@ from torch import nn
 from simprune import distributed
 from simprune.calibrate.batches import Calibration
 from simprune.errors import SimpruneError
+from simprune.graph.groups import PruningGraph
 
 ROW_CHUNK_BYTES = 64 << 20  # unfold at most this much of a batch at a time
 
@@ -229,3 +230,49 @@ def _one_pass(model: nn.Module, layers: dict[str, nn.Module], batches, precision
     for name, s in sums.items():
         s.all_reduce().check(name).to("cpu")
     return sums
+
+
+def rows_per_image(model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor,
+                   max_positions: int | None) -> dict[str, int]:
+    """Calibration rows each layer's refit reads per image (a conv's output positions up to
+    ``max_positions``, a linear layer's tokens), from one forward on ``example``'s first image."""
+    seen: dict[str, int] = {}
+
+    def hook(name, layer):
+        def pre(_module, inputs):
+            x = inputs[0]
+            if isinstance(layer, nn.Linear):
+                seen[name] = max(1, x[:1].numel() // x.shape[-1])
+            else:
+                total = output_size(layer, x[:1])
+                seen[name] = min(total, max_positions) if max_positions else total
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(n, layer)) for n, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(example[:1])
+            model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def starved_groups(graph: PruningGraph, example: torch.Tensor, images: int,
+                   max_positions: int | None) -> dict[str, str]:
+    """Groups (root -> why) that a refit reader could not be refit for on ``images`` calibration images: too
+    few rows for its input columns (see :func:`starved`). Such a group is best left whole."""
+    readers = {m.name: m.module for g in graph.groups for m in g.consumers if refit_support(m.module) is None}
+    rows = rows_per_image(graph.model, readers, example, max_positions)
+    out = {}
+    for group in graph.groups:
+        for m in group.consumers:
+            columns = weight_matrix(m.module).shape[1] if m.name in readers else 0
+            if m.name in rows and starved(columns, rows[m.name] * images):
+                out[group.root] = (f"{m.name} would be refit on {rows[m.name] * images} rows for {columns} inputs; "
+                                   "more calibration images let this group be pruned")
+                break
+    return out

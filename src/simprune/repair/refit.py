@@ -214,7 +214,8 @@ class _Refitter:
         mo = self.original if seg.module is None else self.original.get_submodule(seg.module)
         mp = self.pruned if seg.module is None else self.pruned.get_submodule(seg.module)
         outputs = lp.weight.shape[0]
-        halves = [RowSums(weight_matrix(lp).shape[1], outputs, device=self.device) for _ in range(2)]
+        halves = [RowSums(weight_matrix(lp).shape[1], outputs, device=self.device)
+                  for _ in range(2 if self.options.ridge == "auto" else 1)]
         for b, (xo, xp) in enumerate(self._sources(seg)):
             out, _, y = _run(mo, xo, grab_out=lo, stop=not last_in_block)
             if last_in_block:
@@ -227,11 +228,11 @@ class _Refitter:
                 raise SimpruneError(f"layer {name}: {y.shape[1]} original outputs kept but the pruned layer has "
                                     f"{outputs}; the pruned model does not match the original")
             for rows, target in design_rows(lp, x_in, y, self.options.max_positions, self.options.seed):
-                halves[b % 2].update(rows, target)  # even and odd batches: the ridge is judged across them
+                halves[b % len(halves)].update(rows, target)  # ridge="auto": even and odd batches apart
         for h in halves:
             h.all_reduce().check(name).to("cpu")
-        sums = halves[0].merged(halves[1])
-        self.largest_gram = max(self.largest_gram, 3 * sums.gram.numel() * 8)
+        sums = halves[0].merged(halves[1]) if len(halves) == 2 else halves[0]
+        self.largest_gram = max(self.largest_gram, (2 * len(halves) - 1) * sums.gram.numel() * 8)
         columns = weight_matrix(lp).shape[1]
         if starved(columns, float(sums.n)) and columns == weight_matrix(lo).shape[1]:
             self.skipped[name] = (f"too few calibration rows ({int(sums.n)} for {columns} inputs) and no input lost: "

@@ -19,6 +19,7 @@ from simprune import progress
 from simprune.allocation.allocator import CostModel
 from simprune.allocation.selection import Selection
 from simprune.calibrate.batches import Calibration
+from simprune.calibrate.consumer_inputs import starved_groups
 from simprune.criteria import get_criterion, set_calib_precision
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
@@ -77,6 +78,9 @@ def prune_oneshot(job: Job, latency_table=None) -> tuple[nn.Module, PruneReport]
         latency_table.cost_model(graph.groups, before.cost)
     t_graph = time.perf_counter()
     protected = [g.root for g in graph.groups if not g.compensable] if repair.protect_uncompensable else []
+    starved = starved_groups(graph, example, job.calibration.count(), repair.refit.max_positions) \
+        if repair.refit else {}
+    protected += [root for root in starved if root not in protected]
     alloc, result, t_score = job.selection.select(graph, crit, target, cost, job.calibration, protected)
     t_alloc = time.perf_counter()
     if repair.fold and result.fold is None:
@@ -93,7 +97,7 @@ def prune_oneshot(job: Job, latency_table=None) -> tuple[nn.Module, PruneReport]
         removed=alloc.remove, protected=protected, repaired=done,
         decision_fingerprint_per_rank=alloc.fingerprints, round_to=alloc.round_to,
         target_met=target_met(target, before.cost, after.cost), reconstructed=refit, recovered=done["recovered"],
-        criterion_notes=dict(getattr(result, "notes", {}) or {}),
+        criterion_notes=dict(getattr(result, "notes", {}) or {}), left_whole_for_the_refit=starved,
         seconds={"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                  "removal": done["removed_at"] - t_alloc, "reconstruction": refit["seconds"] if refit else 0.0,
                  "total": time.perf_counter() - t0})

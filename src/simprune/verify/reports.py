@@ -181,6 +181,8 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
                 ["reconstruction (layer refit)", _refit_summary(data.get("reconstructed"))],
                 ["BatchNorm re-estimated", "yes" if data.get("bn_recalibrated") else "no"],
                 ["label-free recovery", recovery_summary(data.get("recovered")) or "no"]]
+    for root, text in (data.get("left_whole_for_the_refit") or {}).items():
+        settings.append([f"left whole: {root}", text])
     for key, text in (data.get("criterion_notes") or {}).items():
         settings.append([f"criterion: {key.replace('_', ' ')}", text])
     if data.get("schedule"):

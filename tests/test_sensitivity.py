@@ -151,7 +151,7 @@ def test_with_a_refit_any_criterion_leaves_whole_a_group_whose_reader_would_be_r
     loose = simprune.Selection(guards=simprune.Guards(min_channels=1, round_to=1))
     pruned, report = simprune.prune(Tiny().eval(), torch.zeros(1, 2, 8, 8), "l1", {"params": 0.2}, calibration=few,
                                     selection=loose)
-    assert "conv2" in report["protected_groups"] and pruned.fc.in_features == 5
+    assert "conv2" not in report["protected_groups"] and pruned.fc.in_features == 5
     assert "fc would be refit on 12 rows for 5 inputs" in report["left_whole_for_the_refit"]["conv2"]
     _, report = simprune.prune(Tiny().eval(), torch.zeros(1, 2, 8, 8), "l1", {"params": 0.2}, calibration=few,
                                selection=loose, repair=simprune.Repair(refit=False))

@@ -12,6 +12,7 @@ from typing import Any
 from simprune import distributed, progress
 from simprune.allocation.allocator import Allocation, CostModel, Guards, allocate
 from simprune.calibrate.batches import check_precision
+from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
 
 
@@ -39,19 +40,32 @@ class Selection:
         return dataclasses.replace(self, **changes)
 
     def select(self, graph: PruningGraph, crit, target: dict[str, float], cost: CostModel, calibration=None,
-               protected: list[str] | tuple = ()) -> tuple[Allocation, Any, float]:
+               protected: list[str] | tuple = (), preferred: list[str] | tuple = ()) -> tuple[Allocation, Any, float]:
         """Score every channel with ``crit`` and allocate removals under ``target``; returns
-        (allocation, criterion result, time scoring ended). Groups in ``protected`` keep all channels."""
+        (allocation, criterion result, time scoring ended). Groups in ``protected`` keep all channels; so do
+        those in ``preferred`` unless the target cannot be reached without them (``alloc.preferred_kept``
+        says whether they were)."""
         progress.stage(f"scoring channels ({crit.name})")
         result = crit.score(graph, calibration) if getattr(crit, "needs_data", False) else crit.score(graph)
         t_score = time.perf_counter()
         progress.stage(f"allocating the target over {len(graph.groups)} channel groups")
-        scores = {k: v for k, v in result.scores.items() if k not in set(protected)}
-        alloc = allocate(graph.groups, scores, cost, target, self.guards,
-                         self.normalization or result.normalization, self.cost_weight)
+        try:
+            alloc = self._allocate(graph, result, target, cost, set(protected) | set(preferred))
+            alloc.preferred_kept = True
+        except SimpruneError:
+            if not preferred:
+                raise
+            alloc = self._allocate(graph, result, target, cost, set(protected))
+            alloc.preferred_kept = False
         alloc.fingerprints = distributed.gather_fingerprints(alloc.remove)
         distributed.check_agree(alloc.remove, "pruning decision")
         return alloc, result, t_score
+
+    def _allocate(self, graph: PruningGraph, result, target: dict[str, float], cost: CostModel,
+                  whole: set[str]) -> Allocation:
+        scores = {k: v for k, v in result.scores.items() if k not in whole}
+        return allocate(graph.groups, scores, cost, target, self.guards, self.normalization or result.normalization,
+                        self.cost_weight)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved options, for the report."""

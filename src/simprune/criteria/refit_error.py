@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from simprune.calibrate.batches import check_precision
-from simprune.calibrate.sensitivity import output_gains
 from simprune.calibrate.consumer_inputs import consumer_grams, refit_support, starved, taps, weight_matrix
+from simprune.calibrate.sensitivity import output_gains
 from simprune.criteria.base import Criterion, CriterionResult
 from simprune.criteria.registry import register
 from simprune.graph.groups import ChannelGroup, Member, PruningGraph

@@ -50,7 +50,9 @@ class Recovery:
     - ``bf16``: autocast the forward passes to bfloat16 (weights and optimiser stay float32);
     - ``train_head``: False keeps the layers after the feature layer that are shaped as in the unpruned model
       (its classifier, when pruning left its input whole) as they are, so the pruned features are trained to
-      feed the unpruned head (MiR) and the classes the calibration images do not show keep their weights.
+      feed the unpruned head (MiR) and the classes the calibration images do not show keep their weights
+      (measured: MobileNetV2 at 35 %, 600 steps, head kept: held-aside KL 1.54 -> 1.41, evaluation top-1
+      51.8 -> 54.4; with the head trained, session 6 saw evaluation top-1 fall).
     """
 
     steps: int | None = 600
@@ -66,7 +68,7 @@ class Recovery:
     patience: int = 6
     time_budget_s: float | None = 1200.0
     bf16: bool = True
-    train_head: bool = True
+    train_head: bool = False
     seed: int = 0
 
     def __post_init__(self):

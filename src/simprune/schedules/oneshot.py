@@ -80,8 +80,12 @@ def prune_oneshot(job: Job, latency_table=None) -> tuple[nn.Module, PruneReport]
     protected = [g.root for g in graph.groups if not g.compensable] if repair.protect_uncompensable else []
     starved = starved_groups(graph, example, job.calibration.count(), repair.refit.max_positions) \
         if repair.refit else {}
-    protected += [root for root in starved if root not in protected]
-    alloc, result, t_score = job.selection.select(graph, crit, target, cost, job.calibration, protected)
+    alloc, result, t_score = job.selection.select(graph, crit, target, cost, job.calibration, protected,
+                                                  preferred=list(starved))
+    if starved and not alloc.preferred_kept:
+        progress.warn("the target needs groups the refit has too few calibration rows for ("
+                      f"{'; '.join(starved.values())}); they were pruned and refit on those rows anyway")
+        starved = {}
     t_alloc = time.perf_counter()
     if repair.fold and result.fold is None:
         raise SimpruneError(f"criterion {crit.name!r} has no compensation; pass compensate=False")

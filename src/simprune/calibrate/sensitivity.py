@@ -2,8 +2,8 @@
 
 A removal's local refit error is relative to the layer's own output energy, but the same relative error
 costs more in some layers than in others (an early layer feeds everything after it). The gain of a layer
-is the change of the model's output when Gaussian noise of relative energy ``epsilon`` (each channel's noise
-scaled to that channel's own spread) is added to the layer's output, divided by ``epsilon``: output change
+is the change of the model's output when the layer's output is disturbed by relative energy ``epsilon``
+(each image's channels scaled about their means by random factors), divided by ``epsilon``: output change
 per unit of relative error. The change is the KL divergence of the logits for a classifier (one 2-D output)
 and the relative squared error of every output tensor (each channel centered) otherwise (detectors, segmenters). A few calibration
 images, no labels, one forward per layer.
@@ -50,14 +50,17 @@ def _centered(t: torch.Tensor) -> torch.Tensor:
 
 
 def _noise_hook(epsilon: float, gen: torch.Generator):
-    """A forward hook adding noise of relative energy ``epsilon`` to a layer's output, per channel."""
+    """A forward hook disturbing a layer's output by relative energy ``epsilon``: each image's channel is scaled
+    about the channel's mean by a random factor (``1 + s``, ``s ~ N(0, epsilon)``). A removal's error is
+    structured the same way, consistent over an image's positions, so pooling does not average it away
+    as it would independent noise at every position."""
     def hook(_module, _inputs, out):
         if not isinstance(out, torch.Tensor) or out.dim() < 2:
             return out
         dims = [d for d in range(out.dim()) if d != 1]
-        spread = out.float().std(dim=dims, keepdim=True)
-        noise = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device)
-        return out + (noise * spread * epsilon ** 0.5).to(out.dtype)
+        centered = out.float() - out.float().mean(dim=dims, keepdim=True)
+        scale = torch.randn(out.shape[:2], generator=gen, dtype=torch.float32).to(out.device) * epsilon ** 0.5
+        return out + (centered * scale.reshape(*scale.shape, *([1] * (out.dim() - 2)))).to(out.dtype)
     return hook
 
 

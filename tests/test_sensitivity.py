@@ -1,5 +1,7 @@
 """Layer gains (how far the output moves per unit of relative error at a layer), the gain-weighted greedy
 removal, and the refit-error criterion's refusal to judge readers with too few calibration rows."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,8 @@ from torch import nn
 from simprune.calibrate.sensitivity import output_change, output_gains, output_tensors
 from simprune.criteria import get_criterion
 from simprune.graph.groups import PruningGraph
+from simprune.graph.removal import remove_channels
+from simprune.repair.refit import RIDGE_CHOICES, RefitOptions, reconstruct, refit_targets
 from simprune.stats.refit import greedy_removal
 from tests.test_reconstruct import Tiny
 
@@ -91,19 +95,20 @@ def test_gain_weighting_scales_a_groups_scores_by_its_readers_gain():
                                    atol=1e-12)
 
 
-def test_the_refit_leaves_a_layer_alone_when_it_has_too_few_rows_and_lost_no_input():
-    import copy
-
-    from simprune.graph.removal import remove_channels
-    from simprune.repair.refit import RefitOptions, reconstruct, refit_targets
+def _refit_tiny(data, options: RefitOptions):
+    """Tiny with conv1's channel 1 removed and refit on ``data``: (reference, pruned, refit summary)."""
     torch.manual_seed(0)
     model = Tiny().eval()
     reference = copy.deepcopy(model)
     graph = PruningGraph(model, torch.zeros(1, 2, 8, 8))
-    targets = refit_targets(graph, {"conv1": [1]}, "all")
+    targets = refit_targets(graph, {"conv1": [1]}, options.scope)
     remove_channels(graph, {"conv1": [1]})
+    return reference, model, reconstruct(reference, model, targets, data, options)
+
+
+def test_the_refit_leaves_a_layer_alone_when_it_has_too_few_rows_and_lost_no_input():
     few = [(torch.randn(12, 2, 8, 8),)]  # fc: 12 rows for 5 inputs, and it lost none
-    summary = reconstruct(reference, model, targets, few, RefitOptions(ridge=1e-6))
+    reference, model, summary = _refit_tiny(few, RefitOptions(ridge=1e-6))
     assert "too few calibration rows (12 for 5 inputs)" in summary["skipped"]["fc"]
     torch.testing.assert_close(model.fc.weight, reference.fc.weight)
     assert "conv2" not in summary["skipped"]  # it lost an input: refit on its 12 x 64 rows
@@ -126,18 +131,8 @@ def test_the_ridge_is_chosen_on_rows_the_fit_did_not_see():
 
 
 def test_ridge_auto_picks_a_ridge_per_refit_layer_and_reports_it():
-    import copy
-
-    from simprune.graph.removal import remove_channels
-    from simprune.repair.refit import RIDGE_CHOICES, RefitOptions, reconstruct, refit_targets
-    torch.manual_seed(0)
-    model = Tiny().eval()
-    reference = copy.deepcopy(model)
-    graph = PruningGraph(model, torch.zeros(1, 2, 8, 8))
-    targets = refit_targets(graph, {"conv1": [1]}, "readers")
-    remove_channels(graph, {"conv1": [1]})
     data = [(torch.randn(16, 2, 8, 8),) for _ in range(4)]
-    summary = reconstruct(reference, model, targets, data, RefitOptions(ridge="auto", scope="readers"))
+    _, _, summary = _refit_tiny(data, RefitOptions(ridge="auto", scope="readers"))
     assert set(summary["ridges"]) == {"conv2"} and summary["ridges"]["conv2"] in RIDGE_CHOICES
     assert summary["relative_error"]["after"] < summary["relative_error"]["before"]
     with pytest.raises(Exception, match="ridge must be >= 0 or"):

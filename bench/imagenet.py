@@ -112,10 +112,17 @@ def run(args) -> list[dict]:
                              "macs_removed_%": 100 * report["reduction"]["flops"], "top1": top1,
                              "top1_change": top1 - base, "agreement_%": float((top == ref_top).double().mean() * 100),
                              "speedup": ms_ref / ms, "mac_speedup": report["macs"]["before"] / report["macs"]["after"],
-                             "seconds": seconds, "recovery": _recovery_text(report.get("recovered"))})
+                             "seconds": seconds, "recovery": _recovery_text(report.get("recovered")),
+                             "refit_views": _refit_views(report)})
                 print_table(rows[-1:], COLUMNS)
                 _write(args, base, rows)
     return rows
+
+
+def _refit_views(report: dict) -> int | None:
+    """The refit's views per calibration image (None without a refit)."""
+    refit = ((report.get("options") or {}).get("repair") or {}).get("refit")
+    return refit.get("views", 1) if isinstance(refit, dict) else None
 
 
 def _recovery_text(summary) -> str:

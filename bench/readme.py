@@ -133,6 +133,11 @@ def _imagenet_order(row: dict) -> tuple:
             IMAGENET_REPAIRS.index(row["repair"]) if row["repair"] in IMAGENET_REPAIRS else 9)
 
 
+def _views(row: dict) -> str:
+    """Views per calibration image the refit read (rows written before views existed read one)."""
+    return "" if row["repair"] == "none" else str(row.get("refit_views") or 1)
+
+
 def render_imagenet_line(data: dict) -> str:
     """One README line: the default pipeline on MobileNetV2 at 35 % and 20 % of MACs, with and without recovery."""
     rows = {(r["target"], r["repair"]): r for r in data["rows"] if r["criterion"] == "refit-error"}
@@ -156,13 +161,14 @@ def render_imagenet(data: dict) -> str:
     data = {**data, "rows": sorted(data["rows"], key=_imagenet_order)}
     rows = [[r["criterion"], f"{100 * r['target']:.0f}", r["repair"], f"{r['macs_removed_%']:.1f}",
              f"{r['top1']:.1f} ({r['top1_change']:+.1f})", f"{r['agreement_%']:.1f}", f"{r['speedup']:.2f}x",
-             f"{r['seconds']:.0f}", r.get("recovery") or ""] for r in data["rows"]]
+             f"{r['seconds']:.0f}", _views(r), r.get("recovery") or ""] for r in data["rows"]]
     trained = any(r["repair"] == "refit + recovery" for r in data["rows"])
-    rows.insert(0, ["unpruned", "", "", "0.0", f"{data['unpruned_top1']:.1f}", "100.0", "1.00x", "", ""])
+    rows.insert(0, ["unpruned", "", "", "0.0", f"{data['unpruned_top1']:.1f}", "100.0", "1.00x", "", "", ""])
     paper = data["paper"]
-    rows.append([paper["method"], "", "", "", f"({paper['top1_change']:+.2f})", "", f"{paper['speedup']:.2f}x", "", ""])
+    rows.append([paper["method"], "", "", "", f"({paper['top1_change']:+.2f})", "", f"{paper['speedup']:.2f}x", "", "",
+                 ""])
     return (_table(["criterion", "target %", "repair", "MACs removed %", "top-1 % (change)", "agreement %",
-                    "onnxruntime speed-up", "prune s", "recovery"], rows) +
+                    "onnxruntime speed-up", "prune s", "refit views", "recovery"], rows) +
             f"\n\n{data['model']}, unpruned top-1 {data['unpruned_top1']:.1f} % on the {data['evaluation']}. "
             f"Calibration: {data['calibration']}. 'none': removal only; 'refit': least-squares refit + BatchNorm "
             "re-estimation (the default with calibration images, no training)"

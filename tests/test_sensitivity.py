@@ -142,12 +142,39 @@ def test_ridge_auto_picks_a_ridge_per_refit_layer_and_reports_it():
 def test_with_a_refit_any_criterion_leaves_whole_a_group_whose_reader_would_be_refit_on_too_few_rows():
     import simprune
     torch.manual_seed(0)
-    few = [(torch.randn(12, 2, 8, 8),)]  # fc would be refit on 12 rows for the 5 pooled channels of conv2
+    few = [(torch.randn(8, 2, 8, 8),)]  # with one augmented view each, fc would be refit on 16 rows for 5 inputs
     loose = simprune.Selection(guards=simprune.Guards(min_channels=1, round_to=1))
     pruned, report = simprune.prune(Tiny().eval(), torch.zeros(1, 2, 8, 8), "l1", {"params": 0.2}, calibration=few,
                                     selection=loose)
     assert "conv2" not in report["protected_groups"] and pruned.fc.in_features == 5
-    assert "fc would be refit on 12 rows for 5 inputs" in report["left_whole_for_the_refit"]["conv2"]
+    assert "fc would be refit on 16 rows for 5 inputs" in report["left_whole_for_the_refit"]["conv2"]
     _, report = simprune.prune(Tiny().eval(), torch.zeros(1, 2, 8, 8), "l1", {"params": 0.2}, calibration=few,
                                selection=loose, repair=simprune.Repair(refit=False))
     assert report["left_whole_for_the_refit"] == {}
+
+
+def test_views_add_augmented_copies_once_and_keep_the_plain_images_for_the_recovery():
+    from simprune.calibrate.batches import Calibration
+    images = torch.randn(8, 2, 8, 8)
+    cal = Calibration([(images[:4], torch.zeros(4)), (images[4:], torch.zeros(4))])
+    viewed = cal.with_views(3, seed=0)
+    assert viewed.count() == 24 and viewed.plain is cal
+    assert torch.equal(next(iter(viewed.images())), images[:4])  # the images themselves come first
+    extra = list(viewed.images())[2:]
+    assert all(x.shape == (4, 2, 8, 8) for x in extra) and not torch.equal(extra[0], images[:4])
+    assert viewed.with_views(3) is viewed and cal.with_views(1) is cal  # never twice; one view: as it is
+    flat = Calibration([(torch.randn(4, 5),)])
+    assert flat.with_views(2) is flat  # not images
+
+
+def test_the_refit_reads_the_views_and_the_recovery_the_plain_images():
+    import simprune
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 2, 8, 8),) for _ in range(4)]
+    repair = simprune.Repair(refit=RefitOptions(views=2),
+                             recover=simprune.Recovery(steps=2, batch_size=8, bf16=False, time_budget_s=None))
+    _, report = simprune.prune(Tiny().eval(), torch.zeros(1, 2, 8, 8), "l1", {"params": 0.2}, calibration=data,
+                               selection=simprune.Selection(guards=simprune.Guards(min_channels=1, round_to=1)),
+                               repair=repair)
+    assert report["reconstructed"]["images"] == 2 * (64 - report["recovered"]["held_aside"])
+    assert report["recovered"]["images"] == 64  # trained on the 51 plain images, 13 held aside

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from simprune.calibrate.views import augment
 from simprune.distributed import forward_precision, model_device
 from simprune.errors import SimpruneError
 from simprune.progress import bar as progress_bar
@@ -80,8 +81,9 @@ class Calibration:
     :meth:`images` gives the images on a device; :meth:`forward` runs a model over all of them."""
 
     def __init__(self, batches: Iterable, example_input: torch.Tensor | None = None, *,
-                 keyword: str = "calibration"):
+                 keyword: str = "calibration", plain: Calibration | None = None):
         self.batches = reusable(batches, keyword)
+        self.plain = plain  # with_views: the calibration without its augmented views
         if example_input is not None:
             self.check_shape(example_input)
 
@@ -122,6 +124,17 @@ class Calibration:
         chunks = [keep[j:j + size] for j in range(0, len(keep), size)]
         rest = [(images[i], labels[i]) if labels is not None else images[i] for i in chunks]
         return Calibration(rest), images[order[:held]]
+
+    def with_views(self, views: int, seed: int = 0, min_scale: float = 0.25) -> Calibration:
+        """The batches, then ``views - 1`` augmented copies of each (random resized crop of ``min_scale``..1 of
+        the area and a flip, seeded; labels dropped); ``plain`` keeps the original. Images that are not
+        (N, C, H, W), one view, or a calibration that already has views come back as they are."""
+        if views <= 1 or self.plain is not None or self.first_images().dim() != 4:
+            return self
+        gen = torch.Generator().manual_seed(seed)
+        extra = [(augment(batch_images(b).detach().cpu().float(), gen, min_scale, 0.0).to(batch_images(b)),)
+                 for _ in range(views - 1) for b in self.batches]
+        return Calibration(list(self.batches) + extra, plain=self)
 
     def first_images(self) -> torch.Tensor:
         """The first batch's images; refuses calibration without any batch."""

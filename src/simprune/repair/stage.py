@@ -151,7 +151,8 @@ class Repair:
             recalibrate_batchnorm(pruned, calibration)
         if self.recover is not None:
             progress.stage("label-free recovery on the calibration images")
-        recovered = self.recover.run(original, pruned, calibration, held_aside) if self.recover is not None else False
+        plain = getattr(calibration, "plain", None) or calibration  # the recovery augments on its own
+        recovered = self.recover.run(original, pruned, plain, held_aside) if self.recover is not None else False
         return {"compensated": self.compensated(), "reconstructed": refit, "recovered": recovered,
                 "bn_recalibrated": bool(self.recalibrate_bn), "removed_at": t_removal}
 

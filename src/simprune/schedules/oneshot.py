@@ -60,6 +60,8 @@ class Job:
         share = getattr(self.repair.recover, "holdout", None)
         if share and self.held_aside is None:
             self.calibration, self.held_aside = self.calibration.hold_aside(share, self.repair.recover.seed)
+        if self.repair.refit and self.repair.refit.views > 1:  # selection, refit and BatchNorm read the views
+            self.calibration = self.calibration.with_views(self.repair.refit.views, self.repair.refit.seed)
 
     def replace(self, **changes) -> Job:
         return dataclasses.replace(self, **changes)

@@ -85,6 +85,9 @@ def run(args) -> list[dict]:
     path = RESULTS / "imagenet.json"
     done = json.loads(path.read_text())["rows"] if args.resume and path.exists() else []
     key = lambda r: (r["criterion"], r["target"], r["repair"])  # noqa: E731
+    if args.redo:  # the selected rows are measured again and replace the ones there
+        done = [r for r in done if not (r["criterion"] in args.criteria and r["target"] in args.targets
+                                        and r["repair"] in args.repairs)]
     have = {key(r) for r in done}
     model = load_pretrained("mobilenet_v2", "IMAGENET1K_V1")
     pre = torchvision_preprocess("mobilenet_v2", "IMAGENET1K_V1")
@@ -158,6 +161,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for pruning (default: torch's)")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in bench/results/imagenet.json")
+    ap.add_argument("--redo", action="store_true", help="with --resume: measure the selected rows again")
     args = ap.parse_args()
     if not (Path(args.imagenet_sample) / "manifest.csv").is_file():
         print(f"skipped: {args.imagenet_sample}/manifest.csv not found (pass --imagenet-sample DIR)")

@@ -148,7 +148,7 @@ def render_imagenet_line(data: dict) -> str:
             continue
         text = (f"{100 * target:.0f} % fewer MACs: {refit['top1']:.1f} % with the default refit "
                 f"({refit['speedup']:.2f}x faster in onnxruntime, {refit['seconds']:.0f} s)")
-        if rec is not None:
+        if rec is not None and _views(rec) == _views(refit):  # the same refit under both, or not comparable
             text += f", {rec['top1']:.1f} % with `--recover` ({rec['seconds']:.0f} s)"
         parts.append(text)
     return (f"*MobileNetV2 (torchvision IMAGENET1K_V1, {data['unpruned_top1']:.1f} % on 500 real ImageNet images of "

@@ -137,14 +137,16 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
         flat = x.flatten(1)
         varied += int((flat.amax(1) > flat.amin(1)).sum()) if flat.shape[1] else 0
 
-    seen = Calibration.of(batches).forward(model, hooks=hooks, precision=precision, progress=progress,
-                                           label="calibration statistics", each=count_varied)
+    calibration = Calibration.of(batches)
+    seen = calibration.forward(model, hooks=hooks, precision=precision, progress=progress,
+                               label="calibration statistics", each=count_varied)
     if reduce is not None:
         seen, varied = (int(v) for v in reduce(torch.tensor([float(seen), float(varied)], dtype=torch.float64)))
     if seen == 0:
         raise SimpruneError("no calibration images were seen; pass calibration= batches of images")
     if varied == 0:
-        raise SimpruneError(f"all {seen} calibration images are constant (no pixel differs), so every feature-map "
+        given = calibration.plain.count() if calibration.plain is not None and reduce is None else seen
+        raise SimpruneError(f"all {given} calibration images are constant (no pixel differs), so every feature-map "
                             "similarity ties; calibrate on real images")
     for plist in probes.values():
         for p in plist:

@@ -25,7 +25,7 @@ MAX_SOFT_STEP = 0.10  # soft pruning should zero at most this much more of the c
 def calibration_images(calibration) -> int | None:
     """How many images ``calibration`` holds (a Calibration, a DataLoader or a list of batches); None when unknown."""
     if isinstance(calibration, Calibration):
-        calibration = calibration.batches
+        calibration = (calibration.plain or calibration).batches  # the user's images, not their views
     dataset = getattr(calibration, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)

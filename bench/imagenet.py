@@ -118,7 +118,7 @@ def run(args) -> list[dict]:
                              "seconds": seconds, "recovery": _recovery_text(report.get("recovered")),
                              "refit_views": _refit_views(report)})
                 print_table(rows[-1:], COLUMNS)
-                _write(args, base, rows)
+                _write(args, base, rows, rows[len(done):])
     return rows
 
 
@@ -136,13 +136,14 @@ def _recovery_text(summary) -> str:
             f"{summary['held_out_agreement']['after']:.0f} %")
 
 
-def _write(args, base: float, rows: list[dict]) -> None:
-    """Write the rows, merged with those another run wrote meanwhile (two runs may share the file)."""
+def _write(args, base: float, rows: list[dict], measured: list[dict]) -> None:
+    """Write the rows: with --resume, the file's rows as they are now (another run may have written some
+    meanwhile) with this run's ``measured`` rows put in; without, this run's ``rows`` alone."""
     path = RESULTS / "imagenet.json"
     if args.resume and path.exists():
         key = lambda r: (r["criterion"], r["target"], r["repair"])  # noqa: E731
-        mine = {key(r) for r in rows}
-        rows = [r for r in json.loads(path.read_text())["rows"] if key(r) not in mine] + rows
+        mine = {key(r) for r in measured}
+        rows = [r for r in json.loads(path.read_text())["rows"] if key(r) not in mine] + measured
     write_json("imagenet", {"model": "torchvision mobilenet_v2 IMAGENET1K_V1", "unpruned_top1": base,
                             "calibration": f"{args.calib_images} images, calibration split (labels never read)",
                             "evaluation": "500 images, evaluation split (classes the calibration never saw)",

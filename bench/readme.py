@@ -146,8 +146,9 @@ def render_imagenet_line(data: dict) -> str:
         refit, rec = rows.get((target, "refit")), rows.get((target, "refit + recovery"))
         if refit is None:
             continue
-        text = (f"{100 * target:.0f} % fewer MACs ({refit['mac_speedup']:.2f}x): {refit['top1']:.1f} % with the "
-                f"default refit ({refit['seconds']:.0f} s)")
+        how = "the default refit" if _views(refit) == "1" else f"the refit reading {_views(refit)} views of each image"
+        text = (f"{100 * target:.0f} % fewer MACs ({refit['mac_speedup']:.2f}x): {refit['top1']:.1f} % with "
+                f"{how} ({refit['seconds']:.0f} s)")
         if rec is not None and _views(rec) == _views(refit):  # the same refit under both, or not comparable
             text += f", {rec['top1']:.1f} % with `--recover` ({rec['seconds']:.0f} s)"
         parts.append(text)

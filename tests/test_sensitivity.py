@@ -142,12 +142,12 @@ def test_ridge_auto_picks_a_ridge_per_refit_layer_and_reports_it():
 def test_with_a_refit_any_criterion_leaves_whole_a_group_whose_reader_would_be_refit_on_too_few_rows():
     import simprune
     torch.manual_seed(0)
-    few = [(torch.randn(8, 2, 8, 8),)]  # with one augmented view each, fc would be refit on 16 rows for 5 inputs
+    few = [(torch.randn(8, 2, 8, 8),)]  # fc would be refit on 8 rows for the 5 pooled channels of conv2
     loose = simprune.Selection(guards=simprune.Guards(min_channels=1, round_to=1))
     pruned, report = simprune.prune(Tiny().eval(), torch.zeros(1, 2, 8, 8), "l1", {"params": 0.2}, calibration=few,
                                     selection=loose)
     assert "conv2" not in report["protected_groups"] and pruned.fc.in_features == 5
-    assert "fc would be refit on 16 rows for 5 inputs" in report["left_whole_for_the_refit"]["conv2"]
+    assert "fc would be refit on 8 rows for 5 inputs" in report["left_whole_for_the_refit"]["conv2"]
     _, report = simprune.prune(Tiny().eval(), torch.zeros(1, 2, 8, 8), "l1", {"params": 0.2}, calibration=few,
                                selection=loose, repair=simprune.Repair(refit=False))
     assert report["left_whole_for_the_refit"] == {}

@@ -249,15 +249,8 @@ def rows_per_image(model: nn.Module, layers: dict[str, nn.Module], example: torc
         return pre
 
     handles = [layer.register_forward_pre_hook(hook(n, layer)) for n, layer in layers.items()]
-    try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            model(example[:1])
-            model.train(was)
-    finally:
-        for h in handles:
-            h.remove()
+    with Calibration.running(model, hooks=handles):  # eval, no_grad; modes restored and hooks removed
+        model(example[:1])
     return seen
 
 

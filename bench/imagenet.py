@@ -36,11 +36,11 @@ from simprune.io.imagenet import load_pretrained  # noqa: E402
 from simprune.io.images import calibration_images, manifest_dataset, torchvision_preprocess  # noqa: E402
 
 PAPER = {"method": "QSFM (paper), fine-tuned on all of ImageNet", "speedup": 1.53, "top1_change": -1.23}
-CRITERIA = ("refit-error", "qsfm", "feature-stats", "filter-similarity", "l1", "tp:l2")
+CRITERIA = ("auto", "refit-error", "qsfm", "feature-stats", "filter-similarity", "l1", "tp:l2")
 REPAIRS = ("none", "refit", "refit + recovery")
 TARGETS = (0.20, 0.30, 0.35, 0.42)
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "imagenet-sample"
-COLUMNS = ["criterion", "target", "repair", "macs_removed_%", "top1", "top1_change", "agreement_%", "speedup",
+COLUMNS = ["criterion", "chosen", "target", "repair", "macs_removed_%", "top1", "top1_change", "agreement_%", "speedup",
            "mac_speedup", "seconds", "recovery"]
 
 
@@ -99,10 +99,7 @@ def run(args) -> list[dict]:
     base = float((ref_top == labels).double().mean() * 100)
     rows = list(done)
     for name in args.criteria:
-        crit = get_criterion(name)
-        if hasattr(crit, "progress"):
-            crit.progress = False
-        crit = ScoreCache(crit, reuse=True)
+        crit = name if name == "auto" else scored_once(name)
         for target in args.targets:
             for repair in args.repairs:
                 if (name, target, repair) in have:
@@ -111,7 +108,8 @@ def run(args) -> list[dict]:
                 top, _ = predictions(pruned, evaluation)
                 ms_ref, ms = measure_speed([model, pruned], args.runs)
                 top1 = float((top == labels).double().mean() * 100)
-                rows.append({"criterion": name, "target": target, "repair": repair,
+                rows.append({"criterion": name, "chosen": report["criterion"],
+                             "choice": report.get("criterion_choice"), "target": target, "repair": repair,
                              "macs_removed_%": 100 * report["reduction"]["flops"], "top1": top1,
                              "top1_change": top1 - base, "agreement_%": float((top == ref_top).double().mean() * 100),
                              "speedup": ms_ref / ms, "mac_speedup": report["macs"]["before"] / report["macs"]["after"],
@@ -120,6 +118,15 @@ def run(args) -> list[dict]:
                 print_table(rows[-1:], COLUMNS)
                 _write(args, base, rows, rows[len(done):])
     return rows
+
+
+def scored_once(name: str) -> ScoreCache:
+    """Criterion ``name`` scoring the unpruned model once for every target and repair ("auto" prunes trial
+    copies per target, so it is passed by name)."""
+    crit = get_criterion(name)
+    if hasattr(crit, "progress"):
+        crit.progress = False
+    return ScoreCache(crit, reuse=True)
 
 
 def _refit_views(report: dict) -> int | None:
@@ -155,7 +162,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--imagenet-sample", default=str(SAMPLE), help="folder with manifest.csv (file,wnid,"
                                                                    "class_index,split) and the images")
-    ap.add_argument("--criteria", nargs="+", default=["refit-error"], choices=CRITERIA)
+    ap.add_argument("--criteria", nargs="+", default=["auto"], choices=CRITERIA)
     ap.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     ap.add_argument("--repairs", nargs="+", default=["refit + recovery"], choices=REPAIRS)
     ap.add_argument("--calib-images", type=int, default=500)

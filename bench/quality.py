@@ -48,6 +48,7 @@ from tp_importances import IMPORTANCES, tp_criterion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = {  # label -> (registry name, options)
+    "auto": ("auto", {}),  # the library's default: refit-error or tp:l2, chosen on held-aside calibration images
     "refit-error": ("refit-error", {}),
     "qsfm-ssim": ("qsfm", {"similarity": "ssim"}),
     "qsfm-psnr": ("qsfm", {"similarity": "psnr"}),
@@ -61,6 +62,7 @@ CRITERIA = {  # label -> (registry name, options)
     "refit-error aligned": ("refit-error", {}),
 }
 ALIGNED = {"refit-error aligned"}  # these rows keep the default Guards(round_to=None): vector-block multiples
+REFIT_ONLY = ALIGNED | {"auto"}  # rows measured with the refit alone
 TARGETS = [0.30, 0.48, 0.62, 0.70]
 ABLATIONS = {  # what each part of the refit adds: refit-error selection, the refit with one part changed
     "as is": ({}, True),
@@ -72,11 +74,14 @@ ABLATIONS = {  # what each part of the refit adds: refit-error selection, the re
 
 
 def make_criterion(label: str):
+    """The criterion of a row, scoring once for every target ("auto" prunes trial copies per target: by name)."""
     name, options = CRITERIA[label]
+    if name == "auto":
+        return name
     crit = tp_criterion(name) if name.startswith("tp:") else get_criterion(name, **options)
     if hasattr(crit, "progress"):
         crit.progress = False
-    return crit
+    return ScoreCache(crit, reuse=True)
 
 
 def prune_row(model, example, crit, label: str, target: float, refit: bool, calib, test, base: float,
@@ -90,7 +95,7 @@ def prune_row(model, example, crit, label: str, target: float, refit: bool, cali
     top1 = evaluate(pruned, test)["top1"]
     refit_info = report.get("reconstructed") or {}
     recovered = report.get("recovered") or {}
-    return {"model": model_name, "criterion": label, "reconstructed": refit, "recovered": bool(recovered),
+    return {"model": model_name, "criterion": label, "chosen": report["criterion"], "reconstructed": refit, "recovered": bool(recovered),
             "recovery": {k: recovered[k] for k in ("images", "held_aside", "epochs", "steps_run", "stopped", "seconds",
                                                    "held_out_agreement")} if recovered else None,
             "repair": "refit + recovery" if recovered else "refit" if refit else (
@@ -139,7 +144,7 @@ def speed(model, example, calib) -> dict:
 def ablations(model, example, calib, test, base: float, targets: list[float], entry: dict, save) -> None:
     """refit-error + refit with one part of the refit changed at a time (scores computed once); rows go to
     ``entry["ablations"]`` and are saved one by one, those already there are kept."""
-    crit, rows = ScoreCache(make_criterion("refit-error"), reuse=True), entry.setdefault("ablations", [])
+    crit, rows = make_criterion("refit-error"), entry.setdefault("ablations", [])
     for label, (options, recalibrate) in ABLATIONS.items():
         for target in targets:
             if any((r["variant"], r["target"]) == (label, target) for r in rows):
@@ -209,8 +214,8 @@ def main() -> None:
         print(f"prune + refit at 48 %: {sp['prune_cpu_s']:.1f} CPU s = {sp['ratio_fp32']:.1f}x a bare fp32 forward "
               f"({sp['ratio_bf16']:.1f}x a bf16 one); wall {sp['prune_s']:.1f} s", file=sys.stderr)
     for label in args.criteria:
-        crit = ScoreCache(make_criterion(label), reuse=True)  # one scoring pass serves every target
-        repairs = [(True, False)] if label in ALIGNED else [(False, False), (True, False)]
+        crit = make_criterion(label)
+        repairs = [(True, False)] if label in REFIT_ONLY else [(False, False), (True, False)]
         for refit, recover in [(True, False), (True, True)] if args.recover else repairs:
             for target in sorted(args.targets):
                 key = (label, refit, target, recover)

@@ -122,7 +122,7 @@ def render_recovery(data: dict) -> str:
             f"not train. {_machine(data)}")
 
 
-IMAGENET_CRITERIA = ("refit-error", "qsfm", "feature-stats", "filter-similarity", "l1", "tp:l2")
+IMAGENET_CRITERIA = ("auto", "refit-error", "qsfm", "feature-stats", "filter-similarity", "l1", "tp:l2")
 IMAGENET_REPAIRS = ("none", "refit", "refit + recovery")
 
 
@@ -140,7 +140,7 @@ def _views(row: dict) -> str:
 
 def render_imagenet_line(data: dict) -> str:
     """One README line: the default pipeline on MobileNetV2 at 35 % and 20 % of MACs, with and without recovery."""
-    rows = {(r["target"], r["repair"]): r for r in data["rows"] if r["criterion"] == "refit-error"}
+    rows = {(r["target"], r["repair"]): r for r in data["rows"] if r["criterion"] == "auto"}  # the default
     parts = []
     for target in (0.35, 0.2):
         refit, rec = rows.get((target, "refit")), rows.get((target, "refit + recovery"))
@@ -148,7 +148,7 @@ def render_imagenet_line(data: dict) -> str:
             continue
         how = "the default refit" if _views(refit) == "1" else f"the refit reading {_views(refit)} views of each image"
         text = (f"{100 * target:.0f} % fewer MACs ({refit['mac_speedup']:.2f}x): {refit['top1']:.1f} % with "
-                f"{how} ({refit['seconds']:.0f} s)")
+                f"{how} ({refit['seconds']:.0f} s; auto chose {refit['chosen']})")
         if rec is not None and _views(rec) == _views(refit):  # the same refit under both, or not comparable
             text += f", {rec['top1']:.1f} % with `--recover` ({rec['seconds']:.0f} s)"
         parts.append(text)
@@ -158,9 +158,15 @@ def render_imagenet_line(data: dict) -> str:
             f"report: see docs/results.md, with the onnxruntime speed-ups. {_machine(data)}*")
 
 
+def _criterion_text(row: dict) -> str:
+    """The row's criterion; for "auto", the one it chose too."""
+    chosen = row.get("chosen")
+    return f"{row['criterion']} -> {chosen}" if chosen and chosen != row["criterion"] else row["criterion"]
+
+
 def render_imagenet(data: dict) -> str:
     data = {**data, "rows": sorted(data["rows"], key=_imagenet_order)}
-    rows = [[r["criterion"], f"{100 * r['target']:.0f}", r["repair"], f"{r['macs_removed_%']:.1f}",
+    rows = [[_criterion_text(r), f"{100 * r['target']:.0f}", r["repair"], f"{r['macs_removed_%']:.1f}",
              f"{r['top1']:.1f} ({r['top1_change']:+.1f})", f"{r['agreement_%']:.1f}", f"{r['speedup']:.2f}x",
              f"{r['seconds']:.0f}", _views(r), r.get("recovery") or ""] for r in data["rows"]]
     trained = any(r["repair"] == "refit + recovery" for r in data["rows"])

@@ -56,6 +56,8 @@ def test_prune_from_checkpoint_keeps_its_input_shape(cli, tmp_path):
     (["--target-flops", "0.99"], "largest reachable"),
     (["--target-flops", "0.5", "--criterion", "qsfm"], "needs calibration images"),
     (["--target-flops", "0.5", "--calib-precision", "fp32"], "--calib-precision applies to data criteria"),
+    (["--target-flops", "0.5", "--criterion", "auto", "--similarity", "cosine"],
+     "--similarity applies to a named criterion"),
 ])
 def test_bad_prune_input_leaves_no_output(cli, tmp_path, args, pattern):
     out = tmp_path / "out"
@@ -139,3 +141,18 @@ def test_prune_with_calib_precision_and_a_torch_pruning_criterion(cli, tmp_path)
                            "--target-flops", "0.3", "--no-latency", "--out", out)
         assert code == 0, err
         assert json.loads((out / "report.json").read_text())["criterion"] == criterion
+
+
+def test_criterion_auto_tries_each_candidate_and_records_the_one_it_chose(cli, tmp_path):
+    out = tmp_path / "auto"
+    code, _, err = cli("prune", "--model", "resnet20", "--input", "1x32x32", "--criterion", "auto",
+                       "--calib-data", "fashion-mnist-sample", "--calib-images", "100", "--pad-to", "32",
+                       "--target-flops", "0.3", "--no-latency", "--out", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    choice = report["criterion_choice"]
+    assert set(choice["tried"]) == {"refit-error", "tp:l2"} and choice["held_aside_images"] == 20
+    assert report["criterion"] == choice["chosen"] == min(choice["tried"], key=choice["tried"].get)
+    assert json.loads((out / "model.json").read_text())["pruning"]["criterion"] == choice["chosen"]
+    assert f"criterion chosen by auto | {choice['chosen']}: KL of the logits on 20 held-aside" in \
+        (out / "report.md").read_text()

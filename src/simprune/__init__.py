@@ -14,7 +14,7 @@ from simprune.compat import install_import_hook as _install_import_hook  # noqa:
 
 _install_import_hook()  # a later ``import torchvision`` (or timm) works on CPU-only torch
 
-_OPTIONS = ("Calibration", "Selection", "Repair", "RefitOptions", "Recovery", "Guards", "OneShot", "Iterative", "Soft", "ToLatency")
+_OPTIONS = ("Calibration", "Selection", "Repair", "RefitOptions", "Recovery", "Guards", "OneShot", "Iterative", "Soft", "ToLatency", "Choose")
 _LAZY = {"prune": "api", "save": "api", "load": "api", "build_model": "models", "SimpruneError": "errors",
          **{name: "api" for name in _OPTIONS}}
 __all__ = ["prune", "save", "load", "build_model", "SimpruneError", "__version__", *_OPTIONS]

@@ -47,6 +47,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_criteria(args) -> int:
+    print(f"{'auto':18s} choose on your own images: refit-error and tp:l2 each prune a copy on 80 % of the "
+          "calibration images, the one that moves the output least on the other 20 % is used")
     for name, desc in available_criteria().items():
         print(f"{name:18s} {desc}")
     return 0

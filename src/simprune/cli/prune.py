@@ -50,6 +50,7 @@ from simprune.io.files import atomic_write_json, load_model, read_json, save_mod
 from simprune.io.images import Preprocess, is_image_source, labelled_images
 from simprune.repair.recovery import Recovery
 from simprune.repair.stage import Repair
+from simprune.schedules.choice import Choose
 from simprune.schedules.kinds import Iterative, OneShot, Soft
 from simprune.train.finetune import (
     MARKER,
@@ -122,6 +123,22 @@ def _criterion_name(args) -> str:
     return "l1" if args.schedule == "soft" else default_criterion(bool(args.calib_data))
 
 
+def _criterion(args):
+    """The criterion object for --criterion (a ScoreCache keeps its scores for the report's heat maps), or
+    the choice for --criterion auto, which takes no criterion options."""
+    if args.criterion == "auto":
+        for flag, value in (("--similarity", args.similarity), ("--calib-precision", args.calib_precision)):
+            if value:
+                raise SimpruneError(f"{flag} applies to a named criterion; drop it or pass --criterion NAME "
+                                    "instead of auto")
+        return Choose()
+    options = {"similarity": args.similarity} if args.similarity else {}
+    criterion = ScoreCache(get_criterion(args.criterion, **options))
+    if args.calib_precision:
+        set_calib_precision(criterion, args.calib_precision, "--calib-precision")
+    return criterion
+
+
 def cmd_prune(args) -> int:
     args.criterion = _criterion_name(args)
     target = _target(args)
@@ -130,10 +147,7 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise SimpruneError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
-    options = {"similarity": args.similarity} if args.similarity else {}
-    criterion = ScoreCache(get_criterion(args.criterion, **options))  # keeps the scores for the report
-    if args.calib_precision:
-        set_calib_precision(criterion, args.calib_precision, "--calib-precision")
+    criterion = _criterion(args)
     preprocess, shape_text = _own_images(args)
     model, desc, shape = load_or_build(args, shape_text)
     _check_crop(preprocess, shape)
@@ -162,6 +176,7 @@ def cmd_prune(args) -> int:
             args, model, example, criterion, target, stages=stages, desc=desc, new_desc=new_desc,
             command=command_line(), eval_ds=eval_ds)
     report["model"] = desc.get("model")
+    new_desc["pruning"]["criterion"] = report["criterion"]  # the one chosen when --criterion auto
     report["accuracy"] = None if eval_ds is None else {"before": acc_before,
                                                        "after": _accuracy(pruned, eval_ds, "top-1 after pruning", args.device)}
     report["provenance"] = provenance(desc, calibration, args)
@@ -238,8 +253,9 @@ def add_prune_parser(sub) -> None:
     model_options(p, required=False)
     p.add_argument("--checkpoint", help="trained model directory (its JSON names the architecture)")
     p.add_argument("--criterion", default=None,
-                   help="see `simprune criteria` (default: refit-error with --calib-data, the most accurate "
-                        "without fine-tuning; l1 without data or with --schedule soft)")
+                   help="see `simprune criteria` (default: auto with --calib-data: refit-error and tp:l2 each "
+                        "prune a trial copy and held-aside calibration images choose; l1 without data or with "
+                        "--schedule soft)")
     p.add_argument("--similarity", default=None, help="similarity metric for qsfm / filter-similarity")
     p.add_argument("--target-flops", type=float, default=None, help="fraction of MACs to remove, e.g. 0.5")
     p.add_argument("--target-params", type=float, default=None, help="fraction of parameters to remove")

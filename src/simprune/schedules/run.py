@@ -9,10 +9,12 @@ from torch import nn
 
 from simprune import progress
 from simprune.allocation.selection import Selection
+from simprune.calibrate.batches import Calibration
 from simprune.distributed import model_device, resolve_device
 from simprune.errors import SimpruneError
 from simprune.repair.stage import Repair
 from simprune.schedules.checks import check_result
+from simprune.schedules.choice import Choose, choose_criterion, wants_choice
 from simprune.schedules.kinds import Iterative, OneShot, ToLatency
 from simprune.schedules.oneshot import Job
 from simprune.schedules.report import PruneReport
@@ -47,8 +49,15 @@ def run_schedule(model: nn.Module, example_input: torch.Tensor, criterion: str |
     if device is not None:
         model.to(device)
         example_input = example_input.to(device)
+    choice = None
+    if wants_choice(criterion):  # "auto": each candidate prunes a copy on most images, the rest judge
+        calibration = Calibration.of(calibration, example_input)
+        criterion, choice = choose_criterion(criterion if isinstance(criterion, Choose) else Choose(), model,
+                                             example_input, target, calibration, selection, repair, schedule)
     job = Job(model, example_input, criterion, target, calibration, selection, repair)
     model, report = schedule.run(job)
+    if choice is not None:
+        report["criterion_choice"] = choice
     progress.stage("checking the result")
     report = check_result(model, example_input, report, calibration=job.calibration, ignore=selection.ignore)
     if device is not None:

@@ -175,7 +175,8 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
                     "measured on the unpruned model (the criterion's own statistics)")
     if heat:
         sections.append(("Channel similarity", heat))
-    settings = [["criterion", data["criterion"]], ["target", _title_target(data["target"])],
+    settings = [["criterion", data["criterion"]], *choice_rows(data.get("criterion_choice")),
+                ["target", _title_target(data["target"])],
                 ["compensation", data.get("compensated") or "none"],
                 ["groups left whole (uncompensable)", len(data.get("protected_groups") or [])],
                 ["reconstruction (layer refit)", _refit_summary(data.get("reconstructed"))],
@@ -194,6 +195,18 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
         settings.append(["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())])
     sections.append(("Settings", [("table", ["", ""], settings)]))
     return title, sections
+
+
+def choice_rows(choice: dict | None) -> list[list[str]]:
+    """The settings row of ``criterion="auto"``: each candidate's output change on the held-aside images."""
+    if not choice:
+        return []
+    if not choice.get("tried"):
+        return [["criterion chosen by auto", f"{choice['chosen']}, without trials: {choice.get('why', '')}"]]
+    tried = ", ".join(f"{name} {change:.4g}" for name, change in sorted(choice["tried"].items(), key=lambda t: t[1]))
+    failed = "".join(f"; {name} failed: {why}" for name, why in (choice.get("failed") or {}).items())
+    return [["criterion chosen by auto", f"{choice['chosen']}: {choice['measure']} on {choice['held_aside_images']} "
+             f"held-aside images, {tried}{failed} ({choice['seconds']:.0f} s)"]]
 
 
 def recovery_summary(recovered: dict | None) -> str | None:

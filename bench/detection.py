@@ -4,7 +4,7 @@ in its own process), save + reload with identical outputs, ONNX verified in onnx
 one-thread latency at 320 and 640 px against the MAC speed-up.
 
     python bench/detection.py                       # prints a table, writes bench/results/detection.json
-    python bench/detection.py --only yolov8n.yaml
+    python bench/detection.py --only yolov8n.yaml   # measures one model, keeps the others' rows
 
 YOLO11n and YOLOv10n hold attention built from convolutions (C2PSA / PSA): simprune refuses them in one line
 naming the --ignore that leaves the attention whole; the rows here pass that ignore (and record the refusal).
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+from common import RESULTS, print_table, write_json  # noqa: E402
 
 MODELS = {"yolov8n.yaml": [], "yolov5nu.yaml": [], "yolo11n.yaml": ["model.10.m.0.attn.*"],
           "yolov10n.yaml": ["model.10.attn.*"]}
@@ -98,7 +98,20 @@ def main() -> None:
              if "error" not in r else {"model": r["model"], "MACs M": r["error"][:80]} for r in rows]
     print_table(table, ["model", "MACs M", "removed", "params M", "peak MiB", "s", "reload", "onnx",
                         *(f"ort {s} px" for s in TIMED)])
+    if args.only:  # the other models' rows stay as the file has them
+        rows = merged_rows(rows)
     print(f"write {write_json('detection', {'target': {'flops': TARGET}, 'size': SIZE, 'criterion': 'l1', 'rows': rows})}")
+
+
+def merged_rows(measured: list[dict]) -> list[dict]:
+    """The rows in bench/results/detection.json with ``measured`` put in place of the same models' rows,
+    in MODELS order."""
+    path = RESULTS / "detection.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    mine = {r["model"] for r in measured}
+    rows = [r for r in old if r["model"] not in mine] + measured
+    order = [f"ultralytics:{m}" for m in MODELS]
+    return sorted(rows, key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ class Choose:
     calibration images; with fewer than ``min_images`` (too few to hold a fair share aside), or a schedule
     that trains or measures latency, ``fallback`` is used without trials."""
 
-    candidates: tuple = ("refit-error", "tp:l2")  # registry names or criterion objects
+    candidates: tuple = ("refit-error", "tp:l2", "tp:fpgm")  # registry names or criterion objects
     share: float = 0.2
     min_images: int = 100
     seed: int = 0

@@ -77,9 +77,10 @@ def test_compare_iterative_schedule_and_errors(cli, tmp_path):
 
 
 def test_parsers():
-    specs = parse_specs("qsfm, qsfm:cosine,l1")
+    specs = parse_specs("qsfm, qsfm:cosine,l1,auto")
     assert [(s.label, s.name, s.options) for s in specs] == [
-        ("qsfm", "qsfm", {}), ("qsfm:cosine", "qsfm", {"similarity": "cosine"}), ("l1", "l1", {})]
+        ("qsfm", "qsfm", {}), ("qsfm:cosine", "qsfm", {"similarity": "cosine"}), ("l1", "l1", {}),
+        ("auto", "auto", {})]
     with pytest.raises(SimpruneError, match="distinct"):
         parse_specs("l1,l1")
     with pytest.raises(SimpruneError, match="unknown similarity"):
@@ -149,3 +150,14 @@ def test_compare_times_every_kept_model(cli, tmp_path):
         assert r["latency_ms"] > 0 and r["speedup"] > 0 and isinstance(r["speedup_stable"], bool)
         assert (out / r["model_dir"] / "model.safetensors").exists()
     assert "onnxruntime batch 1" in stdout and "| l1 + refit | 0.5 |" in stdout  # calibration data: refit by default
+
+
+def test_compare_runs_the_default_auto_and_says_what_it_chose(cli, tmp_path):
+    out = tmp_path / "auto"
+    code, _, err = cli("compare", "--checkpoint", ZOO / "resnet20-fashion-mnist", "--data", "fashion-mnist-sample",
+                       "--criteria", "auto", "--targets", "0.3", "--eval-images", "100", "--calib-images", "100",
+                       "--out", out, "--quiet")
+    assert code == 0, err
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["label"] == "auto + refit" and row["chosen"] in simprune.Choose().candidates
+    assert f"| auto + refit (chose {row['chosen']}) | 0.3 |" in (out / "results.md").read_text()

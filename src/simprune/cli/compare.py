@@ -57,7 +57,8 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--calib-data", default=None, help="calibration data set (default: --data)")
     p.add_argument("--calib-images", type=positive, default=640)
     p.add_argument("--criteria", default="qsfm,l1,random",
-                   help="comma-separated; NAME:METRIC sets a similarity metric, e.g. qsfm:cosine")
+                   help="comma-separated; NAME:METRIC sets a similarity metric, e.g. qsfm:cosine; auto: the "
+                        "library's default (refit-error or tp:l2, chosen per target on held-aside images)")
     p.add_argument("--targets", default="0.3,0.5,0.7", help="comma-separated fractions to remove")
     p.add_argument("--target-kind", choices=["flops", "params"], default="flops")
     p.add_argument("--compensate", default="default",

@@ -24,6 +24,7 @@ from simprune.errors import SimpruneError
 from simprune.io.files import atomic_write_bytes, atomic_write_json
 from simprune.progress import note as progress_note
 from simprune.repair.stage import Repair
+from simprune.schedules.choice import AUTO, Choose
 from simprune.schedules.kinds import Iterative, OneShot
 from simprune.schedules.run import run_schedule
 from simprune.train.loop import evaluate
@@ -53,10 +54,10 @@ def parse_specs(text: str) -> list[Spec]:
         if not item:
             continue
         name, _, metric = item.partition(":")
-        if item in names:  # a name with a colon, e.g. tp:lamp
+        if item in names or item == AUTO:  # a name with a colon, e.g. tp:lamp; the library's default
             name, metric = item, ""
         options = {"similarity": metric} if metric else {}
-        get_criterion(name, **options)  # unknown names and options fail here, before any work
+        _criterion(Spec(item, name, options))  # unknown names and options fail here, before any work
         specs.append(Spec(item, name, options))
     labels = [s.label for s in specs]
     if not specs or len(set(labels)) != len(labels):
@@ -81,6 +82,11 @@ def parse_choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     if not items or bad:
         raise SimpruneError(f"{flag} {text!r}: choose from {', '.join(allowed)} (comma-separated)")
     return items
+
+
+def _criterion(spec: Spec):
+    """The criterion object of ``spec``; "auto" is the library's default choice between trial prunes."""
+    return Choose() if spec.name == AUTO else get_criterion(spec.name, **spec.options)
 
 
 def _modes(crit, requested: list[str]) -> list:
@@ -134,14 +140,15 @@ def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[floa
     Yields {"row", "model", "report", "result"} one run at a time (``result``: the criterion's
     CriterionResult, e.g. its similarity matrices); ``model`` itself is never modified.
     """
-    crits = [get_criterion(s.name, **s.options) for s in specs]
+    crits = [_criterion(s) for s in specs]
     total = sum(len(_modes(c, list(grid.compensations))) for c in crits) * len(grid.schedules) * len(targets) * \
         len(grid.reconstructions)
     done = 0
     for spec, crit in zip(specs, crits):
         for schedule in grid.schedules:
             plan = grid.schedule(schedule)
-            cache = ScoreCache(crit, reuse=isinstance(plan, OneShot))  # re-scored at every step of a schedule
+            # scores kept across one-shot targets (re-scored at every step of a schedule); auto prunes trials per target
+            cache = crit if isinstance(crit, Choose) else ScoreCache(crit, reuse=isinstance(plan, OneShot))
             score_s = None
             for comp, refit, target in itertools.product(_modes(crit, list(grid.compensations)),
                                                          grid.reconstructions, targets):
@@ -160,18 +167,20 @@ def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[floa
                        "params_removed": report["reduction"]["params"], "macs": report["macs"]["after"],
                        "params": report["params"]["after"], "top1": top1, "change": top1 - base_top1,
                        "score_s": score_s, "seconds": time.perf_counter() - t0}
+                if isinstance(crit, Choose):
+                    row["chosen"] = report["criterion"]
                 row = {"label": run_label(row), **row}
                 done += 1
                 if progress:
                     progress_note(f"[{done}/{total}] {row['label']} at {target:g}: MACs "
                                   f"-{row['flops_removed']:.1%}, top-1 {top1:.2f} % ({row['seconds']:.0f} s)")
-                yield {"row": row, "model": pruned, "report": report, "result": cache.result}
+                yield {"row": row, "model": pruned, "report": report, "result": getattr(cache, "result", None)}
 
 
 def results_markdown(data: dict) -> str:
     header, rows = pivot_table(data["rows"], data["target_kind"])
     cal = data["calibration"]
-    detail = [[r["label"], f"{r['target']:g}", f"{100 * r['flops_removed']:.1f}", f"{100 * r['params_removed']:.1f}",
+    detail = [[r["label"] + (f" (chose {r['chosen']})" if r.get("chosen") else ""), f"{r['target']:g}", f"{100 * r['flops_removed']:.1f}", f"{100 * r['params_removed']:.1f}",
                f"{r['top1']:.2f}", f"{r['change']:+.2f}", f"{r['seconds']:.1f}"] for r in data["rows"]]
     return (f"# {data['model']}: criteria compared\n\n" + markdown_table(header, rows) +
             f"\n\nBaseline top-1 {data['baseline_top1']:.2f} % on {data['test_images']} {data['data']} test images; "

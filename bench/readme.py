@@ -327,8 +327,28 @@ def render_models(data: dict) -> str:
             + f". {_machine(data)} `python bench/models.py`.")
 
 
-SOURCES = {"imagenet_line": "imagenet"}  # blocks rendered from another block's JSON
-RENDERERS = {"recovery": render_recovery, "imagenet": render_imagenet, "imagenet_line": render_imagenet_line, "engine": render_engine, "calibration": render_calibration,
+def render_demo_line(data: dict) -> str:
+    """The README's first-screen caption: what `make demo` measured."""
+    rows = [r for r in data["rows"] if r["criterion"] != "unpruned"]
+    default = next(r for r in rows if r["criterion"] == "default")
+    others = sorted((r for r in rows if r["criterion"] != "default"), key=lambda r: -r["top1"])
+    speed = data.get("speedup") or {}
+    int8 = data.get("int8") or {}
+    timing = (f" Its most accurate model ({data['kept']}) runs {speed['measured']:.2f}x faster in onnxruntime "
+              f"(batch 1, one thread) and {speed['int8']:.2f}x as int8 ({int8['int8_top1']:.2f} %)."
+              if speed.get("measured") and speed.get("int8") and int8 else "")
+    return (f"*`make demo` ({data['wall_s']:.0f} s once .venv exists, on "
+            f"{_machine(data).removeprefix('Measured on ').rstrip('.')}; `python bench/demo.py`): "
+            f"ResNet-56 (Fashion-MNIST, {data['baseline_top1']:.2f} % on {data['test_images']:,} test images) at "
+            f"{100 * default['flops_removed']:.0f} % fewer MACs, no labels and no fine-tuning, keeps "
+            f"{default['top1']:.2f} % ({default['change']:+.2f}) with the default pipeline (auto chose "
+            f"{data['chosen']}, refit on {data['calibration']['images']} unlabelled images); under the same "
+            "refit, " + ", ".join(f"{r['criterion']} {r['top1']:.2f}" for r in others) + f".{timing} "
+            "Its report is `runs/demo/report.html`.*")
+
+
+SOURCES = {"imagenet_line": "imagenet", "demo_line": "demo"}  # blocks rendered from another block's JSON
+RENDERERS = {"demo_line": render_demo_line, "recovery": render_recovery, "imagenet": render_imagenet, "imagenet_line": render_imagenet_line, "engine": render_engine, "calibration": render_calibration,
              "scale": render_scale, "quality": render_quality, "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
              "robustness": render_robustness, "int8": render_int8, "edge_mobilenet": render_edge_mobilenet,
              "models": render_models}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+import simprune
 from tests.conftest import ZOO, require_fashion_mnist
 
 SIMPRUNE = str(Path(sys.executable).parent / "simprune")
@@ -129,3 +130,20 @@ def test_torchrun_qsfm_decision_matches_one_process(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert r2["decision_fingerprint_per_rank"] == [r1["decision_fingerprint"]] * 2
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_choose_the_same_criterion_under_auto(tmp_path):
+    """Each rank holds aside its own shard's images; the output changes are summed over ranks before the
+    choice, so every rank prunes with the same criterion and makes the same decision."""
+    out = tmp_path / "two"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29533", "-m", "simprune.cli", "prune",
+                          "--checkpoint", str(R20), "--criterion", "auto", "--calib-data", "fashion-mnist-sample",
+                          "--calib-images", "200", "--target-flops", "0.3", "--quiet", "--no-latency",
+                          "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["criterion_choice"]["tried"]) == set(simprune.Choose().candidates)
+    per_rank = report["decision_fingerprint_per_rank"]
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]

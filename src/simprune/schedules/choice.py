@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simprune import progress
+from simprune import distributed, progress
 from simprune.calibrate.batches import Calibration, run_model
 from simprune.calibrate.sensitivity import output_change, output_tensors
 from simprune.errors import SimpruneError
@@ -66,7 +66,7 @@ def choose_criterion(choose: Choose, model: nn.Module, example: torch.Tensor, ta
     calibration = Calibration.of(calibration, example)
     if calibration is None:
         return "l1", {"chosen": "l1", "tried": {}, "why": "no calibration images: the weight-only default"}
-    images = calibration.count()
+    images = _sum_over_ranks(calibration.count())  # every rank decides on all the images, or ranks disagree
     why_not = _why_no_trials(choose, images, schedule)
     if why_not:
         return choose.fallback, {"chosen": choose.fallback, "tried": {}, "why": why_not}
@@ -78,14 +78,14 @@ def choose_criterion(choose: Choose, model: nn.Module, example: torch.Tensor, ta
     changes, failures, by_name = {}, {}, {_name(c): c for c in choose.candidates}
     for k, (name, candidate) in enumerate(by_name.items(), 1):
         progress.stage(f"choosing the criterion: pruning with {name} ({k}/{len(choose.candidates)}) on "
-                       f"{images - len(held)} images, {len(held)} held aside")
+                       f"{calibration.count() - len(held)} images, {len(held)} held aside (this process)")
         try:
             pruned = _trial(candidate, model, example, target, fit, selection, trial_repair)
         except SimpruneError as exc:  # e.g. the target is out of this criterion's reach
             failures[name] = str(exc)
             continue
-        changes[name] = sum(output_change(r, p) * len(x) for r, p, x in
-                            zip(reference, _outputs(pruned, held, size), held.split(size))) / len(held)
+        changes[name] = _mean_over_ranks(sum(output_change(r, p) * len(x) for r, p, x in
+                                             zip(reference, _outputs(pruned, held, size), held.split(size))), len(held))
         progress.note(f"{name}: output change {changes[name]:.4g} on {len(held)} held-aside images")
     if not changes:
         raise SimpruneError("criterion='auto': no candidate could prune to this target ("
@@ -105,6 +105,21 @@ def _why_no_trials(choose: Choose, images: int, schedule) -> str | None:
         return (f"{images} calibration images; choosing holds {choose.share:.0%} aside and needs at least "
                 f"{choose.min_images}")
     return None
+
+
+def _sum_over_ranks(count: int) -> int:
+    """``count`` summed over the torchrun ranks (each holds a shard of the calibration images)."""
+    if not distributed.active():
+        return count
+    return int(distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64))[0])
+
+
+def _mean_over_ranks(total: float, images: int) -> float:
+    """``total / images`` over every torchrun rank's held-aside shard, so that all ranks choose alike."""
+    if distributed.active():
+        both = distributed.all_reduce_sum(torch.tensor([total, float(images)], dtype=torch.float64))
+        total, images = float(both[0]), int(both[1])
+    return total / max(images, 1)
 
 
 def _name(candidate) -> str:

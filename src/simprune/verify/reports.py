@@ -327,6 +327,19 @@ def _compare_sections(data: dict, directory: Path, context: dict) -> tuple[str, 
     return title, sections
 
 
+def _demo_text(data: dict) -> str:
+    """What the demo's rows are."""
+    chosen = f" (here it chose {data['chosen']})" if data.get("chosen") else ""
+    return ("Each criterion prunes the same trained model to the same MAC target in one shot, and every row gets "
+            "the same repair: a least-squares refit of the layers to the unpruned model's outputs and BatchNorm "
+            "re-estimation on the unlabelled calibration images, no fine-tuning. 'default' is what `simprune prune "
+            "--calib-data` does: criterion auto, refit-error or tp:l2, chosen by which trial prune moves the "
+            f"output least on held-aside calibration images{chosen}. qsfm removes channels whose feature maps "
+            "duplicate a kept channel's (SSIM), filter-similarity filters that duplicate a kept filter, "
+            "feature-stats channels chosen by diversity and similarity statistics; l1 removes the filters of "
+            "smallest weight norm; random is the floor.")
+
+
 def _demo_sections(data: dict, directory: Path, context: dict) -> tuple[str, list]:
     rows = [r for r in data["rows"] if r["criterion"] != "unpruned"]
     base = data["baseline_top1"]
@@ -341,25 +354,22 @@ def _demo_sections(data: dict, directory: Path, context: dict) -> tuple[str, lis
         cards.append((f"{lat['before'] / lat['after']:.2f}x", "faster (onnxruntime, batch 1)"))
     sections = [
         ("Summary", [("cards", cards), _results_table(rows, base, target=False),
-                     ("p", "Each criterion prunes the same trained model to the same MAC target in one shot, "
-                           "without fine-tuning. qsfm removes channels whose feature maps duplicate a kept "
-                           "channel's (SSIM) and folds them into the next layer (least squares on the "
-                           "calibration maps); l1 removes the filters of smallest weight norm; random is the floor.")]),
+                     ("p", _demo_text(data))]),
         ("Setup", [("table", ["", ""], _setup_rows(data))]),
     ]
     if data.get("latency"):
         onnx = data.get("onnx") or {}
         blocks = _latency_blocks(data)
         if onnx:
-            blocks.append(("p", f"{first['label']} model exported to {onnx.get('path')} (opset {onnx.get('opset')}, "
+            blocks.append(("p", f"{data.get('kept', first['label'])} model exported to {onnx.get('path')} (opset {onnx.get('opset')}, "
                                 f"{onnx.get('bytes', 0) / 2**20:.1f} MiB, verified in onnxruntime: max difference "
                                 f"{onnx.get('max_abs_diff', 0):.1e})."))
         sections.append(("Latency", blocks))
     sections.append(("Float32 and int8", _int8_blocks(data, base)))
     sections.append(("Channels per layer", [("img", "channels.png", "output channels of every layer before "
                                              "(grey bars) and kept by each criterion (lines)")]))
-    heat = _figures(directory, "similarity*.png", f"similarity of every pair of channels in each group of the "
-                    f"unpruned model ({first['label']} statistics)")
+    heat = _figures(directory, "similarity*.png", "similarity of every pair of channels in each group of the "
+                    "unpruned model (qsfm's statistics)")
     if heat:
         sections.append(("Channel similarity", heat))
     return title, sections

@@ -297,6 +297,34 @@ def render_int8(data: dict) -> str:
         f"--merge`).")
 
 
+def render_int8_profile(data: dict) -> str:
+    """Where the int8 file's time goes (onnxruntime's profiler) and onnxruntime's quantization options."""
+    prof = [[r["file"], r["nodes"], f"{r['run_ms']:.2f}", f"{r['conv_ms']:.2f}", f"{r['other_kernels_ms']:.2f}",
+             f"{r['between_ms']:.2f}", f"{r['conv_share_%']:.0f} %", f"{r['floor_ms']:.2f}",
+             f"{r['floor_speedup']:.2f}x", r["top_ops"]] for r in data["profiles"]]
+    var = [[v["variant"], v["format"], v["weights"], v["activations"], v["optimisation"], f"{v['ms']:.3f}",
+            f"{v['speedup']:.2f}x", "" if v["nodes"] is None else v["nodes"],
+            "" if v["top1"] is None else f"{v['top1']:.2f}"] for v in data["variants"]]
+    int8 = data["profiles"][-1]
+    need = data["profiles"][0]["run_ms"] / 3
+    return (f"ResNet-56 pruned by `{_repo_relative(data['command'].split(' --out ')[0])}` "
+            f"({data['criterion']}, {100 * data['macs_removed']:.1f} % of MACs removed; top-1 "
+            f"{data['original_top1']:.2f} -> {data['fp32_top1']:.2f} float32, {data['int8_top1']:.2f} int8).\n\n"
+            "Profile (milliseconds per run under the profiler, which adds its own overhead; *floor*: the run "
+            "without its convolution kernels, *floor speed-up*: the original's run over that floor):\n\n"
+            + _table(["file", "nodes", "run ms", "conv ms", "other kernels ms", "between kernels ms", "conv share",
+                      "floor ms", "floor speed-up", "most frequent ops"], prof)
+            + f"\n\nFor 3x the int8 run must take {need:.2f} ms (profiled); {int8['floor_ms']:.2f} ms of it is not "
+            f"convolution, so its convolutions would have to fall from {int8['conv_ms']:.2f} to "
+            f"{max(0.0, need - int8['floor_ms']):.2f} ms.\n\n"
+            f"Quantization options (the pruned float32 file quantized again on the same calibration images; "
+            f"timed interleaved with the original float32 file, {data['original_ms']:.3f} ms unprofiled, "
+            f"{data['runs']} runs or more; top-1 in onnxruntime on the 10,000 test images):\n\n"
+            + _table(["variant", "format", "weights", "activations", "graph optimisation", "ms", "speed-up",
+                      "nodes", "top-1 %"], var)
+            + f"\n\nonnxruntime, batch 1, 1 thread. {_machine(data)} `python bench/int8_profile.py`.")
+
+
 def render_edge_mobilenet(data: dict) -> str:
     """MobileNetV2 pruned without fine-tuning: measured speed-up and agreement on held-out photographs."""
     rows = [[r["row"], f"{r['flops_removed_%']:.1f}", f"{r['mac_speedup']:.2f}x", f"{r['speedup']:.2f}x",
@@ -347,10 +375,10 @@ def render_demo_line(data: dict) -> str:
             "Its report is `runs/demo/report.html`.*")
 
 
-SOURCES = {"imagenet_line": "imagenet", "demo_line": "demo"}  # blocks rendered from another block's JSON
+SOURCES = {"imagenet_line": "imagenet", "demo_line": "demo", "int8_profile": "int8-profile"}  # blocks rendered from another block's JSON
 RENDERERS = {"demo_line": render_demo_line, "recovery": render_recovery, "imagenet": render_imagenet, "imagenet_line": render_imagenet_line, "engine": render_engine, "calibration": render_calibration,
              "scale": render_scale, "quality": render_quality, "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
-             "robustness": render_robustness, "int8": render_int8, "edge_mobilenet": render_edge_mobilenet,
+             "robustness": render_robustness, "int8": render_int8, "int8_profile": render_int8_profile, "edge_mobilenet": render_edge_mobilenet,
              "models": render_models}
 
 

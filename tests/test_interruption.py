@@ -82,6 +82,9 @@ def test_training_cut_before_every_write_resumes_to_the_same_weights(tmp_path, m
         assert [h["epoch"] for h in history] == [1, 2]
         for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), (n, k)
+        saved = read_safetensors(out / "model.safetensors")[0]  # the files too, not only the model in memory
+        assert all(torch.equal(v, saved[k]) for k, v in reference.state_dict().items()), n
+        assert [h["epoch"] for h in json.loads((out / "model.json").read_text())["history"]] == [1, 2], n
 
 
 def test_saving_a_pruned_model_cut_at_any_rename_leaves_no_output(tmp_path, monkeypatch):

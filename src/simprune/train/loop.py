@@ -248,10 +248,12 @@ def _train_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, l
 
 def _checkpoint(out_dir: Path, model: nn.Module, opt, epoch: int, history: list[dict], cfg: TrainConfig,
                 hooks: TrainHooks, description: dict[str, Any] | None) -> None:
-    """Rank 0: the resumable training state and the model so far, both written atomically."""
-    save_train_state(out_dir, model, opt, epoch, history, cfg, hooks.state())
+    """Rank 0: the model so far, then the resumable training state, each written atomically. The
+    state goes last: it is the commit point, so a kill between the two leaves a state one epoch
+    behind (resume redoes that epoch), never model files behind a state resume would skip past."""
     save_model(out_dir, model.to(memory_format=torch.contiguous_format),
                {**(description or {}), "history": history, "train_config": asdict(cfg)})
+    save_train_state(out_dir, model, opt, epoch, history, cfg, hooks.state())
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 

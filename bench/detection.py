@@ -59,7 +59,8 @@ def one(name: str) -> dict:
         except SimpruneError as exc:
             row["refused_without_ignore"] = str(exc)
     start = time.perf_counter()
-    pruned, report = simprune.prune(model, torch.zeros(1, 3, SIZE, SIZE), "l1", {"flops": TARGET}, ignore=ignore)
+    pruned, report = simprune.prune(model, torch.zeros(1, 3, SIZE, SIZE), "l1", {"flops": TARGET},
+                                    selection=simprune.Selection(ignore=ignore))
     row.update(seconds=time.perf_counter() - start, macs_before=report["macs"]["before"],
                macs_after=report["macs"]["after"], removed=report["reduction"]["flops"],
                params_before=report["params"]["before"], params_after=report["params"]["after"],

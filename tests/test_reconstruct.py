@@ -428,3 +428,13 @@ def test_a_memory_limit_cuts_the_chain_at_blocks_whose_outputs_fit_not_at_their_
     assert [c.name for c in find_chain(calls, layers, block_bytes)] == ["0.0", "0.1", "0.2"]
     plan = plan_segments(model, x, layers, 2 * block_bytes * 10, 10)  # room for the blocks' maps only
     assert [s.module for s in plan.segments] == ["0.0", "0.1", "0.2"] and plan.frontier_bytes_per_image == block_bytes
+
+
+def test_a_block_is_residual_only_when_its_sum_is_verified_relative_to_its_values():
+    from simprune.repair.segments import adds_up
+    v = torch.tensor([1e-6, -2e-6])
+    assert adds_up(v, torch.tensor([3e-6, 1e-6]), v + torch.tensor([3e-6, 1e-6]))  # tiny, but it does add up
+    assert not adds_up(v, torch.tensor([3e-6, 1e-6]), v)  # off by 3x its values: no, however small they are
+    assert adds_up(v, torch.tensor([3e-6, -1e-6]), torch.relu(v + torch.tensor([3e-6, -1e-6])))
+    assert not adds_up(v, torch.tensor([1e-12, 0.0]), v)  # an addend of nothing is no shortcut
+    assert not adds_up(torch.zeros(2), torch.zeros(2), torch.zeros(2))

@@ -68,16 +68,32 @@ def _criterion(**options):
     return get_criterion("refit-error", precision="fp32", ridge=1e-9, **options)
 
 
-def test_a_group_read_with_too_few_rows_for_its_columns_is_left_whole_and_said_so():
+def test_a_group_read_with_too_few_rows_for_its_columns_is_marked_doubtful_and_said_so():
     torch.manual_seed(0)
     model = Tiny().eval()  # fc reads conv2's 5 pooled channels: one row per image
     graph = PruningGraph(model, torch.zeros(1, 2, 8, 8))
     few = [(torch.randn(12, 2, 8, 8),)]  # 12 rows < 4 x 5 columns
     result = _criterion().score(graph, few)
-    assert "conv2" not in result.scores and "conv1" in result.scores
+    assert {"conv1", "conv2"} <= result.scores.keys() and result.doubtful == {"conv2"}
     assert "fc (12 rows for 5 inputs)" in result.notes["too_few_rows"]
     enough = [(torch.randn(16, 2, 8, 8),) for _ in range(2)]
-    assert "conv2" in _criterion().score(graph, enough).scores
+    assert _criterion().score(graph, enough).doubtful == set()
+
+
+def test_a_doubtful_group_is_kept_whole_unless_the_target_needs_it(recwarn):
+    import simprune
+    torch.manual_seed(0)
+    few = [(torch.randn(12, 2, 8, 8),)]
+    loose = simprune.Selection(guards=simprune.Guards(min_channels=1, round_to=1, max_layer_ratio=1.0),
+                               criterion_options={"precision": "fp32"})
+    bare = simprune.Repair(refit=False, recalibrate_bn=False)  # only the criterion's doubt keeps conv2 whole
+    pruned, _ = simprune.prune(Tiny().eval(), torch.zeros(1, 2, 8, 8), "refit-error", {"params": 0.05},
+                               calibration=few, selection=loose, repair=bare)
+    assert pruned.conv2.out_channels == 5 and pruned.conv1.out_channels < 4
+    pruned, _ = simprune.prune(Tiny().eval(), torch.zeros(1, 2, 8, 8), "refit-error", {"params": 0.05},
+                               calibration=few, selection=loose.replace(ignore=("conv1",)), repair=bare)
+    assert pruned.conv2.out_channels < 5 and pruned.conv1.out_channels == 4  # only conv2 can meet it
+    assert any("refit-error scored on too few calibration rows (conv2)" in str(w.message) for w in recwarn)
 
 
 def test_gain_weighting_scales_a_groups_scores_by_its_readers_gain():
@@ -178,3 +194,11 @@ def test_the_refit_reads_the_views_and_the_recovery_the_plain_images():
                                repair=repair)
     assert report["reconstructed"]["images"] == 2 * (64 - report["recovered"]["held_aside"])
     assert report["recovered"]["images"] == 64  # trained on the 51 plain images, 13 held aside
+
+
+def test_few_images_are_read_at_more_positions_so_a_layer_keeps_its_row_budget():
+    from simprune.calibrate.consumer_inputs import ROW_BUDGET, positions_per_image
+    assert ROW_BUDGET == 64 * 128
+    assert positions_per_image(128, 8) == 1024 and positions_per_image(128, 3) == 2731  # ceil(8192 / 3)
+    assert positions_per_image(128, 64) == 128 and positions_per_image(128, 500) == 128  # unchanged from 64 on
+    assert positions_per_image(None, 8) is None and positions_per_image(512, 8) == 1024

@@ -43,11 +43,12 @@ class Selection:
                protected: list[str] | tuple = (), preferred: list[str] | tuple = ()) -> tuple[Allocation, Any, float]:
         """Score every channel with ``crit`` and allocate removals under ``target``; returns
         (allocation, criterion result, time scoring ended). Groups in ``protected`` keep all channels; so do
-        those in ``preferred`` unless the target cannot be reached without them (``alloc.preferred_kept``
-        says whether they were)."""
+        those in ``preferred`` and those the criterion scored on too little evidence (``result.doubtful``)
+        unless the target cannot be reached without them (``alloc.preferred_kept`` says whether they were)."""
         progress.stage(f"scoring channels ({crit.name})")
         result = crit.score(graph, calibration) if getattr(crit, "needs_data", False) else crit.score(graph)
         t_score = time.perf_counter()
+        preferred = [*preferred, *sorted(set(getattr(result, "doubtful", ())) - set(preferred))]
         progress.stage(f"allocating the target over {len(graph.groups)} channel groups")
         try:
             alloc = self._allocate(graph, result, target, cost, set(protected) | set(preferred))

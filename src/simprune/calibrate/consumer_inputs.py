@@ -118,6 +118,18 @@ def design_rows(layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None =
 
 
 MIN_ROWS_PER_COLUMN = 4  # fewer rows than this per input column: a least-squares fit is not trusted
+ROW_BUDGET = 8192  # rows a layer is read at when images are few: 64 images x 128 positions
+
+
+def positions_per_image(max_positions: int | None, images: int) -> int | None:
+    """``max_positions`` raised so that ``images`` calibration images (over all torchrun ranks) still give
+    :data:`ROW_BUDGET` rows per layer: 8 photos of a 640 px detector are read at 1024 positions each, not
+    128 (1024 rows cannot judge a 3x3 conv on 256 channels; 8192 can). From 64 images on it is unchanged."""
+    if not max_positions:
+        return max_positions
+    if distributed.active():
+        images = int(distributed.all_reduce_sum(torch.tensor([float(images)], dtype=torch.float64))[0])
+    return max(max_positions, -(-ROW_BUDGET // max(images, 1)))
 
 
 def starved(columns: int, rows: float, factor: int = MIN_ROWS_PER_COLUMN) -> bool:

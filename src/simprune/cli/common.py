@@ -18,7 +18,7 @@ from simprune.errors import SimpruneError
 from simprune.graph.counting import parse_input_shape
 from simprune.io.data import load_dataset
 from simprune.io.files import load_model, read_json, resolve_model_path
-from simprune.io.images import Preprocess, timm_preprocess, torchvision_preprocess
+from simprune.io.images import Preprocess, timm_preprocess, torchvision_preprocess, ultralytics_preprocess
 from simprune.models import build_model
 from simprune.models.external import builder_takes, is_builder_spec
 from simprune.schedules.checks import calibration_images
@@ -65,8 +65,11 @@ def preprocess_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"))
 
 
-def model_preprocess(model: str | None, weights: str | None) -> Preprocess | None:
-    """The preprocessing the model's own weights were trained with, when simprune can read it."""
+def model_preprocess(model: str | None, weights: str | None, input_shape: str | None = None) -> Preprocess | None:
+    """The preprocessing the model's own weights were trained with, when simprune can read it (a YOLO's
+    at the --input size, 640 without it)."""
+    if model and model.startswith("ultralytics:"):
+        return ultralytics_preprocess(parse_input_shape(input_shape)[-1] if input_shape else 640)
     if model and model.startswith("torchvision:") and weights:
         return torchvision_preprocess(model.split(":", 1)[1], weights)
     if model and model.startswith("timm:"):
@@ -82,7 +85,7 @@ def image_preprocess(args, desc: dict | None = None) -> Preprocess:
     recorded = (desc.get("calibration") or {}).get("preprocess")
     base = Preprocess.from_dict(recorded) if recorded else \
         model_preprocess(getattr(args, "model", None) or desc.get("model"),
-                         getattr(args, "weights", None))
+                         getattr(args, "weights", None), getattr(args, "input", None))
     given = {k: getattr(args, k, None) for k in ("resize", "crop", "mean", "std")}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
     if base is None and not given:

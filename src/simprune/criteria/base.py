@@ -47,6 +47,7 @@ class CriterionResult:
     fold: FoldData | None = None  # what simprune.repair.fold folds removed channels with
     similarity: dict[str, torch.Tensor] = field(default_factory=dict)  # root -> (C, C) matrix, for reports
     notes: dict[str, str] = field(default_factory=dict)  # what the criterion did that a report should say
+    doubtful: set[str] = field(default_factory=set)  # roots scored on too little evidence: kept whole unless needed
 
 
 class Criterion(ABC):

@@ -7,17 +7,25 @@ the layer's output energy. Channels are removed greedily by that cost, jointly o
 readers; a channel's score is the cumulative relative error at the step it goes, so scores are
 comparable across groups (normalisation "none"): the allocator removes where the refit loses least.
 Groups that a parameter-free layer also reads (the option-A shortcut) get no score and stay whole: no
-refit can repair what that layer passes on. So do groups read by a layer with fewer calibration rows than
-:data:`~simprune.calibrate.consumer_inputs.MIN_ROWS_PER_COLUMN` times its input columns (a classifier reading 1280 pooled features from 500 images):
-its Gram is rank-deficient, so most channels look free to remove on the fitted images and are not on others.
+refit can repair what that layer passes on. Groups read by a layer with fewer calibration rows than
+:data:`~simprune.calibrate.consumer_inputs.MIN_ROWS_PER_COLUMN` times its input columns (a classifier reading 1280 pooled features from 500 images)
+are scored but marked doubtful: their Gram is rank-deficient, so most channels look free to remove on the
+fitted images and are not on others; the allocation keeps them whole unless the target cannot be met without.
 The math is in :mod:`simprune.stats.refit`; this is beyond the papers (ThiNet / He et al. 2017 style).
 """
 from __future__ import annotations
 
 import torch
 
-from simprune.calibrate.batches import check_precision
-from simprune.calibrate.consumer_inputs import consumer_grams, refit_support, starved, taps, weight_matrix
+from simprune.calibrate.batches import Calibration, check_precision
+from simprune.calibrate.consumer_inputs import (
+    consumer_grams,
+    positions_per_image,
+    refit_support,
+    starved,
+    taps,
+    weight_matrix,
+)
 from simprune.calibrate.sensitivity import output_gains
 from simprune.criteria.base import Criterion, CriterionResult
 from simprune.criteria.registry import register
@@ -52,7 +60,7 @@ class RefitError(Criterion):
         greedy order: measured on ResNet-20, 7 of 10 groups ordered differently for one batch of 128 images vs
         two of 64; fp32: none); the products are float32 and the sums float64 either way. ``max_gram_mib``
         bounds the Grams held at once; ``max_positions``: conv output positions read per image (a fixed random
-        set; None: all). ``weigh_by_gain``: each reader's relative error is weighed by its layer gain (the
+        set, raised with fewer than 64 images: :func:`positions_per_image`; None: all). ``weigh_by_gain``: each reader's relative error is weighed by its layer gain (the
         output change per unit of relative error, :mod:`simprune.calibrate.sensitivity`, on ``gain_images``
         calibration images), so groups are compared by what their removal does to the model's output."""
         self.calib_precision = check_precision(precision or calib_precision)
@@ -67,14 +75,14 @@ class RefitError(Criterion):
         waiting = {root: {m.name for m in readers(g)} for root, g in groups.items()}
         self.gains = output_gains(graph.model, layers, calibration, self.gain_images) if self.weigh_by_gain else {}
         grams, scores, short = {}, {}, {}
+        images = Calibration.of(calibration).count()
         for name, sums in consumer_grams(graph.model, layers, calibration, self.calib_precision,
-                                         self.max_gram_mib << 20, self.max_positions):
+                                         self.max_gram_mib << 20, positions_per_image(self.max_positions, images)):
             grams[name] = centered_gram(sums.gram, sums.total, float(sums.n))
             if starved(grams[name].shape[0], float(sums.n)):
                 short[name] = f"{name} ({int(sums.n)} rows for {grams[name].shape[0]} inputs)"
             for root in [r for r, names in waiting.items() if names <= grams.keys()]:
-                if not any(n in short for n in waiting[root]):
-                    scores[root] = self._group_scores(groups[root], grams)
+                scores[root] = self._group_scores(groups[root], grams)
                 del waiting[root]
                 needed = set().union(*waiting.values()) if waiting else set()
                 grams = {n: g for n, g in grams.items() if n in needed}
@@ -82,9 +90,11 @@ class RefitError(Criterion):
         unscored = ", ".join(g.root for g in graph.groups if g.root not in groups)
         if unscored:
             result.notes["unscored_groups"] = unscored
+        result.doubtful = {root for root in scores if any(m.name in short for m in readers(groups[root]))}
         if short:
-            result.notes["too_few_rows"] = ("kept whole, read with too few calibration rows to judge (more images "
-                                            "let them be pruned): " + ", ".join(short.values()))
+            result.notes["too_few_rows"] = ("read with too few calibration rows to judge, so kept whole unless the "
+                                            "target needs them (more images let them be judged): "
+                                            + ", ".join(short.values()))
         return result
 
     def _group_scores(self, group: ChannelGroup, grams: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -5,7 +5,8 @@ evaluation, each read with the model's own preprocessing.
   picks the same images everywhere); :func:`image_folder` keeps the readable ones and counts the rest.
 - :class:`Preprocess` is resize -> centre crop -> normalise, taken from torchvision weights'
   ``transforms()`` (:func:`torchvision_preprocess`), from timm's data config (:func:`timm_preprocess`), or
-  given explicitly (``--resize/--crop/--mean/--std``).
+  from ultralytics' predictor for YOLO (:func:`ultralytics_preprocess`), or given explicitly
+  (``--resize/--crop/--mean/--std``).
 - :func:`manifest_dataset` reads ``file,class_index[,split]`` rows (the layout of
   ``shared/imagenet-sample/manifest.csv``); a source ``PATH.csv:SPLIT`` keeps one split;
   :func:`labelled_images` reads that or an ImageNet-style ``DIR/CLASS/*.jpg`` tree.
@@ -93,6 +94,13 @@ def timm_preprocess(model) -> Preprocess:
     crop = int(cfg["input_size"][-1])
     return Preprocess(resize=int(round(crop / cfg.get("crop_pct", 0.875))), crop=crop, mean=tuple(cfg["mean"]),
                       std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bilinear"))
+
+
+def ultralytics_preprocess(size: int = 640) -> Preprocess:
+    """What ultralytics' predictor feeds a YOLO: RGB scaled to [0, 1], no mean/std, at its image size
+    (640 unless the model was trained otherwise). Its letterbox pads to a square; a centre crop of the
+    short side keeps calibration images free of grey bars, which only lower the statistics' contrast."""
+    return Preprocess(resize=size, crop=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 def _first(v) -> int:

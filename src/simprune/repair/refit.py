@@ -29,6 +29,7 @@ from simprune.calibrate.batches import Calibration
 from simprune.calibrate.consumer_inputs import (
     RowSums,
     design_rows,
+    positions_per_image,
     refit_support,
     set_weight_matrix,
     starved,
@@ -57,7 +58,8 @@ class RefitOptions:
     - ``max_frontier_mib``: the stored block inputs of both models may take this much, else every layer
       gets whole-model passes (same result, slower);
     - ``max_positions``: conv output positions read per image (a random set drawn with ``seed``, the same for
-      every image); None: all;
+      every image), raised with fewer than 64 images so a layer still gets 8192 rows
+      (:func:`~simprune.calibrate.consumer_inputs.positions_per_image`); None: all;
     - ``scope``: "all" refits every conv and linear layer, so layers after a pruned one absorb the errors
       in what they read too; "readers" only those that lost input channels (see :func:`refit_targets`);
     - ``views``: the selection, the refit and BatchNorm re-estimation read each calibration image as itself
@@ -175,6 +177,7 @@ class _Refitter:
         self.original, self.pruned, self.targets, self.calibration = original, pruned, targets, calibration
         self.device = distributed.model_device(pruned)  # every batch goes where the models are
         self.plan, self.options = plan, options
+        self.positions = positions_per_image(options.max_positions, calibration.count())
         self.frontier: list[list] | None = None  # per batch: [original input, pruned input] of the current block
         self.errors: dict[str, list[float]] = {}
         self.largest_gram = 0
@@ -236,7 +239,7 @@ class _Refitter:
             if y.shape[1] != outputs:
                 raise SimpruneError(f"layer {name}: {y.shape[1]} original outputs kept but the pruned layer has "
                                     f"{outputs}; the pruned model does not match the original")
-            for rows, target in design_rows(lp, x_in, y, self.options.max_positions, self.options.seed):
+            for rows, target in design_rows(lp, x_in, y, self.positions, self.options.seed):
                 halves[b % len(halves)].update(rows, target)  # ridge="auto": even and odd batches apart
         for h in halves:
             h.all_reduce().check(name).to("cpu")

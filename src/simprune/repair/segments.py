@@ -175,9 +175,17 @@ def residual_addend(calls: list[Call], block: Call, bn: Call) -> str | None:
     inner = [c for c in calls if block.start < c.start and c.end < block.end and c is not bn
              and c.in_id == block.in_id and c.in_version == block.in_version and c.out is not None]
     for name, cand in [("", block.inp)] + [(c.name, c.out) for c in inner]:
-        if cand is None or cand.shape != v.shape:
-            continue
-        total = v + cand
-        if torch.allclose(total, out, atol=1e-5) or torch.allclose(torch.relu(total), out, atol=1e-5):
+        if cand is not None and cand.shape == v.shape and adds_up(v, cand, out):
             return name
     return None
+
+
+def adds_up(v: torch.Tensor, addend: torch.Tensor, out: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """``out`` is ``v + addend`` (or its ReLU) to ``rtol`` of ``out``'s largest value, with an addend that
+    matters (over 1e-3 of it). Relative, because a randomly initialised deep net (a YOLO built from its
+    YAML) has activations of 1e-6 deep down, where any absolute tolerance says every sum matches."""
+    scale = float(out.abs().max())
+    if scale == 0.0 or float(addend.abs().max()) <= 1e-3 * scale:
+        return False
+    total = v + addend
+    return any(float((t - out).abs().max()) <= rtol * scale for t in (total, torch.relu(total)))

@@ -19,7 +19,7 @@ from simprune import progress
 from simprune.allocation.allocator import CostModel
 from simprune.allocation.selection import Selection
 from simprune.calibrate.batches import Calibration
-from simprune.calibrate.consumer_inputs import starved_groups
+from simprune.calibrate.consumer_inputs import positions_per_image, starved_groups
 from simprune.criteria import get_criterion, set_calib_precision
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
@@ -67,6 +67,23 @@ class Job:
         return dataclasses.replace(self, **changes)
 
 
+def starved_for_the_refit(graph: PruningGraph, example: torch.Tensor, calibration, refit) -> dict[str, str]:
+    """The groups whose readers the refit would fit on too few rows (see :func:`starved_groups`)."""
+    images = calibration.count()
+    return starved_groups(graph, example, images, positions_per_image(refit.max_positions, images))
+
+
+def warn_preferred_released(starved: dict[str, str], doubtful: set[str], criterion: str) -> None:
+    """Say which groups the target forced out of being kept whole: more calibration images would help."""
+    if starved:
+        progress.warn("the target needs groups the refit has too few calibration rows for ("
+                      f"{'; '.join(starved.values())}); they were pruned and refit on those rows anyway")
+    if doubtful:
+        progress.warn(f"the target needs groups {criterion} scored on too few calibration rows "
+                      f"({', '.join(sorted(doubtful))}); they were pruned on those scores; more calibration "
+                      "images would judge them better")
+
+
 def prune_oneshot(job: Job, latency_table=None) -> tuple[nn.Module, PruneReport]:
     """Prune ``job.model`` in place to ``job.target``; returns (model, report). With ``latency_table`` the
     allocator weighs channels by the table's milliseconds (a ``{"latency": R}`` target, unmeasured)."""
@@ -80,13 +97,11 @@ def prune_oneshot(job: Job, latency_table=None) -> tuple[nn.Module, PruneReport]
         latency_table.cost_model(graph.groups, before.cost)
     t_graph = time.perf_counter()
     protected = [g.root for g in graph.groups if not g.compensable] if repair.protect_uncompensable else []
-    starved = starved_groups(graph, example, job.calibration.count(), repair.refit.max_positions) \
-        if repair.refit else {}
+    starved = starved_for_the_refit(graph, example, job.calibration, repair.refit) if repair.refit else {}
     alloc, result, t_score = job.selection.select(graph, crit, target, cost, job.calibration, protected,
                                                   preferred=list(starved))
-    if starved and not alloc.preferred_kept:
-        progress.warn("the target needs groups the refit has too few calibration rows for ("
-                      f"{'; '.join(starved.values())}); they were pruned and refit on those rows anyway")
+    if not alloc.preferred_kept:
+        warn_preferred_released(starved, set(getattr(result, "doubtful", ())) - set(starved), crit.name)
         starved = {}
     t_alloc = time.perf_counter()
     if repair.fold and result.fold is None:

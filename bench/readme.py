@@ -355,6 +355,38 @@ def render_models(data: dict) -> str:
             + f". {_machine(data)} `python bench/models.py`.")
 
 
+def _detection_row(r: dict) -> list:
+    name = r["model"].replace("ultralytics:", "").replace(".yaml", "")
+    name += f" (`--ignore '{r['ignore']}'`)" if r.get("ignore") else ""
+    pipeline = "l1, no data" if r.get("pipeline", "l1") == "l1" else \
+        f"defaults, {r['calibration_images']} photos ({r['criterion']}{' + refit' if r.get('refit') else ''})"
+    if r.get("error"):
+        return [name, pipeline, f"failed: {r['error'][:120]}"] + [""] * 8
+    timed = [f"{r[k]['speedup']:.2f}x / {r[k]['mac_speedup']:.2f}x ({r[k]['ratio']:.2f})"
+             for k in sorted((k for k in r if k.startswith("ort_")), key=lambda k: int(k[4:]))]
+    return [name, pipeline, f"{r['macs_before'] / 1e6:.0f} -> {r['macs_after'] / 1e6:.0f}",
+            f"{r['params_before'] / 1e6:.2f} -> {r['params_after'] / 1e6:.2f}", f"{r['peak_mib']:.0f} MiB",
+            f"{r['seconds']:.1f} s", "identical" if r["reload_identical"] else "DIFFERS",
+            "verified" if r["onnx_verified"] else "FAILED",
+            f"{r['held_out_output_error']:.3f}" if "held_out_output_error" in r else "", *timed]
+
+
+def render_detection(data: dict) -> str:
+    """bench/detection.py: each YOLO with l1 (no data) and with the defaults and the calibration photos."""
+    sizes = sorted({int(k[4:]) for r in data["rows"] for k in r if k.startswith("ort_")})
+    rows = [_detection_row(r) for r in data["rows"]]
+    held = ", ".join(data.get("held_out_photos", []))
+    return (f"Measured with `python bench/detection.py` (bench/results/detection.json): "
+            f"{100 * data['target']['flops']:.0f} % of MACs at {data['size']} px. "
+            f"{_machine(data)} onnxruntime batch 1, one thread; speed-up measured / MAC speed-up (ratio). "
+            f"Pipelines: {'; '.join(f'{k}: {v}' for k, v in data.get('pipelines', {}).items())}. Output error: "
+            "relative L2 distance from the unpruned model's of the part of the Detect head's raw box and class "
+            f"logits that varies with the photo, on other photographs ({held}); the weights are random, so it "
+            "shows what pruning and repair keep of the network's response, not detection accuracy.\n\n"
+            + _table(["model", "pipeline", "MACs (M)", "params (M)", "peak memory", "prune", "reload", "ONNX",
+                      "output error", *(f"{s} px" for s in sizes)], rows))
+
+
 def render_demo_line(data: dict) -> str:
     """The README's first-screen caption: what `make demo` measured."""
     rows = [r for r in data["rows"] if r["criterion"] != "unpruned"]
@@ -379,7 +411,7 @@ SOURCES = {"imagenet_line": "imagenet", "demo_line": "demo", "int8_profile": "in
 RENDERERS = {"demo_line": render_demo_line, "recovery": render_recovery, "imagenet": render_imagenet, "imagenet_line": render_imagenet_line, "engine": render_engine, "calibration": render_calibration,
              "scale": render_scale, "quality": render_quality, "zoo": render_zoo, "finetune": render_finetune, "latency": render_latency,
              "robustness": render_robustness, "int8": render_int8, "int8_profile": render_int8_profile, "edge_mobilenet": render_edge_mobilenet,
-             "models": render_models}
+             "models": render_models, "detection": render_detection}
 
 
 def rendered_readme(text: str) -> str:

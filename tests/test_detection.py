@@ -186,3 +186,14 @@ def test_yolov10_prunes_with_its_one_to_one_head_kept_whole_and_still_runs():
     assert "trace does not connect" in report["kept_width"]["model.16.cv2.conv"]  # read by the one2one head
     out = pruned(torch.zeros(1, 3, 64, 64))
     assert out[0].shape == model(torch.zeros(1, 3, 64, 64))[0].shape
+
+
+def test_a_yolos_calibration_photos_are_read_as_ultralytics_feeds_them():
+    from simprune.cli.common import model_preprocess
+    from simprune.io.images import Preprocess
+    yolo = Preprocess(resize=640, crop=640, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert model_preprocess("ultralytics:yolov8n.yaml", None) == yolo  # 0-1 RGB, no mean/std, 640
+    assert model_preprocess("ultralytics:yolov8n.yaml", None, "3x320x320") == yolo.__class__(
+        resize=320, crop=320, mean=yolo.mean, std=yolo.std)
+    with pytest.raises(SimpruneError, match="not CxHxW"):
+        model_preprocess("ultralytics:yolov8n.yaml", None, "640")

@@ -69,7 +69,7 @@ def test_the_library_prints_nothing_and_warns_through_warnings(capsys):
     calibration = [(torch.randn(8, 1, 32, 32), torch.zeros(8, dtype=torch.long))]
     with pytest.warns(progress.SimpruneWarning, match="only 8 calibration images"):
         _, report = simprune.prune(model, torch.zeros(1, 1, 32, 32), "qsfm", {"flops": 0.3},
-                                   calibration=calibration)
+                                   calibration=calibration, repair=simprune.Repair(recalibrate_bn=True))
     assert capsys.readouterr() == ("", "")
     assert any("recalibrate_bn=False" in w for w in report["warnings"])
 

@@ -118,7 +118,7 @@ def test_the_refit_and_the_gram_pass_send_batches_to_the_models_device(monkeypat
 # --- options and the legacy keywords ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fold,calib,want", [
-    (None, True, dict(refit=True, fold=False, protect_uncompensable=True, recalibrate_bn=True)),
+    (None, True, dict(refit=True, fold=False, protect_uncompensable=True, recalibrate_bn="if-closer")),
     (None, False, dict(refit=False, fold=True, protect_uncompensable=True, recalibrate_bn=False)),
     ("twin", True, dict(refit=False, fold="twin", protect_uncompensable=True, recalibrate_bn=True)),
     (False, False, dict(refit=False, fold=False, protect_uncompensable=False, recalibrate_bn=False)),
@@ -152,7 +152,8 @@ def test_a_recovery_step_runs_after_the_refit_and_is_reported():
 
     _, report = simprune.prune(build_model("resnet20").eval(), EX, "l1", {"flops": 0.3}, calibration=_batches(4),
                                repair=Repair(recover=Recovery()), schedule=simprune.OneShot(device="cpu"))
-    assert report["recovered"] == {"images": 32, "same": True, "held": None} and report["bn_recalibrated"]
+    assert report["recovered"] == {"images": 32, "same": True, "held": None}
+    assert report["batchnorm_choice"]["judged_on"] == "calibration"  # the BatchNorm choice ran before it
 
 
 def test_the_recovery_s_held_aside_images_are_kept_from_scores_refit_and_batchnorm():

@@ -129,6 +129,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
+def mean_over_ranks(total: float, count: int) -> float:
+    """``total / count`` over every torchrun rank's shard (this process's alone without torchrun), so that
+    decisions taken on it agree across ranks."""
+    if active():
+        both = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64))
+        total, count = float(both[0]), int(both[1])
+    return total / max(count, 1)
+
+
 def shard(indices: list[int], block: int = 1) -> list[int]:
     """This rank's share of ``indices``: consecutive blocks of ``block`` items dealt in turn, so shards
     differ by at most one block and a block (e.g. a null pair of calibration images) stays whole."""

@@ -286,7 +286,8 @@ def add_prune_parser(sub) -> None:
                         "channel fold; with the refit the fold defaults to off)")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm statistics on the calibration images after pruning "
-                        "(default: on with --calib-data)")
+                        "(default with --calib-data: on; after the refit, kept only if the outputs come closer "
+                        "to the unpruned model's)")
     p.add_argument("--recover", action=argparse.BooleanOptionalAction, default=False,
                    help="after the refit and BatchNorm re-estimation, train the pruned model to reproduce the "
                         "unpruned one on augmented views of the calibration images (labels never read; 20 %% held "

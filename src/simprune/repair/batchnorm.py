@@ -1,4 +1,8 @@
-"""BatchNorm re-estimation: the last repair step, a forward over the calibration images in BN-train mode."""
+"""BatchNorm re-estimation: the last repair step, a forward over the calibration images in BN-train mode.
+
+After a refit, which reproduces the unpruned model's pre-BatchNorm outputs, the stored statistics can be
+the better ones; :func:`recalibrate_if_closer` re-estimates and keeps whichever set brings the outputs
+closer to the unpruned model's (the default then)."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +10,10 @@ from torch import nn
 
 from simprune import distributed
 from simprune.calibrate.batches import Calibration, run_model
+from simprune.calibrate.sensitivity import output_change, output_tensors
 from simprune.errors import SimpruneError
+
+JUDGED_IMAGES = 256  # calibration images the choice compares outputs on when none are held aside
 
 
 def recalibrate_batchnorm(model: nn.Module, batches, bf16: bool = False) -> int:
@@ -55,3 +62,54 @@ def _keep_trained_where_flat(trained: dict, seen: int) -> None:
         flat = m.running_var < m.eps if seen else torch.ones_like(m.running_var, dtype=torch.bool)
         m.running_mean[flat] = mean[flat]
         m.running_var[flat] = var[flat]
+
+
+def recalibrate_if_closer(original: nn.Module, pruned: nn.Module, batches, held_aside=None) -> dict:
+    """Re-estimate ``pruned``'s BatchNorm statistics on ``batches`` and keep them only if they bring its
+    outputs closer to ``original``'s (the choice's measure: KL of the logits, else relative squared error)
+    on ``held_aside`` images, else on the first :data:`JUDGED_IMAGES` calibration images; otherwise the
+    stored statistics come back. Returns what was kept and both measures (equal over torchrun ranks)."""
+    calibration = Calibration.of(batches)
+    judged = _judged_batches(calibration, held_aside)
+    stored_change = _output_change(original, pruned, judged)
+    stored = {m: (m.running_mean.clone(), m.running_var.clone()) for m in _batchnorms(pruned)}
+    seen = recalibrate_batchnorm(pruned, calibration)
+    estimated_change = _output_change(original, pruned, judged)
+    kept = estimated_change < stored_change
+    if not kept:
+        for m, (mean, var) in stored.items():
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+    return {"kept": "re-estimated" if kept else "stored", "images": seen, "judged_on": "held-aside"
+            if held_aside is not None else "calibration", "judged_images": sum(len(x) for x in judged),
+            "output_change": {"stored": stored_change, "re-estimated": estimated_change}}
+
+
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and
+            m.running_var is not None]
+
+
+def _judged_batches(calibration: Calibration, held_aside) -> list[torch.Tensor]:
+    """The images the choice is judged on: the held-aside ones in the calibration's batch size, else the
+    first :data:`JUDGED_IMAGES` calibration images."""
+    if held_aside is not None:
+        return list(held_aside.split(int(calibration.first_images().shape[0])))
+    judged, count = [], 0
+    for x in calibration.images():
+        judged.append(x[:JUDGED_IMAGES - count])
+        count += len(judged[-1])
+        if count >= JUDGED_IMAGES:
+            break
+    return judged
+
+
+def _output_change(original: nn.Module, pruned: nn.Module, judged: list[torch.Tensor]) -> float:
+    """Mean over ``judged``'s images (and ranks) of :func:`output_change` from ``original`` to ``pruned``."""
+    total = 0.0
+    with Calibration.running(original, pruned) as device:
+        for x in judged:
+            x = x.to(device)
+            reference = output_tensors(run_model(original, x))
+            total += output_change(reference, output_tensors(run_model(pruned, x))) * len(x)
+    return distributed.mean_over_ranks(total, sum(len(x) for x in judged))

@@ -3,7 +3,8 @@
 :class:`Repair` holds the stage's options. ``Repair.auto()`` leaves each step to its default, resolved
 against the criterion and the calibration data by :meth:`Repair.resolve` (the refit when calibration is
 given and no fold was asked for; the criterion's fold only without the refit; groups a parameter-free
-layer reads protected when folding or refitting; BatchNorm re-estimation when calibration is given).
+layer reads protected when folding or refitting; BatchNorm re-estimation when calibration is given, kept
+after a refit only if it brings the outputs closer to the unpruned model's).
 The label-free recovery (:class:`simprune.repair.recovery.Recovery`, or any object with
 ``run(original, pruned, calibration, held_aside) -> dict``) plugs in as ``recover`` and runs last, under the
 re-estimated BatchNorm statistics it then keeps frozen.
@@ -21,11 +22,13 @@ from simprune import progress
 from simprune.errors import SimpruneError
 from simprune.graph.groups import PruningGraph
 from simprune.graph.removal import remove_channels
-from simprune.repair.batchnorm import recalibrate_batchnorm
+from simprune.repair.batchnorm import recalibrate_batchnorm, recalibrate_if_closer
 from simprune.repair.fold import fold_channels
 from simprune.repair.recovery import Recovery
 from simprune.repair.refit import RefitOptions, refit_targets
 from simprune.repair.refit import reconstruct as refit_network
+
+IF_CLOSER = "if-closer"  # recalibrate_bn: re-estimate, keep only if the outputs come closer to the unpruned
 
 
 @dataclass
@@ -61,7 +64,9 @@ class Repair:
     - ``fold``: fold removed channels into the next layers: True (the criterion's mode), "lstsq", "twin", False;
     - ``protect_uncompensable``: leave groups a parameter-free reader (option-A shortcut) passes on whole;
     - ``refit``: RefitOptions (on, tuned), True (on, defaults), False (off);
-    - ``recalibrate_bn``: re-estimate BatchNorm statistics on the calibration images;
+    - ``recalibrate_bn``: re-estimate BatchNorm statistics on the calibration images: True, False, or
+      "if-closer" (keep them only if the outputs come closer to the unpruned model's; the default after
+      a refit, whose pre-BatchNorm outputs already match the stored statistics);
     - ``recover``: the label-free recovery run last, after BatchNorm: a Recovery, True (its defaults) or
       None/False (none).
     """
@@ -69,11 +74,13 @@ class Repair:
     fold: bool | str | None = None
     protect_uncompensable: bool | None = None
     refit: RefitOptions | bool | None = None
-    recalibrate_bn: bool | None = None
+    recalibrate_bn: bool | str | None = None
     recover: Recovery | bool | None = None  # duck-typed: any run(original, pruned, calibration, held_aside)
 
     def __post_init__(self):
         object.__setattr__(self, "refit", refit_options(self.refit))
+        if self.recalibrate_bn not in (None, True, False, IF_CLOSER):
+            raise SimpruneError(f"recalibrate_bn={self.recalibrate_bn!r}: pass True, False or {IF_CLOSER!r}")
         if self.recover is True:
             object.__setattr__(self, "recover", Recovery())
         elif self.recover is False:
@@ -109,7 +116,7 @@ class Repair:
             protect = bool(fold) or bool(refit)
         bn = self.recalibrate_bn
         if bn is None:
-            bn = calibration is not None
+            bn = (IF_CLOSER if refit else True) if calibration is not None else False
         if bn and calibration is None:
             raise SimpruneError("BatchNorm re-estimation needs calibration images; pass calibration= "
                                 "or recalibrate_bn=False")
@@ -122,7 +129,7 @@ class Repair:
     @property
     def needs_original(self) -> bool:
         """Whether :meth:`apply` reads the unpruned model (the refit and recovery reproduce it)."""
-        return bool(self.refit) or self.recover is not None
+        return bool(self.refit) or self.recover is not None or self.recalibrate_bn == IF_CLOSER
 
     def compensated(self) -> bool | str:
         """The report's ``compensated``: the fold mode asked for, True for the criterion's, or False."""
@@ -131,7 +138,8 @@ class Repair:
     def apply(self, original: nn.Module | None, pruned: nn.Module, removal: Removal, calibration,
               held_aside=None) -> dict[str, Any]:
         """Fold, carry out ``removal`` on ``pruned`` (in place), refit it to ``original`` (the unpruned copy,
-        read only when :attr:`needs_original`), re-estimate BatchNorm, recover; returns what was done.
+        read only when :attr:`needs_original`), re-estimate BatchNorm (or keep the closer statistics), recover;
+        returns what was done.
 
         The fold runs before the removal: it reads the removed channels' weights at their original indices.
         ``held_aside``: calibration images kept from every step before, for the recovery's early stopping."""
@@ -147,14 +155,19 @@ class Repair:
         if self.refit:
             progress.stage(f"reconstructing {len(targets)} layers from the kept channels")
         refit = refit_network(original, pruned, targets, calibration, self.refit) if self.refit else False
-        if self.recalibrate_bn:
+        batchnorm = None
+        if self.recalibrate_bn == IF_CLOSER:
+            progress.stage("BatchNorm: re-estimating, kept if closer to the unpruned outputs")
+            batchnorm = recalibrate_if_closer(original, pruned, calibration, held_aside)
+        elif self.recalibrate_bn:
             recalibrate_batchnorm(pruned, calibration)
+        estimated = batchnorm["kept"] == "re-estimated" if batchnorm else bool(self.recalibrate_bn)
         if self.recover is not None:
             progress.stage("label-free recovery on the calibration images")
         plain = getattr(calibration, "plain", None) or calibration  # the recovery augments on its own
         recovered = self.recover.run(original, pruned, plain, held_aside) if self.recover is not None else False
         return {"compensated": self.compensated(), "reconstructed": refit, "recovered": recovered,
-                "bn_recalibrated": bool(self.recalibrate_bn), "removed_at": t_removal}
+                "bn_recalibrated": estimated, "batchnorm": batchnorm, "removed_at": t_removal}
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved options, for the report."""

@@ -84,7 +84,7 @@ def choose_criterion(choose: Choose, model: nn.Module, example: torch.Tensor, ta
         except SimpruneError as exc:  # e.g. the target is out of this criterion's reach
             failures[name] = str(exc)
             continue
-        changes[name] = _mean_over_ranks(sum(output_change(r, p) * len(x) for r, p, x in
+        changes[name] = distributed.mean_over_ranks(sum(output_change(r, p) * len(x) for r, p, x in
                                              zip(reference, _outputs(pruned, held, size), held.split(size))), len(held))
         progress.note(f"{name}: output change {changes[name]:.4g} on {len(held)} held-aside images")
     if not changes:
@@ -112,14 +112,6 @@ def _sum_over_ranks(count: int) -> int:
     if not distributed.active():
         return count
     return int(distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64))[0])
-
-
-def _mean_over_ranks(total: float, images: int) -> float:
-    """``total / images`` over every torchrun rank's held-aside shard, so that all ranks choose alike."""
-    if distributed.active():
-        both = distributed.all_reduce_sum(torch.tensor([total, float(images)], dtype=torch.float64))
-        total, images = float(both[0]), int(both[1])
-    return total / max(images, 1)
 
 
 def _name(candidate) -> str:

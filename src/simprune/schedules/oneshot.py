@@ -118,6 +118,7 @@ def prune_oneshot(job: Job, latency_table=None) -> tuple[nn.Module, PruneReport]
         removed=alloc.remove, protected=protected, repaired=done,
         decision_fingerprint_per_rank=alloc.fingerprints, round_to=alloc.round_to,
         target_met=target_met(target, before.cost, after.cost), reconstructed=refit, recovered=done["recovered"],
+        batchnorm_choice=done["batchnorm"],
         criterion_notes=dict(getattr(result, "notes", {}) or {}), left_whole_for_the_refit=starved,
         seconds={"graph": t_graph - t0, "scores": t_score - t_graph, "allocation": t_alloc - t_score,
                  "removal": done["removed_at"] - t_alloc, "reconstruction": refit["seconds"] if refit else 0.0,

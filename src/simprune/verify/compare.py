@@ -154,7 +154,7 @@ def run_grid(model, example: torch.Tensor, specs: list[Spec], targets: list[floa
                                                          grid.reconstructions, targets):
                 t0 = time.perf_counter()
                 repair = Repair(fold=comp, protect_uncompensable=grid.protect_uncompensable,
-                                recalibrate_bn=calibration is not None, refit=refit)
+                                refit=refit)  # BatchNorm: the library's default for these data
                 pruned, report = run_schedule(model, example, cache, {grid.kind: target}, calibration=calibration,
                                               selection=selection, repair=repair, schedule=plan)
                 report = report.to_dict()

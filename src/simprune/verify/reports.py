@@ -180,7 +180,7 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
                 ["compensation", data.get("compensated") or "none"],
                 ["groups left whole (uncompensable)", len(data.get("protected_groups") or [])],
                 ["reconstruction (layer refit)", _refit_summary(data.get("reconstructed"))],
-                ["BatchNorm re-estimated", "yes" if data.get("bn_recalibrated") else "no"],
+                ["BatchNorm re-estimated", _batchnorm_summary(data)],
                 ["label-free recovery", recovery_summary(data.get("recovered")) or "no"]]
     for root, text in (data.get("left_whole_for_the_refit") or {}).items():
         settings.append([f"left whole: {root}", text])
@@ -195,6 +195,17 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
         settings.append(["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())])
     sections.append(("Settings", [("table", ["", ""], settings)]))
     return title, sections
+
+
+def _batchnorm_summary(data: dict) -> str:
+    """yes/no, and for the if-closer choice both output changes and on which images."""
+    done = "yes" if data.get("bn_recalibrated") else "no"
+    choice = data.get("batchnorm_choice")
+    if not choice:
+        return done
+    change = choice["output_change"]
+    return (f"{done}: output change {change['re-estimated']:.4g} re-estimated vs {change['stored']:.4g} with the "
+            f"stored statistics, on {choice['judged_images']} {choice['judged_on']} images")
 
 
 def choice_rows(choice: dict | None) -> list[list[str]]:

@@ -114,7 +114,8 @@ def run(args) -> list[dict]:
                              "top1_change": top1 - base, "agreement_%": float((top == ref_top).double().mean() * 100),
                              "speedup": ms_ref / ms, "mac_speedup": report["macs"]["before"] / report["macs"]["after"],
                              "seconds": seconds, "recovery": _recovery_text(report.get("recovered")),
-                             "refit_views": _refit_views(report)})
+                             "refit_views": _refit_views(report),
+                             "batchnorm": (report.get("batchnorm_choice") or {}).get("kept")})
                 print_table(rows[-1:], COLUMNS)
                 _write(args, base, rows, rows[len(done):])
     return rows

@@ -166,7 +166,9 @@ def _criterion_text(row: dict) -> str:
 
 def render_imagenet(data: dict) -> str:
     data = {**data, "rows": sorted(data["rows"], key=_imagenet_order)}
-    rows = [[_criterion_text(r), f"{100 * r['target']:.0f}", r["repair"], f"{r['macs_removed_%']:.1f}",
+    bn = {"stored": " (BN kept)", "re-estimated": " (BN re-estimated)"}
+    rows = [[_criterion_text(r), f"{100 * r['target']:.0f}", r["repair"] + bn.get(r.get("batchnorm"), ""),
+             f"{r['macs_removed_%']:.1f}",
              f"{r['top1']:.1f} ({r['top1_change']:+.1f})", f"{r['agreement_%']:.1f}", f"{r['speedup']:.2f}x",
              f"{r['seconds']:.0f}", _views(r), r.get("recovery") or ""] for r in data["rows"]]
     trained = any(r["repair"] == "refit + recovery" for r in data["rows"])
@@ -178,7 +180,9 @@ def render_imagenet(data: dict) -> str:
                     "onnxruntime speed-up", "prune s", "refit views", "recovery"], rows) +
             f"\n\n{data['model']}, unpruned top-1 {data['unpruned_top1']:.1f} % on the {data['evaluation']}. "
             f"Calibration: {data['calibration']}. 'none': removal only; 'refit': least-squares refit + BatchNorm "
-            "re-estimation (the default with calibration images, no training)"
+            "re-estimation (the default with calibration images, no training; rows marked 'BN kept' / 'BN "
+            "re-estimated' ran the default since session 11, which re-estimates after the refit and keeps the "
+            "statistics closer to the unpruned outputs; unmarked rows re-estimated always)"
             + ("; 'refit + recovery': that, then the label-free recovery (trains on the calibration images against "
                "the unpruned model; 20 % of them held aside from every step for its early stopping)" if trained else "")
             + f". Speed-up: onnxruntime, batch 1, {data['onnxruntime']['threads']} thread, interleaved with the "

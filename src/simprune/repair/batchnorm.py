@@ -5,6 +5,8 @@ the better ones; :func:`recalibrate_if_closer` re-estimates and keeps whichever 
 closer to the unpruned model's (the default then)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -71,15 +73,14 @@ def recalibrate_if_closer(original: nn.Module, pruned: nn.Module, batches, held_
     stored statistics come back. Returns what was kept and both measures (equal over torchrun ranks)."""
     calibration = Calibration.of(batches)
     judged = _judged_batches(calibration, held_aside)
-    stored_change = _output_change(original, pruned, judged)
-    stored = {m: (m.running_mean.clone(), m.running_var.clone()) for m in _batchnorms(pruned)}
-    seen = recalibrate_batchnorm(pruned, calibration)
-    estimated_change = _output_change(original, pruned, judged)
+    estimated = copy.deepcopy(pruned)
+    seen = recalibrate_batchnorm(estimated, calibration)
+    stored_change, estimated_change = _output_changes(original, [pruned, estimated], judged)
     kept = estimated_change < stored_change
-    if not kept:
-        for m, (mean, var) in stored.items():
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
+    if kept:
+        for mine, theirs in zip(_batchnorms(pruned), _batchnorms(estimated)):
+            mine.running_mean.copy_(theirs.running_mean)
+            mine.running_var.copy_(theirs.running_var)
     return {"kept": "re-estimated" if kept else "stored", "images": seen, "judged_on": "held-aside"
             if held_aside is not None else "calibration", "judged_images": sum(len(x) for x in judged),
             "output_change": {"stored": stored_change, "re-estimated": estimated_change}}
@@ -104,12 +105,15 @@ def _judged_batches(calibration: Calibration, held_aside) -> list[torch.Tensor]:
     return judged
 
 
-def _output_change(original: nn.Module, pruned: nn.Module, judged: list[torch.Tensor]) -> float:
-    """Mean over ``judged``'s images (and ranks) of :func:`output_change` from ``original`` to ``pruned``."""
-    total = 0.0
-    with Calibration.running(original, pruned) as device:
+def _output_changes(original: nn.Module, models: list[nn.Module], judged: list[torch.Tensor]) -> list[float]:
+    """Mean over ``judged``'s images (and ranks) of :func:`output_change` from ``original`` to each of
+    ``models``, in one pass: the unpruned outputs are computed once per batch and never kept."""
+    totals = [0.0] * len(models)
+    with Calibration.running(original, *models) as device:
         for x in judged:
             x = x.to(device)
             reference = output_tensors(run_model(original, x))
-            total += output_change(reference, output_tensors(run_model(pruned, x))) * len(x)
-    return distributed.mean_over_ranks(total, sum(len(x) for x in judged))
+            for k, model in enumerate(models):
+                totals[k] += output_change(reference, output_tensors(run_model(model, x))) * len(x)
+    images = sum(len(x) for x in judged)
+    return [distributed.mean_over_ranks(total, images) for total in totals]

@@ -197,3 +197,40 @@ def test_a_yolos_calibration_photos_are_read_as_ultralytics_feeds_them():
         resize=320, crop=320, mean=yolo.mean, std=yolo.std)
     with pytest.raises(SimpruneError, match="not CxHxW"):
         model_preprocess("ultralytics:yolov8n.yaml", None, "640")
+
+
+def test_a_yolo_recovers_against_every_output_of_the_unpruned_model():
+    from simprune import Repair
+    from simprune.repair.batchnorm import recalibrate_batchnorm
+    from simprune.repair.recovery import Recovery
+    model = _yolo()
+    photos = [torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    recalibrate_batchnorm(model, photos)  # normalised activations, as trained weights have (random init: ~1e-6)
+    model.eval()
+    recovery = Recovery(steps=40, batch_size=4, lr=0.01, checks=4, patience=4, bf16=False, time_budget_s=None)
+    pruned, report = simprune.prune(model, X64, "l1", {"flops": 0.5}, calibration=photos,
+                                    repair=Repair(refit=False, recalibrate_bn=False, recover=recovery))
+    summary = report["recovered"]
+    assert summary["measure"] == "relative squared error of the outputs" and summary["held_out_agreement"] is None
+    assert summary["held_out_change"]["after"] < summary["held_out_change"]["before"]
+    with torch.no_grad():
+        assert pruned.eval()(photos[0][:1]).shape == model.eval()(photos[0][:1]).shape
+
+
+def test_a_yolo_quantizes_with_its_box_decoding_kept_float_and_nothing_left_in_the_cwd(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from simprune.export.quantize import quantize_int8
+    from simprune.repair.batchnorm import recalibrate_batchnorm
+    model = _yolo()
+    photos = [torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    recalibrate_batchnorm(model, photos)
+    pruned, _ = simprune.prune(model.eval(), X64, "l1", {"flops": 0.5})
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # onnxruntime's shape inference saves a temporary file in the cwd when it fails
+    try:
+        result = quantize_int8(pruned.eval(), X64, photos, photos, tmp_path / "m.int8.onnx", max_output_error=1e9)
+    finally:
+        assert list(cwd.iterdir()) == []
+    assert result["output_error"] is not None and result["int8_top1"] is None  # checked without labels
+    assert result["tolerance"] == {"max_output_error": 1e9} and (tmp_path / "m.int8.onnx").exists()

@@ -10,7 +10,15 @@ from torch.utils.data import DataLoader
 from simprune.cli.main import main
 from simprune.errors import SimpruneError
 from simprune.export.latency import latency_report
-from simprune.export.quantize import INT8_FILE, BatchReader, int8_verdict, quantize_int8, top1_side_by_side
+from simprune.export.quantize import (
+    INT8_FILE,
+    BatchReader,
+    int8_verdict,
+    output_tail,
+    outputs_side_by_side,
+    quantize_int8,
+    top1_side_by_side,
+)
 from simprune.io.data import SAMPLE, load_dataset
 from simprune.io.files import load_model
 from tests.conftest import ZOO
@@ -69,6 +77,52 @@ def test_side_by_side_top1_and_agreement_by_hand():
         {"images": 2, "top1": [None, None], "agreement": [100.0, 50.0]}
     with pytest.raises(SimpruneError, match="no evaluation images"):
         top1_side_by_side([fp32], [])
+
+
+class MultiSession(FakeSession):
+    """A session stand-in with several outputs per batch."""
+
+    def run(self, _, feeds):
+        return [np.asarray(o, dtype=np.float32) for o in next(self.batches)]
+
+
+def test_outputs_of_a_non_classifier_are_compared_relative_to_their_image_to_image_spread():
+    grid = np.array([[0.0, 500.0]])  # the same for every image (an anchor grid): not part of the spread
+    ref = [[np.array([[1.0, 1.0], [-1.0, -1.0]]) + grid, np.array([[2.0], [0.0]])]]  # 3 channels, spread 2 each
+    off = [[ref[0][0] + 0.5, ref[0][1] + 1.0]]  # squared errors 0.5, 0.5 and 2 per channel
+    out = outputs_side_by_side([MultiSession(ref), MultiSession(off)], [torch.zeros(2, 1, 2, 2)])
+    assert out["images"] == 2 and out["output_error"][0] == 0.0
+    assert out["output_error"][1] == pytest.approx((0.25 + 0.25 + 1.0) / 3)
+    assert int8_verdict(None, None, None, output_error=0.04, max_output_error=0.05) is None
+    assert "0.5000 of their image-to-image spread" in int8_verdict(None, None, None, output_error=0.5)
+    with pytest.raises(SimpruneError, match="at least 2 evaluation images"):
+        outputs_side_by_side([MultiSession(ref)], [torch.zeros(1, 1, 2, 2)])
+
+
+class BoxesAndScores(torch.nn.Module):
+    """A detector-like head: pixel boxes (hundreds) and sigmoid scores (0-1) concatenated in one output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.box, self.score = torch.nn.Conv2d(8, 2, 1), torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return torch.cat([self.box(h) * 300 + 320, self.score(h).sigmoid()], 1).flatten(2)
+
+
+def test_a_detector_like_tail_stays_float_and_its_int8_file_passes_the_output_check(tmp_path):
+    from simprune.export.onnx import export_onnx
+    model = BoxesAndScores().eval()
+    export_onnx(model, torch.zeros(1, 3, 8, 8), tmp_path / "f.onnx")
+    tail = {n.op_type for n in onnx.load(tmp_path / "f.onnx").graph.node if n.name in output_tail(str(tmp_path / "f.onnx"))}
+    assert {"Sigmoid", "Concat", "Mul", "Add"} <= tail and "Conv" not in tail and "Relu" not in tail
+    images = [torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    result = quantize_int8(model, torch.zeros(1, 3, 8, 8), images, images, tmp_path / INT8_FILE)
+    assert result["output_error"] < 0.05 and result["int8_top1"] is None and (tmp_path / INT8_FILE).exists()
+    assert result["tolerance"] == {"max_output_error": 0.05}
 
 
 def test_batch_reader_follows_onnxruntimes_strided_protocol():

@@ -12,6 +12,7 @@ from simprune.repair.recovery import (
     distill_loss,
     feature_layer,
     head_layers,
+    output_loss,
     recover,
     split_images,
 )
@@ -51,7 +52,7 @@ def test_recovery_brings_a_damaged_copy_back_to_the_teacher_on_held_aside_images
         student[7].weight.mul_(0.2)
         student[3].weight.add_(0.5 * torch.randn_like(student[3].weight))
     summary = recover(teacher, student, _calibration(), Recovery(**{**FAST.__dict__, "train_head": True}))
-    kl = summary["held_out_kl"]
+    kl = summary["held_out_change"]
     assert kl["after"] < 0.3 * kl["before"]
     assert summary["held_out_agreement"]["after"] >= summary["held_out_agreement"]["before"]
     assert summary["images"] == 64 and summary["held_aside"] == 13
@@ -75,7 +76,7 @@ def test_an_identical_student_is_left_as_it_is():
     student = copy.deepcopy(teacher)
     summary = recover(teacher, student, _calibration(), Recovery(steps=20, batch_size=8, bf16=False, checks=2,
                                                                   patience=1, time_budget_s=None))
-    assert summary["held_out_kl"]["before"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["held_out_change"]["before"] == pytest.approx(0.0, abs=1e-6)
     for a, b in zip(teacher.state_dict().values(), student.state_dict().values()):
         assert torch.equal(a, b)  # the best held-aside state is the starting one
 
@@ -130,8 +131,52 @@ def test_a_head_the_pruning_left_whole_is_reused_as_it_is_when_not_trained():
     assert summary["head_kept"] == ["7"]
     assert torch.equal(student[7].weight, teacher[7].weight)  # the head as it was
     assert not torch.equal(student[3].weight, teacher[3].weight)  # the features trained
-    assert summary["held_out_kl"]["after"] < summary["held_out_kl"]["before"]
+    assert summary["held_out_change"]["after"] < summary["held_out_change"]["before"]
     pruned = copy.deepcopy(teacher)
     pruned[3], pruned[7] = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6, 5)  # a pruned head is not the teacher's
     assert head_layers(teacher, pruned, feature_layer(teacher, pruned, torch.randn(1, 3, 12, 12)),
                        torch.randn(1, 3, 12, 12)) == []
+
+
+class _TwoOutputs(nn.Module):
+    """A detector-like model: a dict of a dense map and pooled scores (not one tensor of logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.dense, self.score = nn.Conv2d(8, 4, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"map": self.dense(h), "score": self.score(h.mean((2, 3)))}
+
+
+def test_output_loss_of_other_outputs_is_relative_to_their_image_to_image_spread():
+    t = torch.tensor([[[1.0, 1.0]], [[-1.0, -1.0]]])  # (2 images, 1, 2): image mean 0, spread energy 1
+    assert float(output_loss([torch.zeros_like(t)], [t], 1.0)) == pytest.approx(1.0)
+    assert float(output_loss([t + 1.0, t], [t, t], 1.0)) == pytest.approx(1.0)  # a shift by the spread, one output
+    grid = t + torch.tensor([0.0, 100.0])  # a part the same for every image (an anchor grid) does not count
+    assert float(output_loss([grid + 1.0], [grid], 1.0)) == pytest.approx(1.0)
+    one = torch.tensor([[[1.0, -1.0]]])  # one image: the spread about the channel's mean
+    assert float(output_loss([one + 1.0], [one], 1.0)) == pytest.approx(1.0)
+    with pytest.raises(SimpruneError, match="not shaped"):
+        output_loss([t[:1]], [t], 1.0)
+
+
+def test_recovery_matches_every_output_of_a_dict_model():
+    torch.manual_seed(0)
+    teacher = _TwoOutputs().eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.body[3].weight.add_(0.5 * torch.randn_like(student.body[3].weight))
+    damaged = copy.deepcopy(student)
+    summary = recover(teacher, student, _calibration(), Recovery(**{**FAST.__dict__, "feature_weight": 0.0}))
+    change = summary["held_out_change"]
+    assert summary["measure"] == "relative squared error of the outputs" and summary["held_out_agreement"] is None
+    assert change["after"] < 0.3 * change["before"]
+    x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(7))  # fresh inputs
+    with torch.no_grad():
+        t, s, d = teacher(x), student(x), damaged(x)
+    for key in ("map", "score"):  # each output came closer, not only their sum
+        assert float(output_loss([s[key]], [t[key]], 1.0)) < 0.3 * float(output_loss([d[key]], [t[key]], 1.0))

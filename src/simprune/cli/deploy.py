@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from simprune import api
 from simprune.allocation.allocator import Guards
 from simprune.allocation.rounding import vector_block
 from simprune.calibrate.calibration import calibration_loader
+from simprune.calibrate.sensitivity import output_tensors
 from simprune.cli.common import builder_option, data_options, load_saved, positive
 from simprune.errors import SimpruneError
 from simprune.export.latency import benchmark, export_for_timing, latency_report
@@ -178,20 +180,26 @@ def int8_dir(directory: str | Path, *, calibration: dict | None = None, data: st
                                pad_to=source.get("pad_to"), seed=source.get("seed", 0), preprocess=pre)
     trained_on = desc.get("data") or {}
     name = data or trained_on.get("name") or source["data"]
-    if not data and name == source["data"] and is_image_source(name) and not str(name).lower().partition(".csv")[1]:
+    classifier = _is_classifier(model, shape)
+    unlabelled = name == source["data"] and is_image_source(name) and not str(name).lower().partition(".csv")[1]
+    if not data and unlabelled and classifier:
         raise SimpruneError(f"the calibration images {name} have no labels to check the int8 file on; pass --data "
                             "DIR (CLASS/*.jpg folders) or --data PATH.csv:SPLIT")
-    if is_image_source(name):
-        test = labelled_images(name, pre or Preprocess())
+    if not data and unlabelled:
+        evaluation = calib  # not a classifier: int8's outputs are checked against float32's, no labels needed
     else:
-        test = load_dataset(name, "test", data_dir, pad_to if pad_to is not None else
-                            trained_on.get("pad_to", source.get("pad_to")))
-    if eval_images:
-        test = Subset(test, range(min(eval_images, len(test))))
+        if is_image_source(name):
+            test = labelled_images(name, pre or Preprocess())
+        else:
+            test = load_dataset(name, "test", data_dir, pad_to if pad_to is not None else
+                                trained_on.get("pad_to", source.get("pad_to")))
+        if eval_images:
+            test = Subset(test, range(min(eval_images, len(test))))
+        evaluation = DataLoader(test, batch_size=EVAL_BATCH)
     original, which = original_model(directory, desc, builder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = quantize_int8(model, _example(shape)[:1], calib, DataLoader(test, batch_size=EVAL_BATCH),
+        result = quantize_int8(model, _example(shape)[:1], calib, evaluation,
                                directory / INT8_FILE, threads=threads, max_drop=MAX_DROP if max_drop is None else max_drop,
                                original=original if which.startswith("checkpoint") else None)
     result = {**result, "path": INT8_FILE, "calibration": source, "data": name}
@@ -199,13 +207,33 @@ def int8_dir(directory: str | Path, *, calibration: dict | None = None, data: st
     report = read_json(report_path) if report_path.exists() else {}
     atomic_write_json(report_path, {**report, "int8": result})
     if log:
-        log(f"wrote {directory / INT8_FILE} ({result['bytes'] / 2**20:.2f} MiB, float32 {result['fp32_bytes'] / 2**20:.2f} "
-            f"MiB; {result['calibration_images']} calibration images of {source['data']}); top-1 on {result['images']} "
-            f"test images of {name}: "
-            + ("" if result["original_top1"] is None else f"original float32 {result['original_top1']:.2f} %, ")
-            + f"float32 {result['fp32_top1']:.2f} %, int8 {result['int8_top1']:.2f} % "
-            f"(agreement {result['agreement']:.1f} %, tolerance {result['tolerance']['max_drop']:.1f} points)")
+        log(_int8_line(directory, result, source["data"], name))
     return result
+
+
+def _int8_line(directory: Path, result: dict, calibrated_on: str, checked_on: str) -> str:
+    """One line on the int8 file written: sizes, calibration, and the check it passed."""
+    line = (f"wrote {directory / INT8_FILE} ({result['bytes'] / 2**20:.2f} MiB, float32 {result['fp32_bytes'] / 2**20:.2f} "
+            f"MiB; {result['calibration_images']} calibration images of {calibrated_on}); ")
+    if result.get("output_error") is not None:
+        return line + (f"outputs against float32 on {result['images']} images of {checked_on}: squared error "
+                       f"{result['output_error']:.4f} of their image-to-image spread (tolerance "
+                       f"{result['tolerance']['max_output_error']:g})")
+    tolerance = result["tolerance"]
+    return line + (f"top-1 on {result['images']} test images of {checked_on}: "
+                   + ("" if result["original_top1"] is None else f"original float32 {result['original_top1']:.2f} %, ")
+                   + ("" if result["fp32_top1"] is None else
+                      f"float32 {result['fp32_top1']:.2f} %, int8 {result['int8_top1']:.2f} % ")
+                   + f"(agreement {result['agreement']:.1f} %, tolerance "
+                   + (f"{tolerance['max_drop']:.1f} points)" if "max_drop" in tolerance else
+                      f"{tolerance['min_agreement']:g} % agreement)"))
+
+
+def _is_classifier(model: nn.Module, shape) -> bool:
+    """Whether ``model`` returns one (batch, classes) tensor on an example input (checked by top-1)."""
+    with torch.no_grad():
+        outputs = output_tensors(model.eval()(_example(shape)[:1]))
+    return len(outputs) == 1 and outputs[0].dim() == 2
 
 
 def cmd_export(args) -> int:
@@ -226,8 +254,9 @@ def cmd_export(args) -> int:
               f"{result['bytes']:,} bytes); onnxruntime matches PyTorch within {result['max_abs_diff']:.2g}")
     if args.int8:
         pad_to = args.pad_to if args.pad_to is not None else (desc.get("data") or {}).get("pad_to")
+        recorded = recorded_preprocess(desc.get("calibration") or {})  # the model's own input size and scaling
         int8_dir(directory, calibration=calibration_record(args.calib_data, args.calib_images, args.seed, pad_to,
-                                                           args.data_dir),
+                                                           args.data_dir, recorded),
                  data=args.data, data_dir=args.data_dir, pad_to=args.pad_to, eval_images=args.eval_images,
                  threads=args.threads, max_drop=args.int8_max_drop, log=print, model=args.model)
         _refresh_report(directory)

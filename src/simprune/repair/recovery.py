@@ -2,11 +2,13 @@
 
 Few-shot pruning literature (MiR, CVPR 2022; PRACTISE, CVPR 2023) recovers a pruned network end to end
 against the unpruned one on a few hundred *unlabelled* images. This stage does that after removal and
-refit: the loss is the KL divergence of the logits plus the normalised squared error of the features
-before pooling (the last 4-D activation both models share in shape), on augmented views of the
+refit: the loss is the KL divergence of the logits (for a model with any other outputs -- a detector's
+tuple, a dict, a ModelOutput -- the squared error of every output tensor relative to the part of it that
+varies from image to image) plus the normalised
+squared error of the features before pooling (the last 4-D activation both models share in shape), on augmented views of the
 calibration images (random resized crops, flips and CutMix: the teacher labels each mixed view itself,
 so mixing makes new inputs without any label). A slice of the calibration images is held aside;
-training stops when its KL to the teacher stops falling, and the best state on it is kept.
+training stops when its output change from the teacher stops falling, and the best state on it is kept.
 BatchNorm statistics are frozen during training (eval mode), so small batches cannot disturb them;
 their affine parameters train. Labels are never read.
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simprune import progress
+from simprune.calibrate.sensitivity import output_tensors
 from simprune.calibrate.views import augment
 from simprune.distributed import forward_precision
 from simprune.errors import SimpruneError
@@ -163,12 +166,47 @@ class _Capture:
             self.handle.remove()
 
 
-def distill_loss(student_logits, teacher_logits, student_feat, teacher_feat, options: Recovery) -> torch.Tensor:
-    """KL(teacher || student) of the logits at ``temperature`` (times T^2) plus ``feature_weight`` times the
+def is_classifier(outputs: list[torch.Tensor]) -> bool:
+    """One (N, classes) tensor of logits: matched by KL; anything else by relative squared error."""
+    return len(outputs) == 1 and outputs[0].dim() == 2
+
+
+def spread_energy(t: torch.Tensor) -> torch.Tensor:
+    """Mean squared deviation of ``t`` from its mean over the images (dimension 0): the part of an output
+    that depends on the image. A detector's decoded boxes carry the anchor grid, the same for every image,
+    which would otherwise swamp any change. One image: deviation from each channel's mean instead."""
+    t = t.float()
+    if t.shape[0] > 1:
+        return (t - t.mean(0, keepdim=True)).pow(2).mean().clamp_min(1e-12)
+    dims = [d for d in range(t.dim()) if d != 1] if t.dim() > 1 else [0]
+    return (t - t.mean(dim=dims, keepdim=True)).pow(2).mean().clamp_min(1e-12)
+
+
+def output_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], temperature: float,
+                scales: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the logits at ``temperature`` (times T^2) for a classifier; otherwise the sum
+    over output tensors of the squared error relative to ``scales`` (None: the teacher's :func:`spread_energy`
+    on these images; the recovery fixes them once on the held-aside images, as a batch of a few is noisy)."""
+    if is_classifier(teacher_out):
+        t = temperature
+        return F.kl_div(F.log_softmax(student_out[0].float() / t, 1), F.log_softmax(teacher_out[0].float() / t, 1),
+                        log_target=True, reduction="batchmean") * t * t
+    if len(student_out) != len(teacher_out) or any(s.shape != t.shape for s, t in zip(student_out, teacher_out)):
+        raise SimpruneError("recovery: the pruned model's outputs are not shaped as the unpruned model's; "
+                            "pass repair=Repair(recover=None)")
+    loss = student_out[0].new_zeros((), dtype=torch.float32)
+    scales = scales or [spread_energy(t) for t in teacher_out]
+    for s, t, scale in zip(student_out, teacher_out, scales):
+        loss = loss + F.mse_loss(s.float(), t.float()) / scale
+    return loss
+
+
+def distill_loss(student_out, teacher_out, student_feat, teacher_feat, options: Recovery,
+                 scales: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`output_loss` of the outputs (a tensor or a list of them) plus ``feature_weight`` times the
     squared error of the pre-pooling features relative to the teacher's mean squared feature."""
-    t = options.temperature
-    loss = F.kl_div(F.log_softmax(student_logits.float() / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
-                    log_target=True, reduction="batchmean") * t * t
+    as_list = lambda out: out if isinstance(out, list) else output_tensors(out)  # noqa: E731
+    loss = output_loss(as_list(student_out), as_list(teacher_out), options.temperature, scales)
     if student_feat is not None and options.feature_weight > 0:
         tf = teacher_feat.float()
         loss = loss + options.feature_weight * F.mse_loss(student_feat.float(), tf) / tf.pow(2).mean().clamp_min(1e-12)
@@ -176,23 +214,32 @@ def distill_loss(student_logits, teacher_logits, student_feat, teacher_feat, opt
 
 
 @torch.no_grad()
-def held_out_kl(teacher_logits: torch.Tensor, student: nn.Module, images: torch.Tensor, options: Recovery,
-                batch: int = 64) -> tuple[float, float]:
-    """(KL to the teacher's logits, top-1 agreement %) of ``student`` on the held-aside images."""
-    out = []
+def model_outputs(model: nn.Module, images: torch.Tensor, options: Recovery, batch: int = 64) -> list[torch.Tensor]:
+    """Every float output tensor of ``model`` on ``images``, batch by batch, concatenated along the batch."""
+    parts = []
     with forward_precision(images.device, options.precision):
         for i in range(0, len(images), batch):
-            out.append(_logits(student(images[i:i + batch])).float())
-    s = torch.cat(out)
-    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(teacher_logits, 1), log_target=True, reduction="batchmean")
-    return float(kl), float((s.argmax(1) == teacher_logits.argmax(1)).double().mean() * 100)
+            parts.append([t.float() for t in _outputs(model(images[i:i + batch]))])
+    return [torch.cat(column) for column in zip(*parts)]
 
 
-def _logits(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    raise SimpruneError(f"recovery matches models that return one tensor of logits, got {type(output).__name__}; "
-                        "pass repair=Repair(recover=None)")
+@torch.no_grad()
+def held_out_change(teacher_out: list[torch.Tensor], student: nn.Module, images: torch.Tensor,
+                    options: Recovery) -> tuple[float, float | None]:
+    """(:func:`output_loss` at temperature 1 -- the KL of the logits, or the relative squared error of the
+    outputs --, top-1 agreement % or None for a non-classifier) of ``student`` on the held-aside images."""
+    s = model_outputs(student, images, options)
+    agree = float((s[0].argmax(1) == teacher_out[0].argmax(1)).double().mean() * 100) \
+        if is_classifier(teacher_out) else None
+    return float(output_loss(s, teacher_out, 1.0, [spread_energy(t) for t in teacher_out])), agree
+
+
+def _outputs(output) -> list[torch.Tensor]:
+    tensors = output_tensors(output)
+    if not tensors:
+        raise SimpruneError(f"recovery matches a model's float outputs, got none in a {type(output).__name__}; "
+                            "pass repair=Repair(recover=None)")
+    return tensors
 
 
 def _schedule(step: int, total: int, lr: float) -> float:
@@ -203,7 +250,7 @@ def _schedule(step: int, total: int, lr: float) -> float:
 def recover(teacher: nn.Module, student: nn.Module, calibration, options: Recovery | None = None,
             held_aside: torch.Tensor | None = None) -> dict:
     """Train ``student`` (the pruned model, changed in place) to reproduce ``teacher`` on the calibration
-    images; returns {"images", "held_aside", "epochs", "steps", "seconds", "held_out_kl", ...} for the report."""
+    images; returns {"images", "held_aside", "epochs", "steps", "seconds", "held_out_change", "measure", ...} for the report."""
     options = options or Recovery()
     t0 = time.perf_counter()
     device = next(student.parameters()).device
@@ -215,8 +262,7 @@ def recover(teacher: nn.Module, student: nn.Module, calibration, options: Recove
     teacher_mode, student_mode = teacher.training, student.training
     teacher.eval(), student.eval()  # BatchNorm statistics frozen; their affine parameters train
     total = options.steps or max(1, options.epochs * len(train) // options.batch_size)
-    with torch.no_grad(), forward_precision(device, options.precision):
-        teacher_held = torch.cat([_logits(teacher(held[i:i + 64])).float() for i in range(0, len(held), 64)])
+    teacher_held = model_outputs(teacher, held, options)
     layer = feature_layer(teacher, student, train[:1])
     frozen = [] if options.train_head else head_layers(teacher, student, layer, train[:1])
     try:
@@ -237,10 +283,11 @@ def _train(teacher, student, train, held, teacher_held, layer, total, options: R
     params = [p for p in student.parameters() if p.requires_grad and id(p) not in kept]
     opt = torch.optim.SGD(params, lr=options.lr, momentum=0.9, nesterov=True)
     cap_t, cap_s = _Capture(teacher, layer), _Capture(student, layer)
-    start_kl, start_agree = held_out_kl(teacher_held, student, held, options)
+    scales = [spread_energy(t) for t in teacher_held]  # fixed normalisers of the non-classifier outputs
+    start_kl, start_agree = held_out_change(teacher_held, student, held, options)
     best = (start_kl, start_agree, 0, copy.deepcopy(student.state_dict()))
     every, stale, step, stopped = max(1, total // options.checks), 0, 0, "steps"
-    history = [{"step": 0, "held_out_kl": start_kl, "agreement": start_agree}]
+    history = [{"step": 0, "held_out_change": start_kl, "agreement": start_agree}]
     try:
         for step in progress.bar(range(total), "label-free recovery", total=total, unit="steps"):
             for group in opt.param_groups:
@@ -249,9 +296,9 @@ def _train(teacher, student, train, held, teacher_held, layer, total, options: R
             x = augment(train[idx.to(train.device)], gen, options.min_scale, options.cutmix)
             with forward_precision(x.device, options.precision):
                 with torch.no_grad():
-                    t_logits = _logits(teacher(x))
-                s_logits = _logits(student(x))
-                loss = distill_loss(s_logits, t_logits, cap_s.value, cap_t.value, options)
+                    t_out = _outputs(teacher(x))
+                s_out = _outputs(student(x))
+                loss = distill_loss(s_out, t_out, cap_s.value, cap_t.value, options, scales)
             if not torch.isfinite(loss):
                 stopped = "non-finite loss"
                 break
@@ -260,14 +307,14 @@ def _train(teacher, student, train, held, teacher_held, layer, total, options: R
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)  # a far-off start must not blow the weights up
             opt.step()
             if (step + 1) % every == 0 or step + 1 == total:
-                kl, agree = held_out_kl(teacher_held, student, held, options)
-                history.append({"step": step + 1, "held_out_kl": kl, "agreement": agree, "loss": float(loss.detach())})
+                kl, agree = held_out_change(teacher_held, student, held, options)
+                history.append({"step": step + 1, "held_out_change": kl, "agreement": agree, "loss": float(loss.detach())})
                 if kl < best[0] * (1 - 1e-3) - 1e-7:  # a real improvement, not rounding
                     best, stale = (kl, agree, step + 1, copy.deepcopy(student.state_dict())), 0
                 else:
                     stale += 1
                 if stale >= options.patience:
-                    stopped = "held-aside KL stopped falling"
+                    stopped = "held-aside output change stopped falling"
                     break
             if options.time_budget_s is not None and time.perf_counter() - t0 > options.time_budget_s:
                 stopped = "time budget"
@@ -277,5 +324,7 @@ def _train(teacher, student, train, held, teacher_held, layer, total, options: R
     student.load_state_dict(best[3])
     steps = best[2]
     return {"steps": steps, "steps_run": step + 1, "epochs": steps * options.batch_size / len(train),
-            "stopped": stopped, "held_out_kl": {"before": start_kl, "after": best[0]},
-            "held_out_agreement": {"before": start_agree, "after": best[1]}, "history": history}
+            "stopped": stopped, "measure": "KL of the logits" if is_classifier(teacher_held) else
+            "relative squared error of the outputs", "held_out_change": {"before": start_kl, "after": best[0]},
+            "held_out_agreement": None if start_agree is None else {"before": start_agree, "after": best[1]},
+            "history": history}

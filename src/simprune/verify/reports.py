@@ -96,7 +96,12 @@ def _int8_blocks(data: dict, original_top1: float | None) -> list[Block]:
                                          ("pruned float32", int8.get("fp32_top1"), "after", "pruned"),
                                          ("pruned int8", int8.get("int8_top1"), "int8", "int8"))]
     text = "Latency: onnxruntime, batch 1, median of the interleaved runs above; size: the ONNX file."
-    if int8:
+    if int8 and int8.get("output_error") is not None:
+        text = (f"The int8 outputs against float32's in onnxruntime on {int8.get('images')} images of "
+                f"{int8.get('data')}: squared error {int8['output_error']:.4f} of their image-to-image spread, "
+                f"mean over channels (kept: at most {(int8.get('tolerance') or {}).get('max_output_error', 0):g}). "
+                f"The int8 file: {int8.get('method')}, {int8.get('calibration_images')} calibration images. " + text)
+    elif int8:
         tol = int8.get("tolerance") or {}
         text = (f"Top-1 in onnxruntime on {int8.get('images')} test images of {int8.get('data')}; int8 picks "
                 f"float32's class on {int8.get('agreement', 0):.1f} % of them ("

@@ -350,12 +350,17 @@ def render_edge_mobilenet(data: dict) -> str:
 def render_models(data: dict) -> str:
     """The model sweep in one paragraph: the count and what each model went through."""
     failed = [r for r in data["rows"] if r["outcome"] != "ok"]
-    tv = sum(r["model"].startswith("torchvision:") for r in data["rows"])
-    return (f"{data['ok']}/{data['tried']} models ({tv} torchvision classification and segmentation, "
-            f"{data['tried'] - tv} timm) pruned to {100 * data['target_flops']:.0f} % of MACs within "
+    def count(prefix):
+        return sum(r["model"].startswith(prefix) for r in data["rows"])
+    ignored = [f"{r['model']} (ignore={r['ignore']})" for r in data["rows"] if r.get("ignore")]
+    return (f"{data['ok']}/{data['tried']} models ({count('torchvision:')} torchvision classification and "
+            f"segmentation, {count('timm:')} timm, {count('ultralytics:')} ultralytics YOLO from their YAML files, "
+            f"{count('transformers:')} Hugging Face transformers CNNs) pruned to {100 * data['target_flops']:.0f} % of MACs within "
             f"{100 * data['within']:.1f} points with the default options, reloaded from their folder with identical "
             f"outputs{' and exported to ONNX (verified in onnxruntime)' if data['onnx'] else ''}"
             + (": failed " + ", ".join(f"{r['model']} ({r['outcome']})" for r in failed) if failed else "")
+            + ("; refused for attention and pruned with the ignore the refusal names: " + ", ".join(ignored)
+               if ignored else "")
             + f". {_machine(data)} `python bench/models.py`.")
 
 

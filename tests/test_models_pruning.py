@@ -210,3 +210,13 @@ def test_torchvision_and_timm_import_before_and_after_simprune():
     assert first.returncode == 0 and first.stdout.strip() == "1000", first.stderr[-400:]
     after = _python("import simprune, torchvision; print(torchvision.__name__)")
     assert after.returncode == 0, after.stderr[-400:]
+
+
+@pytest.mark.slow
+def test_the_sweep_follows_a_refusals_ignore_and_reloads_a_transformers_model_into_its_class():
+    pytest.importorskip("ultralytics")
+    pytest.importorskip("transformers")
+    row = bench_models.check_model("ultralytics:yolo11n.yaml", export=False)
+    assert row["ignore"] == "model.10.m.0.attn.*" and abs(row["removed"] - 0.5) <= 0.015
+    row = bench_models.check_model("transformers:convnext-tiny", export=False)
+    assert "ignore" not in row and row["outputs"] == 1 and abs(row["removed"] - 0.5) <= 0.015

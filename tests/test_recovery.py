@@ -15,6 +15,7 @@ from simprune.repair.recovery import (
     output_loss,
     recover,
     split_images,
+    step_batch,
 )
 
 
@@ -180,3 +181,9 @@ def test_recovery_matches_every_output_of_a_dict_model():
         t, s, d = teacher(x), student(x), damaged(x)
     for key in ("map", "score"):  # each output came closer, not only their sum
         assert float(output_loss([s[key]], [t[key]], 1.0)) < 0.3 * float(output_loss([d[key]], [t[key]], 1.0))
+
+
+def test_the_batch_holds_as_many_pixels_as_batch_size_images_of_224_and_at_least_two():
+    assert step_batch(32, (224, 224)) == 32 and step_batch(32, (32, 32)) == 32
+    assert step_batch(32, (640, 640)) == 3  # 32 * 224^2 / 640^2 = 3.9 images
+    assert step_batch(32, (4000, 4000)) == 2 and step_batch(1, (640, 640)) == 1

@@ -30,6 +30,7 @@ from simprune.distributed import forward_precision
 from simprune.errors import SimpruneError
 
 GRAD_CLIP = 5.0  # gradient norm at most, per step
+REFERENCE_PIXELS = 224 * 224  # batch_size counts images of this size; larger images make smaller batches
 HOLDOUT_MIN = 8  # images: fewer held aside cannot tell a better model from a worse one
 
 
@@ -43,7 +44,9 @@ class Recovery:
 
     - ``steps``: optimiser steps at most (None: ``epochs`` passes over the training images);
     - ``epochs``: passes over the training images when ``steps`` is None;
-    - ``batch_size``, ``lr`` (SGD, Nesterov momentum 0.9, cosine decay after a short warm-up);
+    - ``batch_size``, ``lr`` (SGD, Nesterov momentum 0.9, cosine decay after a short warm-up); the batch is
+      ``batch_size`` images of 224x224 or as many pixels in larger images (at least 2), so training memory
+      stays bounded at any resolution (a YOLO at 640 px: 4 images a step, not 32);
     - ``holdout``: share of the calibration images held aside for early stopping (at least 8 images);
     - ``feature_weight``: weight of the pre-pooling feature error beside the logit KL;
     - ``temperature``: of the KL (1: the teacher's own probabilities);
@@ -242,6 +245,13 @@ def _outputs(output) -> list[torch.Tensor]:
     return tensors
 
 
+def step_batch(batch_size: int, size) -> int:
+    """Images per step: ``batch_size`` at 224x224 or below, as many pixels above (at least 2, for CutMix,
+    unless ``batch_size`` is 1)."""
+    pixels = int(size[0]) * int(size[1])
+    return batch_size if pixels <= REFERENCE_PIXELS else min(batch_size, max(2, batch_size * REFERENCE_PIXELS // pixels))
+
+
 def _schedule(step: int, total: int, lr: float) -> float:
     warm = max(1, total // 20)
     return lr * (step + 1) / warm if step < warm else lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
@@ -261,7 +271,7 @@ def recover(teacher: nn.Module, student: nn.Module, calibration, options: Recove
     train, held = train.to(device), held.to(device)
     teacher_mode, student_mode = teacher.training, student.training
     teacher.eval(), student.eval()  # BatchNorm statistics frozen; their affine parameters train
-    total = options.steps or max(1, options.epochs * len(train) // options.batch_size)
+    total = options.steps or max(1, options.epochs * len(train) // step_batch(options.batch_size, train.shape[-2:]))
     teacher_held = model_outputs(teacher, held, options)
     layer = feature_layer(teacher, student, train[:1])
     frozen = [] if options.train_head else head_layers(teacher, student, layer, train[:1])
@@ -279,6 +289,7 @@ def _train(teacher, student, train, held, teacher_held, layer, total, options: R
     """The training loop of :func:`recover`: SGD steps, held-aside checks, early stopping, best state kept;
     the parameters of the ``frozen`` modules are not trained."""
     gen = torch.Generator().manual_seed(options.seed)
+    batch = step_batch(options.batch_size, train.shape[-2:])
     kept = {id(p) for name in frozen for p in student.get_submodule(name).parameters()}
     params = [p for p in student.parameters() if p.requires_grad and id(p) not in kept]
     opt = torch.optim.SGD(params, lr=options.lr, momentum=0.9, nesterov=True)
@@ -292,7 +303,7 @@ def _train(teacher, student, train, held, teacher_held, layer, total, options: R
         for step in progress.bar(range(total), "label-free recovery", total=total, unit="steps"):
             for group in opt.param_groups:
                 group["lr"] = _schedule(step, total, options.lr)
-            idx = torch.randint(0, len(train), (options.batch_size,), generator=gen)
+            idx = torch.randint(0, len(train), (batch,), generator=gen)
             x = augment(train[idx.to(train.device)], gen, options.min_scale, options.cutmix)
             with forward_precision(x.device, options.precision):
                 with torch.no_grad():
@@ -323,7 +334,7 @@ def _train(teacher, student, train, held, teacher_held, layer, total, options: R
         cap_t.close(), cap_s.close()
     student.load_state_dict(best[3])
     steps = best[2]
-    return {"steps": steps, "steps_run": step + 1, "epochs": steps * options.batch_size / len(train),
+    return {"steps": steps, "steps_run": step + 1, "epochs": steps * batch / len(train), "batch": batch,
             "stopped": stopped, "measure": "KL of the logits" if is_classifier(teacher_held) else
             "relative squared error of the outputs", "held_out_change": {"before": start_kl, "after": best[0]},
             "held_out_agreement": None if start_agree is None else {"before": start_agree, "after": best[1]},

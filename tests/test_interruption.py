@@ -220,3 +220,18 @@ def test_export_killed_leaves_no_onnx_file_then_reruns_to_the_same_bytes(workdir
     ref = interrupt.reference(scenario, workdir)[0]
     t = interrupt.trial(scenario, workdir, "SIGTERM", 2.0, ref)
     assert t.ok and t.sent and t.after_kill == "absent" and t.resumed, str(t)
+
+
+def test_what_a_killed_replacement_left_beside_a_complete_output_is_removed_by_the_next_load(tmp_path):
+    import sys
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    simprune.save(tmp_path / "m", model)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended: its leftovers are stale
+    stale = tmp_path / f".m.old-{pid}-abc123"
+    (stale / "out").mkdir(parents=True)
+    (stale / "out" / "model.safetensors").write_bytes(b"the replaced weights")
+    live = tmp_path / f".m.old-{os.getpid()}-def456"  # this process's own: never touched
+    live.mkdir()
+    simprune.load(tmp_path / "m", torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()))
+    assert not stale.exists() and live.exists()

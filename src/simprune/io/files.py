@@ -75,6 +75,13 @@ def remove_stale(folder: Path, prefix: str) -> None:
                         p.unlink()
 
 
+def remove_replaced(out: Path) -> None:
+    """Delete what a killed process left beside the output folder ``out`` while replacing it (its previous
+    contents, ``.out.old-PID-*``, between publishing the new folder and removing the old one): a SIGKILL
+    in that window leaves ``out`` complete, so no later write into it would clean up; the next read does."""
+    remove_stale(Path(out).parent, f".{Path(out).name}.old-")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + rename, so readers never see half a file."""
     path = Path(path)
@@ -304,6 +311,7 @@ def load_model(path: str | Path, model: nn.Module | None = None, allow_incomplet
     """
 
     weights_path, json_path = resolve_model_path(path)
+    remove_replaced(weights_path.parent)
     if not allow_incomplete and (weights_path.parent / "INCOMPLETE.json").exists():
         raise SimpruneError(f"{weights_path.parent} is an unfinished run (INCOMPLETE.json); finish it by rerunning "
                             "the command that wrote it with resume=True, or start again with overwrite=True")

@@ -208,8 +208,7 @@ def distill_loss(student_out, teacher_out, student_feat, teacher_feat, options: 
                  scales: list[torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`output_loss` of the outputs (a tensor or a list of them) plus ``feature_weight`` times the
     squared error of the pre-pooling features relative to the teacher's mean squared feature."""
-    as_list = lambda out: out if isinstance(out, list) else output_tensors(out)  # noqa: E731
-    loss = output_loss(as_list(student_out), as_list(teacher_out), options.temperature, scales)
+    loss = output_loss(output_tensors(student_out), output_tensors(teacher_out), options.temperature, scales)
     if student_feat is not None and options.feature_weight > 0:
         tf = teacher_feat.float()
         loss = loss + options.feature_weight * F.mse_loss(student_feat.float(), tf) / tf.pow(2).mean().clamp_min(1e-12)

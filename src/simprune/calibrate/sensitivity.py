@@ -31,19 +31,24 @@ def output_tensors(output) -> list[torch.Tensor]:
     return []
 
 
+def is_logits(outputs: list[torch.Tensor]) -> bool:
+    """One (N, classes) tensor: a classifier's logits, compared by KL; any other outputs by squared error."""
+    return len(outputs) == 1 and outputs[0].dim() == 2
+
+
 def output_change(reference: list[torch.Tensor], disturbed: list[torch.Tensor]) -> float:
     """KL(reference || disturbed) of the logits when the output is one (N, classes) tensor, else the summed
     squared change of every output relative to its energy about each channel's mean."""
-    if len(reference) == 1 and reference[0].dim() == 2:
+    if is_logits(reference):
         ref, dis = reference[0].log_softmax(1), disturbed[0].log_softmax(1)
         return float(F.kl_div(dis, ref, log_target=True, reduction="batchmean"))
     change = 0.0
     for r, d in zip(reference, disturbed):
-        change += float((d - r).pow(2).sum() / _centered(r).pow(2).sum().clamp(min=1e-30))
+        change += float((d - r).pow(2).sum() / centered(r).pow(2).sum().clamp(min=1e-30))
     return change
 
 
-def _centered(t: torch.Tensor) -> torch.Tensor:
+def centered(t: torch.Tensor) -> torch.Tensor:
     """``t`` less each channel's mean (dimension 1; the whole mean for a 1-D tensor)."""
     dims = [d for d in range(t.dim()) if d != 1] if t.dim() > 1 else [0]
     return t - t.mean(dim=dims, keepdim=True)
@@ -57,10 +62,9 @@ def _noise_hook(epsilon: float, gen: torch.Generator):
     def hook(_module, _inputs, out):
         if not isinstance(out, torch.Tensor) or out.dim() < 2:
             return out
-        dims = [d for d in range(out.dim()) if d != 1]
-        centered = out.float() - out.float().mean(dim=dims, keepdim=True)
+        deviation = centered(out.float())
         scale = torch.randn(out.shape[:2], generator=gen, dtype=torch.float32).to(out.device) * epsilon ** 0.5
-        return out + (centered * scale.reshape(*scale.shape, *([1] * (out.dim() - 2)))).to(out.dtype)
+        return out + (deviation * scale.reshape(*scale.shape, *([1] * (out.dim() - 2)))).to(out.dtype)
     return hook
 
 

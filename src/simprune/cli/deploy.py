@@ -25,7 +25,7 @@ from simprune import api
 from simprune.allocation.allocator import Guards
 from simprune.allocation.rounding import vector_block
 from simprune.calibrate.calibration import calibration_loader
-from simprune.calibrate.sensitivity import output_tensors
+from simprune.calibrate.sensitivity import is_logits, output_tensors
 from simprune.cli.common import builder_option, data_options, load_saved, positive
 from simprune.errors import SimpruneError
 from simprune.export.latency import benchmark, export_for_timing, latency_report
@@ -232,8 +232,7 @@ def _int8_line(directory: Path, result: dict, calibrated_on: str, checked_on: st
 def _is_classifier(model: nn.Module, shape) -> bool:
     """Whether ``model`` returns one (batch, classes) tensor on an example input (checked by top-1)."""
     with torch.no_grad():
-        outputs = output_tensors(model.eval()(_example(shape)[:1]))
-    return len(outputs) == 1 and outputs[0].dim() == 2
+        return is_logits(output_tensors(model.eval()(_example(shape)[:1])))
 
 
 def cmd_export(args) -> int:

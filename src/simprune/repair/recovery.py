@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simprune import progress
-from simprune.calibrate.sensitivity import output_tensors
+from simprune.calibrate.sensitivity import centered, is_logits, output_tensors
 from simprune.calibrate.views import augment
 from simprune.distributed import forward_precision
 from simprune.errors import SimpruneError
@@ -169,20 +169,13 @@ class _Capture:
             self.handle.remove()
 
 
-def is_classifier(outputs: list[torch.Tensor]) -> bool:
-    """One (N, classes) tensor of logits: matched by KL; anything else by relative squared error."""
-    return len(outputs) == 1 and outputs[0].dim() == 2
-
-
 def spread_energy(t: torch.Tensor) -> torch.Tensor:
     """Mean squared deviation of ``t`` from its mean over the images (dimension 0): the part of an output
     that depends on the image. A detector's decoded boxes carry the anchor grid, the same for every image,
     which would otherwise swamp any change. One image: deviation from each channel's mean instead."""
     t = t.float()
-    if t.shape[0] > 1:
-        return (t - t.mean(0, keepdim=True)).pow(2).mean().clamp_min(1e-12)
-    dims = [d for d in range(t.dim()) if d != 1] if t.dim() > 1 else [0]
-    return (t - t.mean(dim=dims, keepdim=True)).pow(2).mean().clamp_min(1e-12)
+    spread = t - t.mean(0, keepdim=True) if t.shape[0] > 1 else centered(t)
+    return spread.pow(2).mean().clamp_min(1e-12)
 
 
 def output_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], temperature: float,
@@ -190,7 +183,7 @@ def output_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor]
     """KL(teacher || student) of the logits at ``temperature`` (times T^2) for a classifier; otherwise the sum
     over output tensors of the squared error relative to ``scales`` (None: the teacher's :func:`spread_energy`
     on these images; the recovery fixes them once on the held-aside images, as a batch of a few is noisy)."""
-    if is_classifier(teacher_out):
+    if is_logits(teacher_out):
         t = temperature
         return F.kl_div(F.log_softmax(student_out[0].float() / t, 1), F.log_softmax(teacher_out[0].float() / t, 1),
                         log_target=True, reduction="batchmean") * t * t
@@ -232,7 +225,7 @@ def held_out_change(teacher_out: list[torch.Tensor], student: nn.Module, images:
     outputs --, top-1 agreement % or None for a non-classifier) of ``student`` on the held-aside images."""
     s = model_outputs(student, images, options)
     agree = float((s[0].argmax(1) == teacher_out[0].argmax(1)).double().mean() * 100) \
-        if is_classifier(teacher_out) else None
+        if is_logits(teacher_out) else None
     return float(output_loss(s, teacher_out, 1.0, [spread_energy(t) for t in teacher_out])), agree
 
 
@@ -334,7 +327,7 @@ def _train(teacher, student, train, held, teacher_held, layer, total, options: R
     student.load_state_dict(best[3])
     steps = best[2]
     return {"steps": steps, "steps_run": step + 1, "epochs": steps * batch / len(train), "batch": batch,
-            "stopped": stopped, "measure": "KL of the logits" if is_classifier(teacher_held) else
+            "stopped": stopped, "measure": "KL of the logits" if is_logits(teacher_held) else
             "relative squared error of the outputs", "held_out_change": {"before": start_kl, "after": best[0]},
             "held_out_agreement": None if start_agree is None else {"before": start_agree, "after": best[1]},
             "history": history}

@@ -1,18 +1,21 @@
 """Session 12: does a recovery that trains only BatchNorm affine parameters and biases (few parameters,
 cannot memorise 400 images) carry over better than the full one? Starts from where_overfit.py's saved
 model (tp:l2 35 %, refit on 400 calibration images, BN kept); early-stops on the other 100 calibration
-images; evaluation split only measures. python affine_recovery.py MODEL.pt LR STEPS [all]"""
+images; evaluation split only measures. python affine_recovery.py MODEL_DIR LR STEPS [all]"""
 import sys
 import time
 import torch
+from safetensors.torch import load_file
+
+import simprune
 from simprune.io.imagenet import load_pretrained
 from simprune.repair.recovery import Recovery, recover
 
 path, lr, steps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 everything = len(sys.argv) > 4 and sys.argv[4] == "all"
-d = torch.load("/tmp/mnv2_data.pt")
+d = load_file("/tmp/mnv2_data.safetensors")
 teacher = load_pretrained("mobilenet_v2", "IMAGENET1K_V1").eval()
-student = torch.load(path, weights_only=False).eval()
+student = simprune.load(path, load_pretrained("mobilenet_v2", "IMAGENET1K_V1")).eval()
 if not everything:
     for m in student.modules():
         for name, p in m.named_parameters(recurse=False):

@@ -2,12 +2,15 @@
 calibration images vs evaluation images: where the refit's fit stops carrying over."""
 import sys
 import torch
+from safetensors.torch import load_file
+
+import simprune
 from simprune.io.imagenet import load_pretrained
 
 path = sys.argv[1]
-d = torch.load("/tmp/mnv2_data.pt")
+d = load_file("/tmp/mnv2_data.safetensors")
 model = load_pretrained("mobilenet_v2", "IMAGENET1K_V1").eval()
-pruned = torch.load(path, weights_only=False).eval()
+pruned = simprune.load(path, load_pretrained("mobilenet_v2", "IMAGENET1K_V1")).eval()
 
 @torch.no_grad()
 def outs(m, x):

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 import simprune
+from safetensors.torch import save_file
 from simprune import Repair, Selection
 import os
 from simprune.io.imagenet import load_pretrained
@@ -30,12 +31,13 @@ def main():
     fit, held = list(flat[:400].split(50)), list(flat[400:].split(50))
     ev = torch.utils.data.DataLoader(manifest_dataset(f"{SAMPLE}/manifest.csv:evaluation", pre), batch_size=50)
     ev_x, ev_y = zip(*ev); ev_x, ev_y = list(ev_x), torch.cat(ev_y)
-    torch.save({"fit": flat[:400], "held": flat[400:], "ev_x": torch.cat(ev_x), "ev_y": ev_y}, "/tmp/mnv2_data.pt")
+    save_file({"fit": flat[:400].contiguous(), "held": flat[400:].contiguous(), "ev_x": torch.cat(ev_x),
+               "ev_y": ev_y}, "/tmp/mnv2_data.safetensors")
     t0 = time.time()
     pruned, rep = simprune.prune(model, torch.zeros(1, 3, 224, 224), crit, {"flops": target},
                                  calibration=fit, selection=Selection(ignore=tuple(filter(None, os.environ.get('IGNORE', '').split(',')))), repair=Repair(refit=RefitOptions(**refit), recalibrate_bn=False))
     print(f"pruned in {time.time()-t0:.0f}s", flush=True)
-    torch.save(pruned, f"/tmp/mnv2_{crit.replace(':','_')}_{target}{tag}.pt")
+    simprune.save(f"/tmp/mnv2_{crit.replace(':','_')}_{target}{tag}", pruned, overwrite=True)
     om = dict(model.named_modules())
     for n, m in pruned.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):

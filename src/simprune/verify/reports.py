@@ -180,6 +180,13 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
                     "measured on the unpruned model (the criterion's own statistics)")
     if heat:
         sections.append(("Channel similarity", heat))
+    sections.append(("Settings", [("table", ["", ""], _settings_rows(data))]))
+    return title, sections
+
+
+def _settings_rows(data: dict) -> list[list]:
+    """The report's Settings table: how the channels were chosen, repaired and trained, and the seconds."""
+    ft = data.get("finetune") or {}
     settings = [["criterion", data["criterion"]], *choice_rows(data.get("criterion_choice")),
                 ["target", _title_target(data["target"])],
                 ["compensation", data.get("compensated") or "none"],
@@ -198,8 +205,7 @@ def _prune_sections(data: dict, directory: Path, context: dict) -> tuple[str, li
     seconds = data.get("seconds") or {}
     if seconds:
         settings.append(["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())])
-    sections.append(("Settings", [("table", ["", ""], settings)]))
-    return title, sections
+    return settings
 
 
 def _batchnorm_summary(data: dict) -> str:

@@ -152,3 +152,37 @@ def test_affine_lstsq_coefficients_by_hand():
     x = torch.cat([x, 2 * x[:1] - x[1:] + 0.5])
     A, b = affine_lstsq_coefficients(x @ x.T, x.sum(1), 5, removed=[2], kept=[0, 1], ridge=0.0)
     assert torch.allclose(A, torch.tensor([[2.0, -1.0]], dtype=torch.float64)) and b.item() == pytest.approx(0.5)
+
+
+class _TwoReaders(nn.Module):
+    """conv0's output is read by conv_a and conv_b (as a ResNet stage's first conv and its downsample),
+    and conv_c reads a different tensor carrying the same channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv_a, self.conv_b = nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 4, 1)
+        self.conv_c = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv0(x))
+        return self.conv_a(y) + self.conv_b(y) + self.conv_c(y * 2.0)
+
+
+def test_consumers_reading_the_same_tensor_share_one_statistics_pass():
+    torch.manual_seed(0)
+    model = _TwoReaders().eval()
+    graph = PruningGraph(model, torch.zeros(1, 1, 32, 32))
+    probes = collect_statistics(model, graph, _batches(24), {"ssim", "null", "gram"}, precision="fp32",
+                                progress=False)["conv0"]
+    by_name = {p.member.name: p for p in probes}
+    a, b, c = by_name["conv_a"], by_name["conv_b"], by_name["conv_c"]
+    assert {a.stats is b.stats, a.stats is c.stats} == {True, False}  # a and b share; c reads its own
+    assert a.reads_as is None and b.reads_as is a and c.reads_as is None  # conv_a runs first
+    assert a.stats.images == c.stats.images == 24
+    own = ChannelStats(6, {"ssim", "null", "gram"})
+    with torch.no_grad():
+        for x, _ in _batches(24):
+            own.update(torch.relu(model.conv0(x)))
+    assert torch.equal(a.stats.similarity("ssim"), own.similarity("ssim"))
+    assert torch.allclose(c.stats.gram(), 4.0 * own.gram())

@@ -221,3 +221,28 @@ def test_null_level_does_not_depend_on_batching_or_on_shards_of_whole_pairs(pool
     for metric in metrics - {"null"}:
         if not (pooled and metric == "ssim-windowed"):
             assert torch.allclose(merged.null_similarity(metric), whole.null_similarity(metric), atol=1e-9), metric
+
+
+def test_wide_layers_split_into_row_blocks_give_the_full_statistics(monkeypatch):
+    """A layer of SPLIT_FROM+ channels multiplies only the upper triangle, in row blocks (and rows of a
+    block in smaller pieces): similarity, null and Gram equal the per-image float64 definitions."""
+    from simprune.stats import channel_stats
+
+    monkeypatch.setattr(channel_stats, "ROW_BLOCK_ELEMENTS", 2**11)  # several row pieces per product block
+    c = channel_stats.SPLIT_FROM + 9
+    assert len(channel_stats._row_blocks(c)) == channel_stats.PRODUCT_BLOCKS
+    g = torch.Generator().manual_seed(1)
+    maps = torch.relu(torch.randn(11, c, 4, 4, generator=g) + 0.3)
+    maps[:, 40] = 2.0 * maps[:, 3]  # a duplicate across two row blocks
+    stats = batched(maps, [3, 5, 3], metrics={"ssim", "cosine", "null", "gram"})
+    ref = maps.double()
+    assert torch.allclose(stats.similarity("ssim"), SIMILARITIES["ssim"](ref).mean(0), atol=1e-5)
+    assert stats.similarity("ssim")[3, 40].item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(stats.similarity("cosine"), stats.similarity("cosine").T)
+    pairs = [SIMILARITIES["cosine"](torch.cat([ref[n:n + 1], ref[n - 1:n]], 1))[0, :c, c:]
+             for n in (1, 2, 3, 4, 5, 6, 7, 9, 10)]
+    got, want = stats.null_similarity("cosine"), torch.stack(pairs).mean(0)
+    upper = torch.triu(torch.ones(c, c, dtype=torch.bool))
+    assert torch.allclose(got[upper], want[upper], atol=1e-5)
+    flat = ref.permute(1, 0, 2, 3).reshape(c, -1)
+    assert torch.allclose(stats.gram(), flat @ flat.T, rtol=1e-5)

@@ -20,6 +20,7 @@ which the fp32 statistics pass turns off): near-ties may flip, nothing else.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,27 @@ class Probe:
 
     member: Member
     stats: ChannelStats | None = None
+    reads_as: Probe | None = None  # another consumer that reads the very same tensor: its statistics are shared
+
+
+class _SameInputs:
+    """Consumers of a group that read the very same tensor in a forward (a ResNet stage's first conv and
+    its downsample): the later one shares the first one's statistics instead of computing them again."""
+
+    def __init__(self):
+        self._seen: dict[tuple, tuple] = {}  # (id of the tensor, channels read) -> (weak reference, probe)
+
+    def first_reader(self, probe: Probe, x: torch.Tensor) -> Probe | None:
+        """The probe that read ``x`` (the same object, still alive) earlier in this forward, if another."""
+        key = (id(x), tuple(probe.member.idxs))
+        seen = self._seen.get(key)
+        if seen is not None and seen[0]() is x and seen[1] is not probe:
+            return seen[1]
+        self._seen[key] = (weakref.ref(x), probe)
+        return None
+
+    def next_batch(self) -> None:
+        self._seen.clear()
 
 
 def calibration_subset(ds: Dataset, n_images: int, seed: int = 0) -> Subset:
@@ -117,8 +139,20 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     probes: dict[str, list[Probe]] = {}
     hooks = []
 
+    same = _SameInputs()
+
     def make_hook(probe: Probe, channels: int):
         def hook(module, inputs):
+            first = same.first_reader(probe, inputs[0])
+            if probe.stats is None and first is not None:
+                probe.reads_as = first
+            if probe.reads_as is not None:
+                if first is not probe.reads_as:
+                    raise SimpruneError(f"layers {probe.reads_as.member.name} and {probe.member.name} read the "
+                                        "same tensor on the first calibration batch but not on a later one; "
+                                        "models whose data flow changes between batches cannot be scored")
+                probe.stats = first.stats
+                return
             maps, pooled = _maps_for(probe.member, inputs[0].detach(), channels)
             if probe.stats is None:
                 probe.stats = ChannelStats(channels, metrics, window=window, pooled=pooled, device=maps.device)
@@ -134,6 +168,7 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
 
     def count_varied(x: torch.Tensor) -> None:
         nonlocal varied
+        same.next_batch()
         flat = x.flatten(1)
         varied += int((flat.amax(1) > flat.amin(1)).sum()) if flat.shape[1] else 0
 
@@ -148,13 +183,16 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
         given = calibration.plain.count() if calibration.plain is not None and reduce is None else seen
         raise SimpruneError(f"all {given} calibration images are constant (no pixel differs), so every feature-map "
                             "similarity ties; calibrate on real images")
-    for plist in probes.values():
-        for p in plist:
-            if p.stats is None:
-                raise SimpruneError(f"layer {p.member.name} never ran on the calibration images; it cannot be scored")
-            if reduce is not None:
-                p.stats = _reduced(p.stats, reduce)
-            p.stats.to("cpu")  # scores and decisions are computed on the CPU, whatever the device
+    every = [p for plist in probes.values() for p in plist]
+    for p in every:
+        if p.stats is None:
+            raise SimpruneError(f"layer {p.member.name} never ran on the calibration images; it cannot be scored")
+    for p in (p for p in every if p.reads_as is None):
+        if reduce is not None:
+            p.stats = _reduced(p.stats, reduce)
+        p.stats.to("cpu")  # scores and decisions are computed on the CPU, whatever the device
+    for p in (p for p in every if p.reads_as is not None):
+        p.stats = p.reads_as.stats  # reduced and moved once, with the probe it shares them with
     return probes
 
 

@@ -8,7 +8,9 @@ combine by maximum (``merge`` does both). Maps themselves are never stored.
 Fast path: SSIM, PSNR and cosine of every channel pair are functions of each map's moments and of
 the pairwise covariance (``similarity_from_moments``), so one float32 batched product of the
 centred maps per image chunk gives all of them, plus M-std and the Gram for compensation; only
-these small per-image (C, C) results are summed in float64. Windowed SSIM and rank stay per map.
+these small per-image (C, C) results are summed in float64. Only the upper triangle of each product
+and sum is computed (the matrices are symmetric, the null is mirrored by design): wide layers'
+products in row blocks, 5/8 of the work. Windowed SSIM and rank stay per map.
 
 Two kinds of probe: *spatial* (a map of H x W pixels per image; similarities are averaged over
 images) and *pooled* (one value per channel and image, e.g. a Linear after global pooling: the
@@ -31,6 +33,7 @@ from simprune.stats.similarity import (
     MOMENT_METRICS,
     SIMILARITIES,
     MapMoments,
+    MomentParts,
     map_rank,
     similarity_from_moments,
     windowed_ssim_matrix,
@@ -42,6 +45,8 @@ _MAXIMA = ("max.hi", "max.neg_lo")
 CHUNK_ELEMENTS = 2**22  # float32 values per temporary (16 MiB): bounds memory whatever B, C, H, W
 NULL_BLOCK = 8  # null pairs stay inside blocks of this many consecutive images (see the module docstring)
 ROW_BLOCK_ELEMENTS = 2**18  # float32 values per block of similarity rows (1 MiB): the passes stay in cache
+PRODUCT_BLOCKS = 4  # row blocks of the upper-triangular products: 5/8 of a full product's work
+SPLIT_FROM = 128  # channels from which a layer's products are split; narrower ones are too small to gain
 
 
 def _state_names(metrics, pooled: bool) -> list[str]:
@@ -74,6 +79,7 @@ class ChannelStats:
         self.device = torch.device(device)
         self._prev = self._prev_raw = None  # the last image seen, the partner of the next one
         self._position = 0  # images seen by this object (the stream position of the next one)
+        self._mirrored: dict[str, torch.Tensor] = {}  # symmetric views of upper-triangular sums, until the next change
         C = self.channels
         self._state = {n: torch.zeros((), dtype=torch.float64, device=self.device) for n in _COUNTS}
         for name in _state_names(metrics, self.pooled):
@@ -91,10 +97,10 @@ class ChannelStats:
         self._state[name] += value.to(device=self.device, dtype=torch.float64)
 
     def _raise_max(self, hi: torch.Tensor, lo: torch.Tensor) -> None:
-        if not (bool(torch.isfinite(hi).all()) and bool(torch.isfinite(lo).all())):
+        if not bool(torch.isfinite(hi - lo).all()):  # NaN propagates through amax/amin; inf - x or x - inf is inf
             raise SimpruneError("feature maps contain NaN or inf; check the model and calibration data")
         for name, v in (("max.hi", hi), ("max.neg_lo", -lo)):
-            self._state[name] = torch.maximum(self._state[name], v.to(self.device, torch.float64))
+            torch.maximum(self._state[name], v, out=self._state[name])
 
     @torch.no_grad()
     def update(self, maps: torch.Tensor) -> None:
@@ -109,6 +115,7 @@ class ChannelStats:
             raise SimpruneError(f"expected feature maps {want} with C={self.channels}, got {shape}")
         if maps.shape[0] == 0:
             return
+        self._mirrored.clear()
         with forward_precision(maps.device, "fp32"):  # a caller's bf16 autocast must not round the sums
             if self.pooled:
                 self._update_pooled(maps.detach().reshape(maps.shape[0], self.channels))
@@ -121,11 +128,7 @@ class ChannelStats:
         flat = x.reshape(B, C, P)
         if any(m in self.metrics for m in MOMENT_METRICS + ("mstd", "gram")):
             nb = max(1, min(B, CHUNK_ELEMENTS // max(C * P, C * C)))
-            self._batch, means = {}, []  # float32 sums over this batch, added to the float64 state once
-            for b0 in range(0, B, nb):
-                means.append(self._moments_chunk(flat[b0:b0 + nb], P, self._position + b0))
-            for name, total in self._batch.items():
-                self._state[name].add_(total)
+            means = [self._moments_chunk(flat[b0:b0 + nb], P, self._position + b0) for b0 in range(0, B, nb)]
             if "gram" in self.metrics:  # sum over pixels of x x^T = P (cov + mean mean^T), per image
                 m64 = torch.cat(means).double()
                 self._state["gram"].addmm_(m64.T, m64, alpha=P)
@@ -149,64 +152,71 @@ class ChannelStats:
         self._position += images
 
     def _moments_chunk(self, xb: torch.Tensor, P: int, start: int) -> torch.Tensor:
-        """All moment-based statistics of a chunk of images: one float32 product per image (and one
-        with the previous image for the null), summed over the batch in float32; returns the means."""
+        """All moment-based statistics of a chunk of images: float32 products of the centred maps (upper
+        triangle only, :func:`_upper_products`; and with the previous image for the null), summed over
+        the chunk in float32; returns the means."""
         xc = xb.to(torch.float32, copy=True)  # the one full-size temporary
         hi, lo = xc.amax(-1), xc.amin(-1)
         self._raise_max(hi.amax(0), lo.amin(0))
         mean = xc.mean(-1)
         xc -= mean.unsqueeze(-1)
-        cov = torch.bmm(xc, xc.transpose(1, 2)).div_(P)  # (nb, C, C) float32
-        var = cov.diagonal(dim1=1, dim2=2).clamp_min(0.0)
-        mom = MapMoments(mean, var, lo, hi - lo)
+        blocks = _row_blocks(self.channels)
+        cov = _upper_products(xc, xc, blocks)
+        var = torch.cat([c[:, :, :r1 - r0].diagonal(dim1=1, dim2=2) for r0, r1, c in cov], 1).clamp_min(0.0)
+        mom = MapMoments(mean, var, lo, hi - lo).parts()  # scaled once: read by every pairing below
         for metric in (m for m in MOMENT_METRICS if m in self.metrics):
             self._accumulate(f"sim.{metric}", metric, mom, mom, cov, identical=True)
         if "null" in self.metrics:
-            self._null_pairs(xc, mom, start)
+            self._null_pairs(xc, mom, start, blocks)
         if "mstd" in self.metrics:
-            self._batch_add("mstd", slice(None), var.sqrt().sum(0))
+            self._add_at("mstd", slice(None), var.sqrt().sum(0))
         if "gram" in self.metrics:
-            self._batch_add("gram", slice(None), cov[0] * P if cov.shape[0] == 1 else cov.sum(0).mul_(P))
+            for r0, _, c in cov:
+                self._add_at("gram", (slice(r0, r0 + c.shape[1]), slice(r0, None)), c.sum(0).mul_(P))
         return mean
 
-    def _batch_add(self, name: str, rows: slice, value: torch.Tensor) -> None:
-        """Add a float32 partial sum into this batch's accumulator ``name`` (rows of it)."""
-        if name not in self._batch:
-            self._batch[name] = torch.zeros(self._state[name].shape, dtype=torch.float32, device=value.device)
-        self._batch[name][rows].add_(value)
+    def _add_at(self, name: str, index, value: torch.Tensor) -> None:
+        """Add a float32 partial sum into the float64 state ``name`` at ``index``."""
+        self._state[name][index] += value
 
-    def _accumulate(self, name: str, metric: str, a: MapMoments, b: MapMoments, cov: torch.Tensor,
-                    identical: bool = False) -> None:
-        """Add sum over images of ``similarity_from_moments`` into state ``name``, a block of rows at a
-        time: the dozen passes over each block then stay in cache however wide the layer. With
-        ``identical`` (a map with itself) the diagonal is exact: 1, or the PSNR cap."""
-        nb, C = cov.shape[0], cov.shape[-1]
-        rows = max(1, min(C, ROW_BLOCK_ELEMENTS // (nb * C)))
+    def _accumulate(self, name: str, metric: str, a: MomentParts, b: MomentParts, products: list,
+                    weights: torch.Tensor | None = None, identical: bool = False) -> None:
+        """Add the sum over images (weighted by ``weights``) of ``similarity_from_moments`` into the upper
+        triangle of state ``name``, from :func:`_upper_products` of ``a``'s and ``b``'s maps. A block of
+        rows at a time, columns from the block's first row: the dozen passes over each block stay in
+        cache however wide the layer. With ``identical`` (a map with itself) the diagonal is exact."""
         kw = self._kw()
-        for r0 in range(0, C, rows):
-            r1 = min(C, r0 + rows)
-            block = similarity_from_moments(metric, MapMoments(*(t[..., r0:r1] for t in _fields(a))), b,
-                                            cov[:, r0:r1], **kw).sum(0)
-            if identical:
-                block[torch.arange(r1 - r0), torch.arange(r0, r1)] = nb * (kw["cap"] if metric == "psnr" else 1.0)
-            self._batch_add(name, slice(r0, r1), block)
+        for R0, R1, prod in products:
+            nb, width = prod.shape[0], prod.shape[-1]
+            rows = max(1, min(R1 - R0, ROW_BLOCK_ELEMENTS // (nb * width)))
+            for r0 in range(R0, R1, rows):
+                r1 = min(R1, r0 + rows)
+                sim = similarity_from_moments(metric, a.select((..., slice(r0, r1))), b.select((..., slice(r0, None))),
+                                              prod[:, r0 - R0:r1 - R0, r0 - R0:], **kw)
+                block = sim.sum(0) if weights is None else torch.tensordot(weights, sim, 1)
+                if identical:
+                    diag = torch.arange(r1 - r0)
+                    block[diag, diag] = nb * (kw["cap"] if metric == "psnr" else 1.0)
+                self._add_at(name, (slice(r0, r1), slice(r0, None)), block)
 
-    def _null_pairs(self, xc: torch.Tensor, mom: MapMoments, start: int) -> None:
-        """Similarities of channel i on each paired image with channel j on the image before it (centred
-        maps xc of the images at stream positions ``start``, ``start + 1``, ...)."""
-        paired, with_prev = _paired(start, xc.shape[0])
-        pairs = []
-        if paired.numel():
-            cross = torch.bmm(xc[paired], xc[paired - 1].transpose(1, 2)).div_(xc.shape[-1])
-            pairs.append((_take(mom, paired), _take(mom, paired - 1), cross))
-        if with_prev:
+    def _null_pairs(self, xc: torch.Tensor, mom: MomentParts, start: int, blocks: list) -> None:
+        """Similarities of channel i on each image with channel j on the image before it (centred maps
+        xc of the images at stream positions ``start``, ``start + 1``, ...): one product of the chunk's
+        consecutive images (views, no copies), the pairs that open a block of NULL_BLOCK weighted 0."""
+        n, metrics = xc.shape[0], [m for m in MOMENT_METRICS if m in self.metrics]
+        keep = [float((start + i) % NULL_BLOCK != 0) for i in range(1, n)]
+        if any(keep):
+            cross = _upper_products(xc[1:], xc[:-1], blocks)
+            weights = None if all(keep) else torch.tensor(keep, device=xc.device)
+            for metric in metrics:
+                self._accumulate(f"null.{metric}", metric, mom.select(slice(1, None)), mom.select(slice(0, -1)),
+                                 cross, weights)
+        if n > 0 and start % NULL_BLOCK != 0:
             pxc, pmom = self._prev
-            cross = (xc[0] @ pxc.T).div_(xc.shape[-1]).unsqueeze(0)
-            pairs.append((_take(mom, slice(0, 1)), pmom, cross))
-        for a, b, cross in pairs:
-            for metric in (m for m in MOMENT_METRICS if m in self.metrics):
-                self._accumulate(f"null.{metric}", metric, a, b, cross)
-        self._prev = (xc[-1].clone(), MapMoments(*(t[-1:].clone() for t in _fields(mom))))
+            cross = _upper_products(xc[:1], pxc.unsqueeze(0), blocks)
+            for metric in metrics:
+                self._accumulate(f"null.{metric}", metric, mom.select(slice(0, 1)), pmom, cross)
+        self._prev = (xc[-1].clone(), MomentParts(*(t[-1:].clone() for t in _fields(mom))))
 
     def _windowed(self, x: torch.Tensor) -> None:
         """Windowed SSIM per map (no moment form), and its null with the previous image."""
@@ -274,7 +284,7 @@ class ChannelStats:
             mom, cov = self._pooled_moments()
             S = similarity_from_moments("ssim" if metric == "ssim-windowed" else metric, mom, mom, cov, **self._kw())
             S.fill_diagonal_(self.options["psnr_cap"] if metric == "psnr" else 1.0)
-        S = (S + S.T) / 2  # products are symmetric only up to rounding; ties must stay ties
+        S = mirror_upper(S)  # spatial sums hold the upper triangle; pooled ones are symmetric up to rounding
         return S.clamp(-1.0, 1.0) if metric != "psnr" else S
 
     def null_similarity(self, metric: str) -> torch.Tensor:
@@ -327,7 +337,9 @@ class ChannelStats:
         """(C, C) sum over images and pixels of x x^T on raw maps (for compensation fits)."""
         if not self.pooled:
             self._need("gram")
-        return self._state["gram"]
+        if "gram" not in self._mirrored:  # spatial sums hold the upper triangle (cached: read per channel pair)
+            self._mirrored["gram"] = mirror_upper(self._state["gram"])
+        return self._mirrored["gram"]
 
     def channel_sum(self) -> torch.Tensor:
         """(C,) sum over images and pixels of each raw channel."""
@@ -360,12 +372,14 @@ class ChannelStats:
             raise SimpruneError(f"inconsistent ChannelStats tensors (missing {missing}, channels {shapes})")
         for name in stats._state:
             stats._state[name].copy_(tensors[name].to(torch.float64))
+        stats._mirrored.clear()
         return stats
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
         """Add another object's sums (and maxima) into this one (same channels, metrics, options)."""
         if (other.channels, other.metrics, other.options) != (self.channels, self.metrics, self.options):
             raise SimpruneError("can only merge ChannelStats with the same channels, metrics and options")
+        self._mirrored.clear()
         for name, t in other._state.items():
             if name in _MAXIMA:
                 self._state[name] = torch.maximum(self._state[name], t.to(self.device))
@@ -377,6 +391,7 @@ class ChannelStats:
         """Move all state to ``device`` (e.g. CUDA for an NCCL all-reduce); returns self."""
         self.device = torch.device(device)
         self._state = {n: t.to(self.device) for n, t in self._state.items()}
+        self._mirrored.clear()
         return self
 
 
@@ -385,12 +400,29 @@ def is_maximum(name: str) -> bool:
     return name in _MAXIMA
 
 
-def _fields(m: MapMoments) -> tuple[torch.Tensor, ...]:
-    return m.mean, m.var, m.lo, m.span
+def _row_blocks(channels: int) -> list[tuple[int, int]]:
+    """Row blocks (r0, r1) of the upper-triangular products (see :func:`_upper_products`)."""
+    if channels < SPLIT_FROM:
+        return [(0, channels)]
+    step = -(-channels // PRODUCT_BLOCKS)
+    return [(r0, min(channels, r0 + step)) for r0 in range(0, channels, step)]
 
 
-def _take(m: MapMoments, index) -> MapMoments:
-    return MapMoments(*(t[index] for t in _fields(m)))
+def _upper_products(a: torch.Tensor, b: torch.Tensor, blocks: list[tuple[int, int]]) -> list:
+    """[(r0, r1, (B, r1 - r0, C - r0) float32 a[:, r0:r1] b[:, r0:]^T / P)] for centred maps a, b (B, C, P):
+    every pair (i, j >= i) once. The similarity and the null are read from their upper triangles only
+    (the first symmetric, the second mirrored by design), so the rest of the product is not computed."""
+    P = a.shape[-1]
+    return [(r0, r1, torch.bmm(a[:, r0:r1], b[:, r0:].transpose(1, 2)).div_(P)) for r0, r1 in blocks]
+
+
+def mirror_upper(m: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``m``'s."""
+    return torch.triu(m) + torch.triu(m, diagonal=1).T
+
+
+def _fields(m: MomentParts) -> tuple[torch.Tensor, ...]:
+    return m.mean, m.var, m.u, m.v, m.s
 
 
 def _paired(start: int, n: int) -> tuple[torch.Tensor, bool]:

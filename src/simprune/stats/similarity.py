@@ -159,6 +159,27 @@ class MapMoments:
         inv = torch.where(flat, 1.0 / self.span.clamp_min(torch.finfo(self.span.dtype).tiny), 0.0)
         return (self.mean - self.lo) * inv, self.var * inv * inv, inv
 
+    def parts(self) -> MomentParts:
+        """The raw mean and variance with the scaled moments, computed once (see :class:`MomentParts`)."""
+        return MomentParts(self.mean, self.var, *self.scaled())
+
+
+@dataclass(frozen=True)
+class MomentParts:
+    """What the moment similarities read: raw ``mean`` and ``var`` (cosine) and the min-max scaled mean
+    ``u``, variance ``v`` and inverse span ``s`` (SSIM, PSNR). The statistics pass pairs the same maps
+    many times (row blocks of the product, the null), so it scales them once and slices these."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    s: torch.Tensor
+
+    def select(self, index) -> MomentParts:
+        """Every part indexed by ``index`` (e.g. ``(..., slice(r0, r1))`` for channels r0:r1)."""
+        return MomentParts(self.mean[index], self.var[index], self.u[index], self.v[index], self.s[index])
+
 
 def _col(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(-1)
@@ -168,14 +189,15 @@ def _row(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(-2)
 
 
-def similarity_from_moments(metric: str, a: MapMoments, b: MapMoments, cov: torch.Tensor, *, c1: float = C1,
-                            c2: float = C2, cap: float = 100.0) -> torch.Tensor:
+def similarity_from_moments(metric: str, a: MapMoments | MomentParts, b: MapMoments | MomentParts,
+                            cov: torch.Tensor, *, c1: float = C1, c2: float = C2, cap: float = 100.0) -> torch.Tensor:
     """(..., C, C) similarity of maps a_i and b_j from their moments and raw covariance cov_ij.
 
     Equal to ``SIMILARITIES[metric]`` on the maps themselves (global SSIM and PSNR on min-max scaled
     maps, cosine on raw maps), without touching a pixel: min-max scaling is affine per map. It runs
     once per image and probe, so it is a few broadcast and in-place passes over the (C, C) result;
     SSIM is not clamped here (rounding may leave it 1e-7 outside [-1, 1]), PSNR is capped."""
+    a, b = (m.parts() if isinstance(m, MapMoments) else m for m in (a, b))
     if metric == "cosine":
         na, nb = a.var + a.mean * a.mean, b.var + b.mean * b.mean
         tiny = torch.finfo(na.dtype).tiny
@@ -186,8 +208,7 @@ def similarity_from_moments(metric: str, a: MapMoments, b: MapMoments, cov: torc
             both = _col(za) & _row(zb)
             cos = torch.where(_col(za) | _row(zb), both.to(cos.dtype), cos)
         return cos
-    ua, va, sa = a.scaled()
-    ub, vb, sb = b.scaled()
+    ua, va, sa, ub, vb, sb = a.u, a.v, a.s, b.u, b.v, b.s
     cs = (_col(sa) * _row(sb)).mul_(cov)  # covariance of the min-max scaled maps
     if metric == "ssim":  # (2 ua ub + c1)(2 cov' + c2) / ((ua^2 + ub^2 + c1)(va + vb + c2))
         num = (_col(2 * ua) * _row(ub)).add_(c1).mul_(cs.mul_(2.0).add_(c2))

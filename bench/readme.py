@@ -48,17 +48,40 @@ def render_calibration(data: dict) -> str:
 
 
 def render_scale(data: dict) -> str:
-    rows = [[r["sweep"], r["model"].replace("torchvision:", ""), r["resolution"], r["images"], f"{r['stats_s']:.1f}",
-             f"{r['forward_s']:.1f}", f"{r['ratio']:.1f}", f"{r['stats_growth_mib']:.0f}",
+    rows = [[r["sweep"], r["model"].replace("torchvision:", ""), r["resolution"], r["images"], r.get("batch", ""),
+             f"{r['stats_s']:.1f}", f"{r['forward_s']:.1f}", f"{r['ratio']:.1f}", f"{r['stats_growth_mib']:.0f}",
              f"{r['forward_growth_mib']:.0f}"] for r in data["rows"]]
-    text = _table(["sweep", "model", "px", "images", "statistics s", "bare forward s", "ratio",
+    text = _table(["sweep", "model", "px", "images", "batch", "statistics s", "bare forward s", "ratio",
                    "statistics peak growth MiB", "forward peak growth MiB"], rows)
     if data.get("torchrun"):
         text += "\n\n" + _table(["torchrun processes", "images", "px", "statistics wall s", "speed-up"],
                                  [[r["processes"], r["images"], r["resolution"], f"{r['stats_s']:.1f}",
                                    f"{r['speedup']:.2f}"] for r in data["torchrun"]])
-    return text + f"\n\n{_machine(data)} `OMP_NUM_THREADS=1 python bench/scale.py` (qsfm statistics, batches of " \
-        f"{data['batch']}, random weights and images; torchrun rows: `--images --keep --torchrun 1 2`)."
+    text += f"\n\n{_machine(data)} `OMP_NUM_THREADS=1 python bench/scale.py` (qsfm statistics in the calibration " \
+        "loader's batches, random weights and images; torchrun rows: `--images --keep --torchrun 1 2`)."
+    return text + (_render_stages(data["stages"]) if data.get("stages") else "")
+
+
+def _render_stages(stages: list[dict]) -> str:
+    """The stage table of ``bench/scale.py --stages``: seconds per stage, the statistics against a forward."""
+    names = ("statistics", "scoring", "allocation", "removal", "refit", "bn", "recovery", "export")
+    rows = []
+    for r in sorted(stages, key=lambda r: (r["model"], r["precision"], r["resolution"], r["images"])):
+        if "error" in r:
+            rows.append([r["model"].replace("torchvision:", ""), r["resolution"], r["images"], r["precision"],
+                         f"failed: {r['error'][:80]}"] + [""] * (len(names) + 3))
+            continue
+        rows.append([r["model"].replace("torchvision:", ""), r["resolution"], r["images"], r["precision"],
+                     f"{r['forward_s']:.1f}"] + [f"{r[f'{n}_s']:.1f}" for n in names[:-2]] +
+                    [f"{r['recovery_s']:.0f} ({r['recovery_s_per_step']:.1f}/step)", f"{r['export_s']:.1f}"] +
+                    [f"{r['total_s']:.0f}", f"{r['statistics_x']:.1f}", f"{r['peak_growth_mib']:.0f}"])
+    first = stages[0]
+    return "\n\n" + _table(["model", "px", "images", "precision", "bare forward s", *(f"{n} s" for n in names),
+                              "total s", "statistics / forward", "peak growth MiB"], rows) + \
+        f"\n\nStage rows: {first.get('threads', 2)} torch threads, criterion {first.get('criterion', 'qsfm')}, 30 % of " \
+        f"the MACs, refit + BatchNorm, recovery cut to {first.get('recovery_steps')} steps (the default runs 600: " \
+        "multiply the recovery's seconds per step), ONNX export with its check; `python bench/scale.py --images " \
+        "--keep --stages`."
 
 
 def _quality_table(m: dict) -> str:

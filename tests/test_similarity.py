@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,3 +232,38 @@ def test_redundancy_order_constructed_values_and_greedy_agreement_when_nested():
     for t in (0.95, 0.87, 0.82, 0.75, 0.68, 0.62, 0.5, 0.05):
         dropped = {int(j) for j in torch.nonzero(score > t).flatten()}
         assert set(twin_selection(S, t)) == dropped, t
+
+
+def _redundancy_by_edge(S, keep_priority=None):
+    """redundancy_order's sweep one edge at a time, as first written: the reference of the windowed scan."""
+    from simprune.stats.similarity import _offdiag, _visit_order
+
+    m = _offdiag(S)
+    C = m.shape[0]
+    order = _visit_order(m) if keep_priority is None else np.argsort(-keep_priority.numpy(), kind="stable")
+    p = m[np.ix_(order, order)]
+    a_idx, b_idx = np.triu_indices(C, 1)
+    w = p[a_idx, b_idx]
+    score, twin, kept = np.full(C, -np.inf), np.full(C, -1, dtype=np.int64), np.ones(C, dtype=bool)
+    for e in np.argsort(-w, kind="stable"):
+        if kept.sum() == 1 or w[e] == -np.inf:
+            break
+        if kept[a_idx[e]] and kept[b_idx[e]]:
+            kept[b_idx[e]] = False
+            score[order[b_idx[e]]], twin[order[b_idx[e]]] = w[e], order[a_idx[e]]
+    return torch.from_numpy(score), torch.from_numpy(twin)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 5, 40, 300])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nan rows"])
+def test_redundancy_order_scan_equals_the_edge_by_edge_sweep(channels, kind):
+    g = torch.Generator().manual_seed(channels)
+    S = torch.rand(channels, channels, generator=g, dtype=torch.float64)
+    if kind == "ties":
+        S = (S * 4).round() / 4  # many equal similarities: the stable order decides
+    S = (S + S.T) / 2
+    if kind == "nan rows" and channels > 2:
+        S[0, :] = S[:, 0] = float("nan")
+    for priority in (None, torch.rand(channels, generator=g, dtype=torch.float64)):
+        got, want = redundancy_order(S, priority), _redundancy_by_edge(S, priority)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -39,6 +39,10 @@ __all__ = ["PRECISIONS", "Calibration", "Probe", "calibration_loader", "check_ca
            "collect_statistics", "mean_null_similarity", "mean_similarity", "reusable"]
 
 
+DATASET_BATCH = 128  # calibration batch of a named data set's small images
+FOLDER_BATCH = 50  # of one's own photos, decoded at full size: a batch's memory stays small
+
+
 @dataclass
 class Probe:
     """One consumer of a group's channels and the statistics of what it reads (made at its first batch)."""
@@ -78,7 +82,7 @@ def calibration_subset(ds: Dataset, n_images: int, seed: int = 0) -> Subset:
 
 
 def calibration_loader(name: str, n_images: int = 640, data_dir: str | None = None, pad_to: int | None = None,
-                       seed: int = 0, batch_size: int = 128, split: str = "train",
+                       seed: int = 0, batch_size: int = DATASET_BATCH, split: str = "train",
                        preprocess: Preprocess | None = None) -> DataLoader:
     """Calibration batches from a named data set's training split (no augmentation), or from one's own
     images when ``name`` is a folder or a manifest ``PATH.csv[:SPLIT]`` (read with ``preprocess``, labels
@@ -88,7 +92,7 @@ def calibration_loader(name: str, n_images: int = 640, data_dir: str | None = No
     that the null pairs of the statistics (stats/channel_stats.py) are the same as in one process."""
     if is_image_source(name):
         subset = image_folder(name, preprocess or Preprocess(), n_images, seed)
-        batch_size = min(batch_size, 50)  # decoded at full size: keep a batch's memory small
+        batch_size = min(batch_size, FOLDER_BATCH)
         if distributed.active():
             subset = Subset(subset, distributed.shard(list(range(len(subset))), block=NULL_BLOCK))
         return DataLoader(subset, batch_size=batch_size, shuffle=False)

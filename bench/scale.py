@@ -22,6 +22,7 @@ and images: these rows measure cost, not quality.
     OMP_NUM_THREADS=1 python bench/scale.py --sweep images --images 1024 --keep   # add one row later
     python bench/scale.py --images --keep --stages --threads 2   # the stage table (both models, the full grid)
     python bench/scale.py --images --keep --stages --models torchvision:mobilenet_v2 --stage-images 64 256
+    python bench/scale.py --images --keep --stages --models torchvision:resnet50 --stage-images 1024 --images-only
 """
 from __future__ import annotations
 
@@ -224,7 +225,8 @@ def stage_rows(args) -> list[dict]:
     """The stage grid: images at 224 px, 320 px at the fewest images; both precisions at the fewest images."""
     fewest = min(args.stage_images)
     plan = [(m, 224, n, "bf16") for m in args.models for n in args.stage_images]
-    plan += [(m, 320, fewest, "bf16") for m in args.models] + [(m, 224, fewest, "fp32") for m in args.models]
+    if not args.images_only:
+        plan += [(m, 320, fewest, "bf16") for m in args.models] + [(m, 224, fewest, "fp32") for m in args.models]
     rows = []
     for model_name, resolution, n, precision in plan:
         cmd = [sys.executable, __file__, "--stage-worker", model_name, str(resolution), str(n), precision,
@@ -254,6 +256,7 @@ def main() -> None:
                                                         "STEPS"))
     ap.add_argument("--models", nargs="+", default=[BIG, "torchvision:mobilenet_v2"], help="stage table models")
     ap.add_argument("--stage-images", nargs="+", type=int, default=[64, 256, 1024])
+    ap.add_argument("--images-only", action="store_true", help="stage rows at 224 px in bf16 only (no 320 px, fp32)")
     ap.add_argument("--criterion", default="qsfm", help="the stage table's criterion")
     ap.add_argument("--recovery-steps", type=int, default=30, help="recovery steps in the stage table")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the stage table")

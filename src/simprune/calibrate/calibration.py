@@ -140,34 +140,17 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
     check_precision(precision)
     if reduce is None and distributed.active():
         reduce = distributed.all_reduce_sum
-    probes: dict[str, list[Probe]] = {}
-    hooks = []
-
     same = _SameInputs()
+    probes, hooks = {}, []
 
-    def make_hook(probe: Probe, channels: int):
-        def hook(module, inputs):
-            first = same.first_reader(probe, inputs[0])
-            if probe.stats is None and first is not None:
-                probe.reads_as = first
-            if probe.reads_as is not None:
-                if first is not probe.reads_as:
-                    raise SimpruneError(f"layers {probe.reads_as.member.name} and {probe.member.name} read the "
-                                        "same tensor on the first calibration batch but not on a later one; "
-                                        "models whose data flow changes between batches cannot be scored")
-                probe.stats = first.stats
-                return
-            maps, pooled = _maps_for(probe.member, inputs[0].detach(), channels)
-            if probe.stats is None:
-                probe.stats = ChannelStats(channels, metrics, window=window, pooled=pooled, device=maps.device)
-            probe.stats.update(maps)
-        return hook
+    def new_stats(channels: int, pooled: bool, device) -> ChannelStats:
+        return ChannelStats(channels, metrics, window=window, pooled=pooled, device=device)
 
     for group in graph.groups:
         for member in probe_members(group):
             probe = Probe(member)
             probes.setdefault(group.root, []).append(probe)
-            hooks.append(member.module.register_forward_pre_hook(make_hook(probe, group.size)))
+            hooks.append(member.module.register_forward_pre_hook(_statistics_hook(probe, group.size, same, new_stats)))
     varied = 0
 
     def count_varied(x: torch.Tensor) -> None:
@@ -187,6 +170,33 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
         given = calibration.plain.count() if calibration.plain is not None and reduce is None else seen
         raise SimpruneError(f"all {given} calibration images are constant (no pixel differs), so every feature-map "
                             "similarity ties; calibrate on real images")
+    _finish(probes, reduce)
+    return probes
+
+
+def _statistics_hook(probe: Probe, channels: int, same: _SameInputs, new_stats):
+    """The forward pre-hook that feeds ``probe``'s statistics (made by ``new_stats(channels, pooled, device)``
+    at the first batch), or shares those of a probe that read the very same tensor."""
+    def hook(module, inputs):
+        first = same.first_reader(probe, inputs[0])
+        if probe.stats is None and first is not None:
+            probe.reads_as = first
+        if probe.reads_as is not None:
+            if first is not probe.reads_as:
+                raise SimpruneError(f"layers {probe.reads_as.member.name} and {probe.member.name} read the "
+                                    "same tensor on the first calibration batch but not on a later one; "
+                                    "models whose data flow changes between batches cannot be scored")
+            probe.stats = first.stats
+            return
+        maps, pooled = _maps_for(probe.member, inputs[0].detach(), channels)
+        if probe.stats is None:
+            probe.stats = new_stats(channels, pooled, maps.device)
+        probe.stats.update(maps)
+    return hook
+
+
+def _finish(probes: dict[str, list[Probe]], reduce) -> None:
+    """Every probe's statistics reduced across ranks (once per shared set) and moved to the CPU."""
     every = [p for plist in probes.values() for p in plist]
     for p in every:
         if p.stats is None:
@@ -197,7 +207,6 @@ def collect_statistics(model: nn.Module, graph: PruningGraph, batches, metrics: 
         p.stats.to("cpu")  # scores and decisions are computed on the CPU, whatever the device
     for p in (p for p in every if p.reads_as is not None):
         p.stats = p.reads_as.stats  # reduced and moved once, with the probe it shares them with
-    return probes
 
 
 def _reduced(stats: ChannelStats, reduce) -> ChannelStats:

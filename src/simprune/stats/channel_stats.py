@@ -153,8 +153,8 @@ class ChannelStats:
 
     def _moments_chunk(self, xb: torch.Tensor, P: int, start: int) -> torch.Tensor:
         """All moment-based statistics of a chunk of images: float32 products of the centred maps (upper
-        triangle only, :func:`_upper_products`; and with the previous image for the null), summed over
-        the chunk in float32; returns the means."""
+        triangle only, :func:`_upper_products`; and with the previous image for the null), each row
+        piece's float32 sum over the chunk added into the float64 state; returns the means."""
         xc = xb.to(torch.float32, copy=True)  # the one full-size temporary
         hi, lo = xc.amax(-1), xc.amin(-1)
         self._raise_max(hi.amax(0), lo.amin(0))
@@ -216,7 +216,7 @@ class ChannelStats:
             cross = _upper_products(xc[:1], pxc.unsqueeze(0), blocks)
             for metric in metrics:
                 self._accumulate(f"null.{metric}", metric, mom.select(slice(0, 1)), pmom, cross)
-        self._prev = (xc[-1].clone(), MomentParts(*(t[-1:].clone() for t in _fields(mom))))
+        self._prev = (xc[-1].clone(), mom.select(slice(-1, None)))  # (1, C) moments: small, kept as views
 
     def _windowed(self, x: torch.Tensor) -> None:
         """Windowed SSIM per map (no moment form), and its null with the previous image."""
@@ -419,10 +419,6 @@ def _upper_products(a: torch.Tensor, b: torch.Tensor, blocks: list[tuple[int, in
 def mirror_upper(m: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose upper triangle (diagonal included) is ``m``'s."""
     return torch.triu(m) + torch.triu(m, diagonal=1).T
-
-
-def _fields(m: MomentParts) -> tuple[torch.Tensor, ...]:
-    return m.mean, m.var, m.u, m.v, m.s
 
 
 def _paired(start: int, n: int) -> tuple[torch.Tensor, bool]:
